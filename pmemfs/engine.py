@@ -1,0 +1,1153 @@
+"""The filesystem: POSIX semantics over the region's tables. No FUSE in here.
+
+Every change of the region's metadata happens inside one journal transaction, so a
+process death leaves each operation done or not done (see journal.py). In-memory
+state (directory indexes, extent maps, free-slot lists, lookup counts) is derived
+from the region at mount and kept in step with it; if a transaction has to be rolled
+back the in-memory state is rebuilt from the region.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+import time
+from bisect import bisect_right
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import check
+from .allocator import BlockAllocator, NoSpace
+from .format import (
+    BLOB_CONT,
+    BLOB_DATA,
+    BLOB_SYMLINK,
+    BLOB_XATTR,
+    FEATURE_RO_COMPAT_KNOWN,
+    FLAG_ORPHAN,
+    FLAG_PINNED,
+    FLAG_TRUNCATING,
+    HWM_STEP,
+    INODE_DTYPE,
+    KIND_BLK,
+    KIND_CHR,
+    KIND_DIR,
+    KIND_FIFO,
+    KIND_OF_S_IFMT,
+    KIND_REG,
+    KIND_SOCK,
+    KIND_SYMLINK,
+    NAME_MAX,
+    ROOT_INO,
+    STATE_CLEAN,
+    STATE_DIRTY,
+    SUPERBLOCK_DTYPE,
+    SYMLINK_MAX,
+    TABLE_NAMES,
+    XATTR_VALUE_MAX,
+    FormatError,
+    Superblock,
+    Tables,
+)
+from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
+from .region import Region
+
+log = logging.getLogger("pmemfs.engine")
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+FREE_BATCH = 2048  # extents freed per transaction when a large file goes away
+RELATIME_NS = 24 * 3600 * 10**9
+
+_DIRENT_KIND = {KIND_REG: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK,
+                KIND_FIFO: stat.S_IFIFO, KIND_SOCK: stat.S_IFSOCK, KIND_CHR: stat.S_IFCHR,
+                KIND_BLK: stat.S_IFBLK}
+# The leading fields of an inode record, read in one call for stat().
+_STAT = struct.Struct("<BxHIIIIIQQqqqqQ")
+
+
+class FsError(Exception):
+    """An operation failed with an errno, as tmpfs would fail it."""
+
+    def __init__(self, err: int, message: str = ""):
+        super().__init__(message or os.strerror(err))
+        self.errno = err
+
+
+class MountError(Exception):
+    """The region cannot be served; the message is one line for a person."""
+
+
+@dataclass(frozen=True)
+class Ctx:
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+
+
+ROOT_CTX = Ctx()
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    ino: int
+    generation: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # in 512-byte units, as st_blocks
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    btime_ns: int
+    flags: int
+    kind: int
+
+
+class FileMap:
+    """A file's extents sorted by file block: parallel lists, bisect to find one."""
+
+    __slots__ = ("cnt", "fblk", "pblk", "slot")
+
+    def __init__(self) -> None:
+        self.fblk: list[int] = []
+        self.pblk: list[int] = []
+        self.cnt: list[int] = []
+        self.slot: list[int] = []
+
+    def find(self, fb: int) -> int:
+        """Index of the extent holding file block fb, or -1."""
+        i = bisect_right(self.fblk, fb) - 1
+        if i >= 0 and fb < self.fblk[i] + self.cnt[i]:
+            return i
+        return -1
+
+    def end(self) -> int:
+        """One past the last mapped file block (0 when empty)."""
+        return self.fblk[-1] + self.cnt[-1] if self.fblk else 0
+
+    def __len__(self) -> int:
+        return len(self.fblk)
+
+
+class Engine:
+    """One mounted region. Not thread-safe: the daemon calls it from one trio thread."""
+
+    def __init__(self, path: str, *, readonly: bool = False, sync: bool = False,
+                 crash: CrashPoints | None = None, check_on_mount: bool = True):
+        self.path = path
+        self.sync = sync
+        try:
+            self.region = Region(path, writable=not readonly, lock=not readonly)
+        except Exception:
+            raise
+        try:
+            self._open(readonly, crash, check_on_mount)
+        except BaseException:
+            self.region.close()
+            raise
+
+    # ------------------------------------------------------------------ mount
+    def _open(self, readonly: bool, crash: CrashPoints | None, check_on_mount: bool) -> None:
+        buf = self.region.buf
+        # The journal sits at a fixed offset: roll back an interrupted transaction
+        # before believing anything else, the superblock included.
+        self.recovered_records = 0
+        if not readonly:
+            try:
+                journal = Journal(buf, self.region.size)
+                self.recovered_records = journal.recover()
+            except FormatError as e:
+                raise MountError(f"{self.path}: {e}; run pmemfs-fsck") from None
+        try:
+            sb, _ = Superblock.decode(buf, self.region.size), "primary"
+        except FormatError as e:
+            raise MountError(f"{self.path}: {e}; run pmemfs-fsck") from None
+        self.sb = sb
+        self.was_clean = sb.state == STATE_CLEAN and not self.recovered_records
+        unknown_ro = sb.feature_ro_compat & ~FEATURE_RO_COMPAT_KNOWN
+        if unknown_ro and not readonly:
+            raise MountError(f"{self.path}: unknown read-only-compatible features 0x{unknown_ro:x}: "
+                             "mount it read-only (-o ro)")
+        self.readonly = readonly
+        g = sb.geometry
+        self.geometry = g
+        self.block_size = g.block_size
+        self.data_start = g.data_start_block * g.block_size
+        self.t = Tables(buf, sb)
+        self.sbv = np.frombuffer(buf, SUPERBLOCK_DTYPE, 1, 0)
+        self.u8 = np.frombuffer(buf, np.uint8, self.region.size, 0)
+        self.offsets = {name: g.offsets[name] for name in TABLE_NAMES}
+        self.journal = Journal(buf, self.data_start, crash)
+        if readonly and self.journal.state != 0:
+            raise MountError(f"{self.path}: the journal holds an interrupted transaction; "
+                             "mount it read-write once (or run pmemfs-fsck) to recover")
+        if check_on_mount:
+            findings = [f for f in check.structure(self.t, sb) if f.severity == "error"]
+            if findings:
+                raise MountError(f"{self.path}: {findings[0].message} "
+                                 f"({len(findings)} problem(s)); run pmemfs-fsck")
+        self._load()
+        if not readonly:
+            self.reclaimed = self._recover_orphans()
+            with self.transaction() as tx:
+                self._save_sb(tx)
+                self.sbv["state"] = STATE_DIRTY
+                self.sbv["mount_generation"] = int(self.sbv["mount_generation"][0]) + 1
+                self.sbv["last_mount_ns"] = time.time_ns()
+        else:
+            self.reclaimed = 0
+        self.generation = int(self.sbv["mount_generation"][0])
+
+    def _load(self) -> None:
+        """Build the in-memory indexes from the region: O(used metadata)."""
+        t = self.t
+        self.I = {name: t.inodes[name] for name in INODE_DTYPE.names}
+        self.hwm = {name: int(self.sbv[f"{name}_hwm"][0]) for name in TABLE_NAMES}
+        self.alloc = BlockAllocator(t.bitmap, t.badmap, self.geometry.offsets["bitmap"],
+                                    self.geometry.block_count, self.geometry.data_start_block)
+        ih, eh, dh, bh = (self.hwm[n] for n in TABLE_NAMES)
+        kinds = t.inodes["kind"][:ih]
+        self.free_slots = {
+            "inode": _free_stack(kinds == 0),
+            "extent": _free_stack(t.extents["owner"][:eh] == 0),
+            "dirent": _free_stack(t.dirents["parent"][:dh] == 0),
+            "blob": _free_stack(t.blobs["owner"][:bh] == 0),
+        }
+        # Directories: name -> dirent slot, in cookie order (dicts keep insertion order).
+        self.children: dict[int, dict[bytes, int]] = {
+            int(i): {} for i in np.flatnonzero(kinds == KIND_DIR)}
+        d = t.dirents[:dh]
+        used = np.flatnonzero(d["parent"] != 0)
+        order = used[np.lexsort((d["cookie"][used], d["parent"][used]))]
+        parents = d["parent"][order].tolist()
+        names = d["name"][order].tolist()
+        for slot, parent, name in zip(order.tolist(), parents, names, strict=True):
+            self.children[parent][name] = slot
+        # Extent maps, sorted by file block.
+        self.maps: dict[int, FileMap] = {}
+        e = t.extents[:eh]
+        used = np.flatnonzero(e["owner"] != 0)
+        order = used[np.lexsort((e["file_block"][used], e["owner"][used]))]
+        for slot, owner, fb, pb, n in zip(order.tolist(), e["owner"][order].tolist(),
+                                          e["file_block"][order].tolist(),
+                                          e["start_block"][order].tolist(),
+                                          e["count"][order].tolist(), strict=True):
+            fm = self.maps.get(owner)
+            if fm is None:
+                fm = self.maps[owner] = FileMap()
+            fm.fblk.append(fb)
+            fm.pblk.append(pb)
+            fm.cnt.append(n)
+            fm.slot.append(slot)
+        # Blobs: xattr heads by name, symlink targets by owner.
+        self.xattrs: dict[int, dict[bytes, int]] = {}
+        self.symlinks: dict[int, int] = {}
+        b = t.blobs[:bh]
+        heads = np.flatnonzero((b["owner"] != 0) & (b["kind"] != BLOB_CONT))
+        for slot, owner, kind, nlen in zip(heads.tolist(), b["owner"][heads].tolist(),
+                                           b["kind"][heads].tolist(), b["name_len"][heads].tolist(),
+                                           strict=True):
+            if kind == BLOB_SYMLINK:
+                self.symlinks[owner] = slot
+            else:
+                name = self._blob_bytes(slot)[:nlen]
+                self.xattrs.setdefault(owner, {})[name] = slot
+        self.refs: dict[int, int] = {}
+
+    def _recover_orphans(self) -> int:
+        """Free what an earlier instance left half-released. Returns inodes freed."""
+        flags = self.I["flags"][: self.hwm["inode"]]
+        kinds = self.I["kind"][: self.hwm["inode"]]
+        freed = 0
+        for ino in np.flatnonzero((kinds != 0) & ((flags & (FLAG_ORPHAN | FLAG_TRUNCATING)) != 0)).tolist():
+            if int(self.I["flags"][ino]) & FLAG_ORPHAN:
+                self._reap(ino)
+                freed += 1
+            else:
+                self._free_beyond(ino, self._blocks_for(int(self.I["size"][ino])))
+        return freed
+
+    def close(self) -> None:
+        """Clean unmount: free orphans, mark the superblock clean, release the region."""
+        if self.region.fd < 0:
+            return
+        if not self.readonly:
+            for ino in [i for i, n in self.refs.items() if n > 0]:
+                self.refs.pop(ino, None)
+                if self._exists(ino) and int(self.I["flags"][ino]) & FLAG_ORPHAN:
+                    self._reap(ino)
+            with self.transaction() as tx:
+                self._save_sb(tx)
+                self.sbv["state"] = STATE_CLEAN
+                self.sbv["last_umount_ns"] = time.time_ns()
+            self.region.sync()
+        self.region.close()
+
+    # ---------------------------------------------------------- transactions
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        if self.readonly:
+            raise FsError(errno.EROFS)
+        tx = self.journal.begin()
+        try:
+            yield tx
+        except BaseException:
+            tx.rollback()
+            self._load()  # in-memory state may have run ahead of the region
+            raise
+        tx.commit()
+
+    def _save_sb(self, tx: Transaction) -> None:
+        tx.save_record(self.sbv, 0, 0)
+
+    def _save_inode(self, tx: Transaction, ino: int) -> None:
+        tx.save_record(self.t.inodes, self.offsets["inode"], ino)
+
+    def _take_slot(self, tx: Transaction, table: str) -> int:
+        stack = self.free_slots[table]
+        if not stack:
+            arr = getattr(self.t, table + "s")
+            old = self.hwm[table]
+            new = min(old + HWM_STEP, len(arr))
+            if new == old:
+                raise FsError(errno.ENOSPC, f"{table} table is full")
+            self._save_sb(tx)
+            self.sbv[f"{table}_hwm"] = new
+            self.hwm[table] = new
+            stack.extend(range(new - 1, old - 1, -1))
+        return stack.pop()
+
+    def _have_slots(self, table: str, n: int) -> bool:
+        arr = getattr(self.t, table + "s")
+        return len(self.free_slots[table]) + len(arr) - self.hwm[table] >= n
+
+    # ------------------------------------------------------------- inodes
+    def _exists(self, ino: int) -> bool:
+        return 0 < ino < self.hwm["inode"] and self.I["kind"][ino] != 0
+
+    def _check_ino(self, ino: int) -> None:
+        if not self._exists(ino):
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+
+    def stat(self, ino: int) -> Stat:
+        self._check_ino(ino)
+        off = self.offsets["inode"] + ino * INODE_DTYPE.itemsize
+        (kind, flags, mode, uid, gid, nlink, gen, size, nblocks,
+         at, mt, ct, bt, rdev) = _STAT.unpack_from(self.region.buf, off)
+        return Stat(ino, gen, mode, nlink, uid, gid, rdev, size, nblocks * (self.block_size >> 9),
+                    at, mt, ct, bt, flags, kind)
+
+    def kind(self, ino: int) -> int:
+        return int(self.I["kind"][ino])
+
+    def _new_inode(self, tx: Transaction, kind: int, mode: int, ctx: Ctx, parent: int,
+                   rdev: int = 0) -> int:
+        ino = self._take_slot(tx, "inode")
+        self._save_inode(tx, ino)
+        generation = int(self.I["generation"][ino]) + 1
+        pgid, pmode = int(self.I["gid"][parent]), int(self.I["mode"][parent])
+        gid = ctx.gid
+        if pmode & stat.S_ISGID:
+            gid = pgid
+            if kind == KIND_DIR:
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        self.t.inodes[ino] = (kind, 0, 0, mode, ctx.uid, gid, 1 if kind != KIND_DIR else 2, generation & 0xFFFFFFFF,
+                   0, 0, now, now, now, now, rdev, parent if kind == KIND_DIR else 0,
+                   3 if kind == KIND_DIR else 0, 0, 0, 0, 0, b"\0" * 16, 0)
+        if kind == KIND_DIR:
+            self.children[ino] = {}
+        return ino
+
+    def _touch(self, tx: Transaction, ino: int, *, m: bool = False, c: bool = True,
+               now: int | None = None) -> None:
+        self._save_inode(tx, ino)
+        now = time.time_ns() if now is None else now
+        if m:
+            self.I["mtime_ns"][ino] = now
+        if c:
+            self.I["ctime_ns"][ino] = now
+
+    # ------------------------------------------------------------ names
+    def _dir(self, ino: int) -> dict[bytes, int]:
+        self._check_ino(ino)
+        d = self.children.get(ino)
+        if d is None:
+            raise FsError(errno.ENOTDIR)
+        return d
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or b"\0" in name:
+            raise FsError(errno.EINVAL)
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        d = self._dir(parent)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return int(self.I["parent"][parent])
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        slot = d.get(name)
+        if slot is None:
+            raise FsError(errno.ENOENT)
+        return int(self.t.dirents["ino"][slot])
+
+    def _add_dirent(self, tx: Transaction, parent: int, name: bytes, ino: int, kind: int) -> int:
+        slot = self._take_slot(tx, "dirent")
+        tx.save_record(self.t.dirents, self.offsets["dirent"], slot)
+        self._save_inode(tx, parent)
+        cookie = int(self.I["next_cookie"][parent])
+        self.I["next_cookie"][parent] = cookie + 1
+        self.t.dirents[slot] = (parent, ino, cookie, len(name), kind, 0, name, 0)
+        self.children[parent][name] = slot
+        return slot
+
+    def _remove_dirent(self, tx: Transaction, parent: int, name: bytes) -> None:
+        slot = self.children[parent].pop(name)
+        tx.save_record(self.t.dirents, self.offsets["dirent"], slot)
+        self.t.dirents[slot] = np.zeros(1, self.t.dirents.dtype)[0]
+        self.free_slots["dirent"].append(slot)
+
+    def _prepare_create(self, parent: int, name: bytes) -> dict[bytes, int]:
+        d = self._dir(parent)
+        self._check_name(name)
+        if name in d or name in (b".", b".."):
+            raise FsError(errno.EEXIST)
+        if int(self.I["nlink"][parent]) == 0:
+            raise FsError(errno.ENOENT)  # a removed directory that is still open
+        if not (self._have_slots("inode", 1) and self._have_slots("dirent", 1)):
+            raise FsError(errno.ENOSPC)
+        return d
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT_CTX) -> Stat:
+        """Create a regular file, FIFO, socket or device node (mode carries the type)."""
+        self._prepare_create(parent, name)
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        kind = KIND_OF_S_IFMT.get(fmt)
+        if kind is None or kind in (KIND_DIR, KIND_SYMLINK):
+            raise FsError(errno.EINVAL)
+        if kind not in (KIND_CHR, KIND_BLK):
+            rdev = 0
+        with self.transaction() as tx:
+            ino = self._new_inode(tx, kind, fmt | (mode & 0o7777), ctx, parent, rdev)
+            self._add_dirent(tx, parent, name, ino, kind)
+            self._touch(tx, parent, m=True)
+        return self.stat(ino)
+
+    def create(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT_CTX) -> Stat:
+        return self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, ctx)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT_CTX) -> Stat:
+        self._prepare_create(parent, name)
+        with self.transaction() as tx:
+            ino = self._new_inode(tx, KIND_DIR, stat.S_IFDIR | (mode & 0o7777), ctx, parent)
+            self._add_dirent(tx, parent, name, ino, KIND_DIR)
+            self._touch(tx, parent, m=True)
+            self.I["nlink"][parent] += 1
+        return self.stat(ino)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx = ROOT_CTX) -> Stat:
+        self._prepare_create(parent, name)
+        if len(target) > SYMLINK_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not target:
+            raise FsError(errno.ENOENT)
+        if not self._have_slots("blob", self._blob_slots_needed(0, len(target))):
+            raise FsError(errno.ENOSPC)
+        with self.transaction() as tx:
+            ino = self._new_inode(tx, KIND_SYMLINK, stat.S_IFLNK | 0o777, ctx, parent)
+            self.I["size"][ino] = len(target)
+            self.symlinks[ino] = self._write_blob(tx, ino, BLOB_SYMLINK, b"", target)
+            self._add_dirent(tx, parent, name, ino, KIND_SYMLINK)
+            self._touch(tx, parent, m=True)
+        return self.stat(ino)
+
+    def readlink(self, ino: int) -> bytes:
+        self._check_ino(ino)
+        slot = self.symlinks.get(ino)
+        if slot is None:
+            raise FsError(errno.EINVAL)
+        return self._read_blob(slot)[1]
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
+        self._check_ino(ino)
+        if self.kind(ino) == KIND_DIR:
+            raise FsError(errno.EPERM)
+        self._prepare_create(new_parent, new_name)
+        if int(self.I["nlink"][ino]) == 0:
+            raise FsError(errno.ENOENT)
+        if int(self.I["nlink"][ino]) >= 0xFFFFFFFF:
+            raise FsError(errno.EMLINK)
+        with self.transaction() as tx:
+            now = time.time_ns()
+            self._add_dirent(tx, new_parent, new_name, ino, self.kind(ino))
+            self._touch(tx, new_parent, m=True, now=now)
+            self._touch(tx, ino, now=now)
+            self.I["nlink"][ino] += 1
+        return self.stat(ino)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        d = self._dir(parent)
+        slot = d.get(name)
+        if slot is None:
+            raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+        ino = int(self.t.dirents["ino"][slot])
+        if self.kind(ino) == KIND_DIR:
+            raise FsError(errno.EISDIR)
+        if int(self.I["flags"][ino]) & FLAG_PINNED:
+            raise FsError(errno.EBUSY)
+        with self.transaction() as tx:
+            now = time.time_ns()
+            self._remove_dirent(tx, parent, name)
+            self._touch(tx, parent, m=True, now=now)
+            self._drop_link(tx, ino, now)
+        self._maybe_reap(ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        d = self._dir(parent)
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        slot = d.get(name)
+        if slot is None:
+            raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+        ino = int(self.t.dirents["ino"][slot])
+        if self.kind(ino) != KIND_DIR:
+            raise FsError(errno.ENOTDIR)
+        if self.children[ino]:
+            raise FsError(errno.ENOTEMPTY)
+        with self.transaction() as tx:
+            now = time.time_ns()
+            self._remove_dirent(tx, parent, name)
+            self._touch(tx, parent, m=True, now=now)
+            self.I["nlink"][parent] -= 1
+            self._drop_dir(tx, ino, now)
+        self._maybe_reap(ino)
+
+    def _drop_link(self, tx: Transaction, ino: int, now: int) -> None:
+        self._touch(tx, ino, now=now)
+        n = int(self.I["nlink"][ino]) - 1
+        self.I["nlink"][ino] = n
+        if n == 0:
+            self.I["flags"][ino] |= FLAG_ORPHAN
+
+    def _drop_dir(self, tx: Transaction, ino: int, now: int) -> None:
+        self._touch(tx, ino, now=now)
+        self.I["nlink"][ino] = 0
+        self.I["flags"][ino] |= FLAG_ORPHAN
+
+    def _is_ancestor(self, maybe_ancestor: int, ino: int) -> bool:
+        """True when maybe_ancestor is ino or lies on ino's path to the root."""
+        seen = 0
+        while True:
+            if ino == maybe_ancestor:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = int(self.I["parent"][ino])
+            seen += 1
+            if seen > self.hwm["inode"]:
+                raise FsError(errno.EIO, "directory cycle")
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        od, nd = self._dir(old_parent), self._dir(new_parent)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        self._check_name(new_name)
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise FsError(errno.EBUSY if old_name in (b".", b"..") else errno.EEXIST)
+        src_slot = od.get(old_name)
+        if src_slot is None:
+            raise FsError(errno.ENOENT)
+        src = int(self.t.dirents["ino"][src_slot])
+        dst_slot = nd.get(new_name)
+        dst = int(self.t.dirents["ino"][dst_slot]) if dst_slot is not None else 0
+        src_dir = self.kind(src) == KIND_DIR
+        dst_dir = bool(dst) and self.kind(dst) == KIND_DIR
+        if flags & RENAME_EXCHANGE:
+            if not dst:
+                raise FsError(errno.ENOENT)
+            if src == dst:
+                return
+            if (src_dir and self._is_ancestor(src, new_parent)) or (dst_dir and self._is_ancestor(dst, old_parent)):
+                raise FsError(errno.EINVAL)
+            with self.transaction() as tx:
+                self._exchange(tx, old_parent, old_name, src, new_parent, new_name, dst)
+            return
+        if dst:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if src == dst:
+                return  # POSIX: two links to one file: do nothing
+            if src_dir and not dst_dir:
+                raise FsError(errno.ENOTDIR)
+            if dst_dir and not src_dir:
+                raise FsError(errno.EISDIR)
+            if dst_dir and self.children[dst]:
+                raise FsError(errno.ENOTEMPTY)
+            if int(self.I["flags"][dst]) & FLAG_PINNED:
+                raise FsError(errno.EBUSY)
+        if src_dir and self._is_ancestor(src, new_parent):
+            raise FsError(errno.EINVAL)
+        with self.transaction() as tx:
+            now = time.time_ns()
+            if dst:
+                self._remove_dirent(tx, new_parent, new_name)
+                if dst_dir:
+                    self._drop_dir(tx, dst, now)
+                    self._save_inode(tx, new_parent)
+                    self.I["nlink"][new_parent] -= 1
+                else:
+                    self._drop_link(tx, dst, now)
+            self._move_dirent(tx, old_parent, old_name, new_parent, new_name)
+            self._touch(tx, old_parent, m=True, now=now)
+            self._touch(tx, new_parent, m=True, now=now)
+            self._touch(tx, src, now=now)
+            if src_dir and old_parent != new_parent:
+                self.I["nlink"][old_parent] -= 1
+                self.I["nlink"][new_parent] += 1
+                self.I["parent"][src] = new_parent
+        if dst:
+            self._maybe_reap(dst)
+
+    def _move_dirent(self, tx: Transaction, old_parent: int, old_name: bytes,
+                     new_parent: int, new_name: bytes) -> None:
+        slot = self.children[old_parent].pop(old_name)
+        tx.save_record(self.t.dirents, self.offsets["dirent"], slot)
+        self._save_inode(tx, new_parent)
+        cookie = int(self.I["next_cookie"][new_parent])
+        self.I["next_cookie"][new_parent] = cookie + 1
+        rec = self.t.dirents[slot]
+        rec["parent"] = new_parent
+        rec["cookie"] = cookie
+        rec["name_len"] = len(new_name)
+        rec["name"] = new_name
+        self.children[new_parent][new_name] = slot
+
+    def _exchange(self, tx: Transaction, p1: int, n1: bytes, i1: int, p2: int, n2: bytes, i2: int) -> None:
+        now = time.time_ns()
+        s1, s2 = self.children[p1][n1], self.children[p2][n2]
+        for slot, ino in ((s1, i2), (s2, i1)):
+            tx.save_record(self.t.dirents, self.offsets["dirent"], slot)
+            self.t.dirents["ino"][slot] = ino
+            self.t.dirents["kind"][slot] = self.kind(ino)
+        for ino in {p1, p2, i1, i2}:
+            self._touch(tx, ino, m=ino in (p1, p2), now=now)
+        if p1 != p2:
+            for ino, old, new in ((i1, p1, p2), (i2, p2, p1)):
+                if self.kind(ino) == KIND_DIR:
+                    self.I["parent"][ino] = new
+                    self.I["nlink"][old] -= 1
+                    self.I["nlink"][new] += 1
+
+    # ------------------------------------------------------- reference counts
+    def ref(self, ino: int, n: int = 1) -> None:
+        """The kernel (or another user) holds n more references to ino."""
+        self.refs[ino] = self.refs.get(ino, 0) + n
+
+    def forget(self, ino: int, n: int = 1) -> None:
+        left = self.refs.get(ino, 0) - n
+        if left > 0:
+            self.refs[ino] = left
+            return
+        self.refs.pop(ino, None)
+        self._maybe_reap(ino)
+
+    def _maybe_reap(self, ino: int) -> None:
+        if (not self.refs.get(ino) and self._exists(ino)
+                and int(self.I["flags"][ino]) & FLAG_ORPHAN and int(self.I["nlink"][ino]) == 0):
+            self._reap(ino)
+
+    def _reap(self, ino: int) -> None:
+        """Free an orphan inode: its blocks in batches, then the inode itself."""
+        self._free_beyond(ino, 0)
+        with self.transaction() as tx:
+            for slot in self._blob_heads(ino):
+                self._free_blob(tx, slot)
+            self.xattrs.pop(ino, None)
+            self.symlinks.pop(ino, None)
+            self._save_inode(tx, ino)
+            generation = int(self.I["generation"][ino])
+            self.t.inodes[ino] = np.zeros(1, INODE_DTYPE)[0]
+            self.I["generation"][ino] = generation
+            self.free_slots["inode"].append(ino)
+            self.children.pop(ino, None)
+            self.maps.pop(ino, None)
+        self.refs.pop(ino, None)
+
+    def _blob_heads(self, ino: int) -> list[int]:
+        heads = list(self.xattrs.get(ino, {}).values())
+        if ino in self.symlinks:
+            heads.append(self.symlinks[ino])
+        return heads
+
+    # ------------------------------------------------------------- data
+    def _blocks_for(self, size: int) -> int:
+        return (size + self.block_size - 1) // self.block_size
+
+    def _map(self, ino: int) -> FileMap:
+        fm = self.maps.get(ino)
+        if fm is None:
+            fm = self.maps[ino] = FileMap()
+        return fm
+
+    def extents(self, ino: int) -> list[tuple[int, int, int]]:
+        """(file block, region block, count) of each extent, in file order."""
+        self._check_ino(ino)
+        fm = self.maps.get(ino)
+        if fm is None:
+            return []
+        return list(zip(fm.fblk, fm.pblk, fm.cnt, strict=True))
+
+    def _unmapped(self, fm: FileMap, b0: int, b1: int) -> list[tuple[int, int]]:
+        """Runs (file block, count) in [b0, b1) that have no block yet."""
+        runs = []
+        fb = b0
+        i = bisect_right(fm.fblk, fb) - 1
+        while fb < b1:
+            if i >= 0 and i < len(fm.fblk) and fm.fblk[i] <= fb < fm.fblk[i] + fm.cnt[i]:
+                fb = fm.fblk[i] + fm.cnt[i]
+                i += 1
+                continue
+            nxt = fm.fblk[i + 1] if i + 1 < len(fm.fblk) else b1
+            end = min(nxt, b1)
+            runs.append((fb, end - fb))
+            fb = end
+            i += 1
+        return runs
+
+    def _goal(self, fm: FileMap, fb: int) -> int | None:
+        """The region block that would continue the extent ending just before fb."""
+        i = bisect_right(fm.fblk, fb - 1) - 1
+        if i >= 0 and fm.fblk[i] + fm.cnt[i] == fb:
+            return fm.pblk[i] + fm.cnt[i]
+        return None
+
+    def _allocate(self, tx: Transaction, ino: int, fm: FileMap, fb: int, count: int) -> list[tuple[int, int, int]]:
+        """Give file blocks [fb, fb+count) region blocks; returns (fb, pb, n) pieces."""
+        try:
+            runs = self.alloc.find(count, self._goal(fm, fb))
+        except NoSpace:
+            raise FsError(errno.ENOSPC) from None
+        pieces = []
+        for pb, n in runs:
+            self.alloc.mark(tx, pb, n, True)
+            self._add_extent(tx, ino, fm, fb, pb, n)
+            pieces.append((fb, pb, n))
+            fb += n
+        self._save_inode(tx, ino)
+        self.I["nblocks"][ino] += count
+        return pieces
+
+    def _save_extent(self, tx: Transaction, slot: int) -> None:
+        tx.save_record(self.t.extents, self.offsets["extent"], slot)
+
+    def _add_extent(self, tx: Transaction, ino: int, fm: FileMap, fb: int, pb: int, n: int) -> None:
+        i = bisect_right(fm.fblk, fb) - 1
+        ext = self.t.extents
+        if i >= 0 and fm.fblk[i] + fm.cnt[i] == fb and fm.pblk[i] + fm.cnt[i] == pb:
+            fm.cnt[i] += n  # grow the previous extent: sequential files stay one extent
+            self._save_extent(tx, fm.slot[i])
+            ext["count"][fm.slot[i]] = fm.cnt[i]
+        else:
+            slot = self._take_slot(tx, "extent")
+            self._save_extent(tx, slot)
+            ext[slot] = (ino, n, fb, pb, 0, 0)
+            i += 1
+            fm.fblk.insert(i, fb)
+            fm.pblk.insert(i, pb)
+            fm.cnt.insert(i, n)
+            fm.slot.insert(i, slot)
+        j = i + 1  # merge with the next extent when they touch in both spaces
+        if j < len(fm.fblk) and fm.fblk[i] + fm.cnt[i] == fm.fblk[j] and fm.pblk[i] + fm.cnt[i] == fm.pblk[j]:
+            fm.cnt[i] += fm.cnt[j]
+            self._save_extent(tx, fm.slot[i])
+            ext["count"][fm.slot[i]] = fm.cnt[i]
+            self._drop_extent_slot(tx, fm.slot[j])
+            for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
+                del lst[j]
+
+    def _drop_extent_slot(self, tx: Transaction, slot: int) -> None:
+        self._save_extent(tx, slot)
+        self.t.extents[slot] = (0, 0, 0, 0, 0, 0)
+        self.free_slots["extent"].append(slot)
+
+    def _free_beyond(self, ino: int, keep_blocks: int) -> None:
+        """Free every block at file block >= keep_blocks, FREE_BATCH extents per transaction."""
+        fm = self.maps.get(ino)
+        while fm and fm.end() > keep_blocks:
+            with self.transaction() as tx:
+                self._save_inode(tx, ino)
+                done = 0
+                while fm.fblk and fm.end() > keep_blocks and done < FREE_BATCH:
+                    i = len(fm.fblk) - 1
+                    fb, pb, n, slot = fm.fblk[i], fm.pblk[i], fm.cnt[i], fm.slot[i]
+                    keep = max(0, keep_blocks - fb)
+                    self.alloc.mark(tx, pb + keep, n - keep, False)
+                    self.I["nblocks"][ino] -= n - keep
+                    if keep:
+                        fm.cnt[i] = keep
+                        self._save_extent(tx, slot)
+                        self.t.extents["count"][slot] = keep
+                    else:
+                        self._drop_extent_slot(tx, slot)
+                        for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
+                            lst.pop()
+                    done += 1
+                if fm.end() <= keep_blocks:
+                    self.I["flags"][ino] = int(self.I["flags"][ino]) & ~FLAG_TRUNCATING
+
+    def _zero_allocated(self, fm: FileMap, start: int, end: int) -> None:
+        """Zero the bytes of [start, end) that lie in allocated blocks (holes stay holes)."""
+        if start >= end or not fm.fblk:
+            return
+        bs = self.block_size
+        i = max(0, bisect_right(fm.fblk, start // bs) - 1)
+        while i < len(fm.fblk):
+            e0 = fm.fblk[i] * bs
+            e1 = e0 + fm.cnt[i] * bs
+            if e0 >= end:
+                break
+            a, b = max(start, e0), min(end, e1)
+            if a < b:
+                base = fm.pblk[i] * bs - e0
+                self.u8[base + a:base + b] = 0
+            i += 1
+
+    def _file(self, ino: int) -> None:
+        self._check_ino(ino)
+        k = self.kind(ino)
+        if k == KIND_DIR:
+            raise FsError(errno.EISDIR)
+        if k != KIND_REG:
+            raise FsError(errno.EINVAL)
+
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        self._file(ino)
+        n = len(data)
+        if n == 0:
+            return 0
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        bs = self.block_size
+        fm = self._map(ino)
+        old_size = int(self.I["size"][ino])
+        end = offset + n
+        new_size = max(old_size, end)
+        holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
+        need = sum(c for _, c in holes)
+        if need > self.alloc.free:
+            raise FsError(errno.ENOSPC)
+        if holes and not self._have_slots("extent", len(holes)):
+            raise FsError(errno.ENOSPC)
+        with self.transaction() as tx:
+            if offset > old_size:
+                # Bytes past the old end of file are undefined: expose only zeros.
+                self._zero_allocated(fm, old_size, offset)
+            for fb, count in holes:
+                for pfb, _, pn in self._allocate(tx, ino, fm, fb, count):
+                    # A fresh block holds old bytes: zero what this write does not cover
+                    # below the new size; above it stays undefined until the size grows.
+                    s, e = pfb * bs, (pfb + pn) * bs
+                    self._zero_allocated(fm, s, min(offset, e))
+                    self._zero_allocated(fm, max(s, end), min(e, new_size))
+            self._copy_in(fm, offset, data)
+            self._save_inode(tx, ino)
+            if new_size != old_size:
+                self.I["size"][ino] = new_size
+            now = time.time_ns()
+            self.I["mtime_ns"][ino] = now
+            self.I["ctime_ns"][ino] = now
+        return n
+
+    def _copy_in(self, fm: FileMap, offset: int, data: bytes | memoryview) -> None:
+        bs = self.block_size
+        mv = memoryview(data).cast("B")
+        pos = 0
+        n = len(mv)
+        buf = self.region.buf
+        while pos < n:
+            fb = (offset + pos) // bs
+            i = fm.find(fb)
+            run_end = (fm.fblk[i] + fm.cnt[i]) * bs
+            a = offset + pos
+            take = min(n - pos, run_end - a)
+            at = fm.pblk[i] * bs + (a - fm.fblk[i] * bs)
+            buf[at:at + take] = mv[pos:pos + take]
+            pos += take
+
+    def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
+        """Up to size bytes at offset; a memoryview of the region when they are contiguous."""
+        self._file(ino)
+        fsize = int(self.I["size"][ino])
+        if offset >= fsize or size <= 0:
+            return b""
+        end = min(fsize, offset + size)
+        self._relatime(ino)
+        fm = self.maps.get(ino)
+        bs = self.block_size
+        if fm:
+            i = fm.find(offset // bs)
+            if i >= 0:
+                run_end = (fm.fblk[i] + fm.cnt[i]) * bs
+                at = fm.pblk[i] * bs + (offset - fm.fblk[i] * bs)
+                if end <= run_end:
+                    return self.region.buf[at:at + end - offset]  # zero copy
+        out = bytearray(end - offset)
+        if fm:
+            pos = offset
+            while pos < end:
+                i = fm.find(pos // bs)
+                if i < 0:
+                    nxt = bisect_right(fm.fblk, pos // bs)
+                    pos = min(end, fm.fblk[nxt] * bs) if nxt < len(fm.fblk) else end
+                    continue
+                run_end = min(end, (fm.fblk[i] + fm.cnt[i]) * bs)
+                at = fm.pblk[i] * bs + (pos - fm.fblk[i] * bs)
+                out[pos - offset:run_end - offset] = self.region.buf[at:at + run_end - pos]
+                pos = run_end
+        return bytes(out)
+
+    def _relatime(self, ino: int) -> None:
+        if self.readonly:
+            return
+        at = int(self.I["atime_ns"][ino])
+        now = time.time_ns()
+        if at <= int(self.I["mtime_ns"][ino]) or at <= int(self.I["ctime_ns"][ino]) or now - at > RELATIME_NS:
+            with self.transaction() as tx:
+                self._save_inode(tx, ino)
+                self.I["atime_ns"][ino] = now
+
+    def truncate(self, ino: int, size: int) -> None:
+        self._check_truncate(ino, size)
+        with self.transaction() as tx:
+            self._truncate(tx, ino, size)
+        self._finish_truncate(ino)
+
+    def _check_truncate(self, ino: int, size: int) -> None:
+        self._file(ino)
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if int(self.I["flags"][ino]) & FLAG_PINNED:
+            raise FsError(errno.EBUSY)
+
+    def _truncate(self, tx: Transaction, ino: int, size: int) -> None:
+        old = int(self.I["size"][ino])
+        fm = self._map(ino)
+        self._save_inode(tx, ino)
+        if size > old:
+            self._zero_allocated(fm, old, size)
+        elif fm.end() > self._blocks_for(size):
+            self.I["flags"][ino] |= FLAG_TRUNCATING
+        self.I["size"][ino] = size
+        now = time.time_ns()
+        self.I["mtime_ns"][ino] = now
+        self.I["ctime_ns"][ino] = now
+
+    def _finish_truncate(self, ino: int) -> None:
+        if int(self.I["flags"][ino]) & FLAG_TRUNCATING:
+            self._free_beyond(ino, self._blocks_for(int(self.I["size"][ino])))
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Stat:
+        self._check_ino(ino)
+        if size is not None:
+            self._check_truncate(ino, size)
+        with self.transaction() as tx:
+            now = time.time_ns()
+            self._save_inode(tx, ino)
+            if size is not None:
+                self._truncate(tx, ino, size)
+            if mode is not None:
+                self.I["mode"][ino] = (int(self.I["mode"][ino]) & stat.S_IFMT(0o177777)) | (mode & 0o7777)
+            if uid is not None:
+                self.I["uid"][ino] = uid
+            if gid is not None:
+                self.I["gid"][ino] = gid
+            if atime_ns is not None:
+                self.I["atime_ns"][ino] = atime_ns
+            if mtime_ns is not None:
+                self.I["mtime_ns"][ino] = mtime_ns
+            self.I["ctime_ns"][ino] = ctime_ns if ctime_ns is not None else now
+        if size is not None:
+            self._finish_truncate(ino)
+        return self.stat(ino)
+
+    def fsync(self, ino: int) -> None:
+        """Data and metadata are in the region already; with sync=True push them to disk."""
+        self._check_ino(ino)
+        if self.sync:
+            self.region.sync()
+
+    # ----------------------------------------------------------- directories
+    def opendir(self, ino: int) -> None:
+        """Fail now (ENOENT, ENOTDIR) rather than at the first readdir."""
+        self._dir(ino)
+
+    def readdir(self, ino: int, after_cookie: int = 0) -> list[tuple[int, bytes, int]]:
+        """(cookie, name, ino) of entries with cookie > after_cookie, in cookie order.
+
+        Cookies are stable: they stay with an entry until it is removed or renamed, so
+        a listing resumed from one never skips or repeats an entry it did not change.
+        """
+        d = self._dir(ino)
+        out = []
+        if after_cookie < 1:
+            out.append((1, b".", ino))
+        if after_cookie < 2:
+            out.append((2, b"..", int(self.I["parent"][ino])))
+        if not d:
+            return out
+        slots = np.fromiter(d.values(), np.int64, len(d))
+        cookies = self.t.dirents["cookie"][slots]
+        start = int(np.searchsorted(cookies, after_cookie, side="right"))
+        sel = slots[start:]
+        names = list(d.keys())[start:]
+        out.extend(zip(cookies[start:].tolist(), names, self.t.dirents["ino"][sel].tolist(), strict=True))
+        return out
+
+    # --------------------------------------------------------------- blobs
+    def _blob_bytes(self, slot: int) -> bytes:
+        return self.t.blobs["data"][slot].tobytes()
+
+    @staticmethod
+    def _blob_slots_needed(name_len: int, value_len: int) -> int:
+        first = BLOB_DATA - name_len
+        if value_len <= first:
+            return 1
+        return 1 + -(-(value_len - first) // BLOB_DATA)
+
+    def _write_blob(self, tx: Transaction, owner: int, kind: int, name: bytes, value: bytes) -> int:
+        head = self._take_slot(tx, "blob")
+        first = BLOB_DATA - len(name)
+        rest = value[first:]
+        parts = [rest[i:i + BLOB_DATA] for i in range(0, len(rest), BLOB_DATA)]
+        slots = [self._take_slot(tx, "blob") for _ in parts]
+        links = [*slots, 0]
+        off = self.offsets["blob"]
+        tx.save_record(self.t.blobs, off, head)
+        data = (name + value[:first]).ljust(BLOB_DATA, b"\0")
+        self.t.blobs[head] = (owner, links[0], kind, 0, len(name), len(value), data, 0)
+        for k, (slot, part) in enumerate(zip(slots, parts, strict=True)):
+            tx.save_record(self.t.blobs, off, slot)
+            self.t.blobs[slot] = (owner, links[k + 1], BLOB_CONT, 0, 0, len(part), part.ljust(BLOB_DATA, b"\0"), 0)
+        return head
+
+    def _read_blob(self, head: int) -> tuple[bytes, bytes]:
+        b = self.t.blobs
+        nlen, vlen = int(b["name_len"][head]), int(b["value_len"][head])
+        data = self._blob_bytes(head)
+        name = data[:nlen]
+        value = bytearray(data[nlen:nlen + vlen])
+        nxt = int(b["next"][head])
+        while len(value) < vlen and nxt:
+            n = int(b["value_len"][nxt])
+            value += self._blob_bytes(nxt)[:n]
+            nxt = int(b["next"][nxt])
+        return name, bytes(value)
+
+    def _free_blob(self, tx: Transaction, head: int) -> None:
+        off = self.offsets["blob"]
+        slot = head
+        while slot:
+            nxt = int(self.t.blobs["next"][slot])
+            tx.save_record(self.t.blobs, off, slot)
+            self.t.blobs[slot] = (0, 0, 0, 0, 0, 0, b"", 0)
+            self.free_slots["blob"].append(slot)
+            slot = nxt
+
+    @staticmethod
+    def _check_xattr_name(name: bytes, ctx: Ctx, kind: int) -> None:
+        if not name or len(name) > NAME_MAX:
+            raise FsError(errno.ERANGE)
+        ns = name.split(b".", 1)[0]
+        if ns not in (b"user", b"trusted", b"security") or b"." not in name or name.endswith(b"."):
+            raise FsError(errno.EOPNOTSUPP)
+        if ns == b"trusted" and ctx.uid != 0:
+            raise FsError(errno.EPERM)
+        if ns == b"user" and kind not in (KIND_REG, KIND_DIR):
+            raise FsError(errno.EPERM)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: Ctx = ROOT_CTX) -> None:
+        self._check_ino(ino)
+        self._check_xattr_name(name, ctx, self.kind(ino))
+        if len(value) > XATTR_VALUE_MAX:
+            raise FsError(errno.E2BIG)
+        attrs = self.xattrs.get(ino, {})
+        old = attrs.get(name)
+        if flags & XATTR_CREATE and old is not None:
+            raise FsError(errno.EEXIST)
+        if flags & XATTR_REPLACE and old is None:
+            raise FsError(errno.ENODATA)
+        if not self._have_slots("blob", self._blob_slots_needed(len(name), len(value))):
+            raise FsError(errno.ENOSPC)
+        with self.transaction() as tx:
+            if old is not None:
+                self._free_blob(tx, old)
+            self.xattrs.setdefault(ino, {})[name] = self._write_blob(tx, ino, BLOB_XATTR, name, value)
+            self._touch(tx, ino)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._check_ino(ino)
+        slot = self.xattrs.get(ino, {}).get(name)
+        if slot is None:
+            raise FsError(errno.ENODATA)
+        return self._read_blob(slot)[1]
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self._check_ino(ino)
+        return list(self.xattrs.get(ino, {}))
+
+    def removexattr(self, ino: int, name: bytes, ctx: Ctx = ROOT_CTX) -> None:
+        self._check_ino(ino)
+        attrs = self.xattrs.get(ino, {})
+        slot = attrs.get(name)
+        if slot is None:
+            raise FsError(errno.ENODATA)
+        self._check_xattr_name(name, ctx, self.kind(ino))
+        with self.transaction() as tx:
+            self._free_blob(tx, slot)
+            del attrs[name]
+            self._touch(tx, ino)
+
+    # --------------------------------------------------------------- statfs
+    def statfs(self) -> dict[str, int]:
+        g = self.geometry
+        inodes_total = g.inode_count - 1
+        inodes_free = len(self.free_slots["inode"]) + g.inode_count - self.hwm["inode"]
+        return {
+            "block_size": g.block_size, "blocks": g.data_blocks, "blocks_free": self.alloc.free,
+            "files": inodes_total, "files_free": inodes_free, "namemax": NAME_MAX,
+        }
+
+    def dirent_kind(self, kind: int) -> int:
+        return _DIRENT_KIND.get(kind, stat.S_IFREG)
+
+
+def _free_stack(free_mask: np.ndarray) -> list[int]:
+    """Free slot indices (slot 0 excluded), highest first so pop() hands out the lowest."""
+    idx = np.flatnonzero(free_mask)
+    idx = idx[idx > 0]
+    return idx[::-1].tolist()
+
+
+__all__ = ["JOURNAL_OFFSET", "Ctx", "Engine", "FsError", "MountError", "Stat"]

@@ -1,0 +1,274 @@
+"""FUSE adapter: translates pyfuse3 requests into engine calls, nothing more.
+
+Every handler is wrapped so that an unexpected exception is logged with its
+traceback and answered with EIO: in pyfuse3 any other exception would abort the
+whole session.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import pyfuse3
+
+from .engine import Ctx, Engine, FsError, Stat
+
+log = logging.getLogger("pmemfs.fuse")
+
+# The kernel is the only client, and it tells us about every change it makes, so
+# long timeouts are safe and spare the daemon a request per stat().
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
+ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
+APPEND_BIT = 1 << 63  # file handle = inode number, plus this bit for O_APPEND opens
+
+
+def handler(fn: Callable) -> Callable:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s%r failed", name, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
+    return Ctx(ctx.uid, ctx.gid, ctx.pid)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self.dir_handles: dict[int, tuple[int, list | None]] = {}
+        self.next_dir_handle = 1
+
+    def attrs(self, st: Stat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = st.ino
+        a.generation = st.generation
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = st.mode
+        a.st_nlink = st.nlink
+        a.st_uid = st.uid
+        a.st_gid = st.gid
+        a.st_rdev = st.rdev
+        a.st_size = st.size
+        a.st_blksize = ST_BLKSIZE
+        a.st_blocks = st.blocks
+        a.st_atime_ns = st.atime_ns
+        a.st_mtime_ns = st.mtime_ns
+        a.st_ctime_ns = st.ctime_ns
+        return a
+
+    def entry(self, st: Stat) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that gives the kernel a new reference."""
+        self.engine.ref(st.ino)
+        return self.attrs(st)
+
+    @handler
+    async def lookup(self, parent_inode, name, ctx):
+        return self.entry(self.engine.stat(self.engine.lookup(parent_inode, name)))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.engine.forget(ino, n)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, n)
+
+    @handler
+    async def getattr(self, inode, ctx):
+        return self.attrs(self.engine.stat(inode))
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime_ns"] = attr.st_ctime_ns
+        return self.attrs(self.engine.setattr(inode, **kw))
+
+    @handler
+    async def readlink(self, inode, ctx):
+        return self.engine.readlink(inode)
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.entry(self.engine.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.entry(self.engine.mkdir(parent_inode, name, mode, _ctx(ctx)))
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        self.engine.unlink(parent_inode, name)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        self.engine.rmdir(parent_inode, name)
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.entry(self.engine.symlink(parent_inode, name, target, _ctx(ctx)))
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.engine.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self.entry(self.engine.link(inode, new_parent_inode, new_name))
+
+    def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        fh = ino | (APPEND_BIT if flags & os.O_APPEND else 0)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        st = self.engine.stat(inode)
+        if flags & os.O_TRUNC and st.size:
+            self.engine.setattr(inode, size=0)
+        return self._file_info(inode, flags)
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        st = self.engine.create(parent_inode, name, mode, _ctx(ctx))
+        return self._file_info(st.ino, flags), self.entry(st)
+
+    @handler
+    async def read(self, fh, off, size):
+        return self.engine.read(fh & ~APPEND_BIT, off, size)
+
+    @handler
+    async def write(self, fh, off, buf):
+        ino = fh & ~APPEND_BIT
+        if fh & APPEND_BIT:
+            off = self.engine.stat(ino).size
+        return self.engine.write(ino, off, buf)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+    @handler
+    async def fsync(self, fh, datasync):
+        self.engine.fsync(fh & ~APPEND_BIT)
+
+    @handler
+    async def opendir(self, inode, ctx):
+        self.engine.opendir(inode)
+        fh = self.next_dir_handle
+        self.next_dir_handle += 1
+        self.dir_handles[fh] = (inode, None)
+        return fh
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        ino, snapshot = self.dir_handles[fh]
+        if snapshot is None or start_id == 0:
+            # One listing per pass over the directory; later calls resume by cookie.
+            snapshot = self.engine.readdir(ino)
+            self.dir_handles[fh] = (ino, snapshot)
+        i = _after(snapshot, start_id)
+        engine = self.engine
+        for cookie, name, child in snapshot[i:]:
+            dot = name in (b".", b"..")
+            if not dot:
+                try:
+                    if engine.lookup(ino, name) != child:
+                        continue  # renamed or replaced since the listing began
+                except FsError:
+                    continue  # removed since the listing began
+            try:
+                st = engine.stat(child)
+            except FsError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self.attrs(st), cookie):
+                break
+            if not dot:
+                engine.ref(child)
+
+    async def releasedir(self, fh):
+        self.dir_handles.pop(fh, None)
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        ino, _ = self.dir_handles.get(fh, (None, None))
+        if ino is not None:
+            self.engine.fsync(ino)
+
+    @handler
+    async def statfs(self, ctx):
+        s = self.engine.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = s["block_size"]
+        st.f_frsize = s["block_size"]
+        st.f_blocks = s["blocks"]
+        st.f_bfree = s["blocks_free"]
+        st.f_bavail = s["blocks_free"]
+        st.f_files = s["files"]
+        st.f_ffree = s["files_free"]
+        st.f_favail = s["files_free"]
+        st.f_namemax = s["namemax"]
+        return st
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        self.engine.setxattr(inode, name, value, 0, _ctx(ctx))
+
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        return self.engine.getxattr(inode, name)
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        return self.engine.listxattr(inode)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        self.engine.removexattr(inode, name, _ctx(ctx))
+
+
+def _after(snapshot: list[tuple[int, bytes, int]], cookie: int) -> int:
+    """Index of the first entry whose cookie is greater than `cookie` (binary search)."""
+    lo, hi = 0, len(snapshot)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if snapshot[mid][0] <= cookie:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

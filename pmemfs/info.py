@@ -1,0 +1,73 @@
+"""Reading a region's description without changing it (allowed while mounted)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .format import (
+    KIND_DIR,
+    KIND_KOBJ,
+    KIND_REG,
+    STATE_CLEAN,
+    TABLE_NAMES,
+    Tables,
+    read_superblock,
+)
+from .journal import Journal
+from .mounting import region_holder
+from .region import Region
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9)) if ns else "never"
+
+
+def describe(path: str) -> dict:
+    with Region(path, writable=False, lock=False) as region:
+        sb, which = read_superblock(region.buf, region.size, allow_backup=True)
+        g = sb.geometry
+        t = Tables(region.buf, sb)
+        hwm = {n: min(sb.hwm[n], getattr(g, f"{n}_count")) for n in TABLE_NAMES}
+        bits = np.unpackbits(t.bitmap, bitorder="little")[: g.block_count]
+        used_data = int(bits[g.data_start_block:].sum())
+        bad = int(np.unpackbits(t.badmap, bitorder="little")[: g.block_count].sum())
+        kinds = t.inodes["kind"][1: hwm["inode"]]
+        try:
+            journal_state = "idle" if Journal(region.buf, g.data_start_block * g.block_size).state == 0 \
+                else "interrupted transaction"
+        except Exception as e:  # a damaged journal is worth reporting, not fatal here
+            journal_state = f"damaged ({e})"
+        holder = region_holder(path)
+        data = {
+            "region": path,
+            "backing": region.kind,
+            "superblock": which,
+            "format_version": f"{sb.version_major}.{sb.version_minor}",
+            "features": f"compat 0x{sb.feature_compat:x} incompat 0x{sb.feature_incompat:x} "
+                        f"ro_compat 0x{sb.feature_ro_compat:x}",
+            "uuid": sb.uuid_str,
+            "label": sb.label,
+            "created": _when(sb.create_time_ns),
+            "region_size": g.region_size,
+            "block_size": g.block_size,
+            "data_blocks": g.data_blocks,
+            "used_blocks": used_data,
+            "free_blocks": g.data_blocks - used_data - bad,
+            "bad_blocks": bad,
+            "inodes_total": g.inode_count - 1,
+            "inodes_used": int(np.count_nonzero(kinds)),
+            "files": int(np.count_nonzero(kinds == KIND_REG)),
+            "directories": int(np.count_nonzero(kinds == KIND_DIR)),
+            "kernel_objects": int(np.count_nonzero(kinds == KIND_KOBJ)),
+            "metadata_bytes": g.data_start_block * g.block_size,
+            "state": "clean" if sb.state == STATE_CLEAN else "dirty",
+            "journal": journal_state,
+            "mount_generation": sb.mount_generation,
+            "last_mount": _when(sb.last_mount_ns),
+            "last_unmount": _when(sb.last_umount_ns),
+            "mounted_by_pid": holder or 0,
+        }
+        del t, bits, kinds
+        return data

@@ -1,0 +1,132 @@
+"""Writing a fresh filesystem into a region (the library behind pmemfs-mkfs)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .format import (
+    BLOCK_2M,
+    KIND_DIR,
+    MAGIC,
+    ROOT_INO,
+    SB_SLOT,
+    FormatError,
+    Geometry,
+    Superblock,
+    Tables,
+    find_backup_superblock,
+    seal,
+)
+from .journal import format_journal
+from .region import Region, RegionError
+
+# Signatures of other filesystems, as (offset, bytes), so mkfs does not clobber them silently.
+FOREIGN_SIGNATURES = [
+    (1080, b"\x53\xef", "an ext2/3/4 filesystem"),
+    (0, b"XFSB", "an XFS filesystem"),
+    (0x10040, b"_BHRfS_M", "a btrfs filesystem"),
+    (4086, b"SWAPSPACE2", "swap space"),
+    (0, b"PMEMPOOL", "a PMDK pool"),
+]
+
+
+@dataclass
+class MkfsResult:
+    superblock: Superblock
+    created: bool
+
+
+def detect_existing(buf: memoryview, size: int) -> str | None:
+    """Describe what the region already holds, or None when nothing is recognised."""
+    if bytes(buf[:8]) == MAGIC:
+        return "a pmemfs filesystem"
+    for offset, sig, what in FOREIGN_SIGNATURES:
+        if offset + len(sig) <= size and bytes(buf[offset:offset + len(sig)]) == sig:
+            return what
+    if find_backup_superblock(buf, size) is not None:
+        return "a pmemfs filesystem (its backup superblock)"
+    return None
+
+
+def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
+                    inodes: int | None = None, label: str = "", force: bool = False,
+                    prefault: bool = False,
+                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> MkfsResult:
+    """Format path; create it (sparse) with `size` when it does not exist.
+
+    Raises RegionError or FormatError with a one-line reason.
+    """
+    if len(label.encode()) > 64:
+        raise FormatError("label is longer than 64 bytes")
+    existed = os.path.exists(path)
+    if existed and size and os.path.isfile(path) and os.path.getsize(path) not in (0, size):
+        raise RegionError(f"{path}: exists with size {os.path.getsize(path)}; --size {size} "
+                          "would not match (remove it or leave out --size)")
+    if size:
+        Geometry.plan(size, block_size, inodes)  # refuse before creating anything
+    region = Region(path, create_size=size)
+    try:
+        geometry = Geometry.plan(region.size, block_size, inodes)
+        if existed and not force:
+            found = detect_existing(region.buf, region.size)
+            if found:
+                raise FormatError(f"{path} already holds {found}; use --force to overwrite it")
+        sb = Superblock.new(geometry, label)
+        _write_metadata(region, sb, zero=existed)
+        if prefault:
+            length = region.size - geometry.data_start_block * geometry.block_size
+            tick = progress("prefaulting", length) if progress else None
+            region.prefault(geometry.data_start_block * geometry.block_size, length, tick)
+        return MkfsResult(sb, not existed)
+    except BaseException:
+        region.close()
+        if not existed:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        region.close()
+
+
+def _write_metadata(region: Region, sb: Superblock, zero: bool) -> None:
+    g = sb.geometry
+    buf = region.buf
+    if zero:
+        # A reformat must not inherit old records. A new sparse file is zero already,
+        # and touching it would allocate memory for every table page.
+        meta_end = g.data_start_block * g.block_size
+        np.frombuffer(buf, np.uint8, meta_end, 0)[:] = 0
+    format_journal(buf, g.journal_size)
+    tables = Tables(buf, sb)
+    # Metadata blocks and the bitmap's tail bits past the last block count as used.
+    bits = np.zeros(len(tables.bitmap) * 8, bool)
+    bits[:g.data_start_block] = True
+    bits[g.block_count:] = True
+    tables.bitmap[:] = np.packbits(bits, bitorder="little")
+    tables.badmap[:] = 0
+    now = time.time_ns()
+    root = tables.inodes[ROOT_INO]
+    root["kind"] = KIND_DIR
+    root["mode"] = 0o040755
+    root["uid"] = os.getuid()
+    root["gid"] = os.getgid()
+    root["nlink"] = 2
+    root["generation"] = 1
+    root["parent"] = ROOT_INO
+    root["next_cookie"] = 3
+    for t in ("atime_ns", "mtime_ns", "ctime_ns", "btime_ns"):
+        root[t] = now
+    seal(tables.inodes, ROOT_INO)
+    del root, tables
+    raw = sb.encode()
+    buf[g.backup_offset:g.backup_offset + len(raw)] = raw
+    buf[0:len(raw)] = raw  # the primary last: a half-made region has no valid primary
+    assert len(raw) <= SB_SLOT
+

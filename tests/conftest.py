@@ -1,0 +1,158 @@
+"""Shared fixtures: regions under /dev/shm, engines, and real FUSE mounts.
+
+Every mount made here is unmounted by a finalizer, even when the test fails, and
+every region a test leaves behind must pass the structural checks (the fsck core).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from pmemfs import check, mounting
+from pmemfs.engine import Engine
+from pmemfs.mkfs import make_filesystem
+
+SMALL = 64 << 20
+
+
+def new_region_path() -> str:
+    return f"/dev/shm/pmemfs-test-{uuid.uuid4().hex[:12]}.region"
+
+
+def assert_clean(region: str) -> None:
+    errors = [f for f in check.check_region(region) if f.severity == "error"]
+    assert not errors, "region fails its checks: " + "; ".join(f.message for f in errors[:5])
+
+
+@pytest.fixture
+def region_factory():
+    made: list[str] = []
+
+    def make(size: int = SMALL, **kw) -> str:
+        path = new_region_path()
+        made.append(path)
+        make_filesystem(path, size=size, **kw)
+        return path
+
+    make.paths = made
+    yield make
+    for path in made:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+@pytest.fixture
+def region(region_factory) -> str:
+    return region_factory()
+
+
+@pytest.fixture
+def engine(region):
+    e = Engine(region)
+    yield e
+    e.close()
+    assert_clean(region)
+
+
+class Mount:
+    def __init__(self, region: str, path: str, options: set[str]):
+        self.region = region
+        self.path = path
+        self.options = options
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        m = mounting.spawn(self.region, self.path, set(self.options), log=self.path + ".log")
+        self.proc = m.proc
+        self.status = m.status
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def kill(self) -> None:
+        """kill -9 the daemon: the mountpoint is left dead (ENOTCONN)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def unmount(self) -> None:
+        mounting.unmount(self.path)
+        self.proc.wait(timeout=30)
+
+    def restart(self) -> None:
+        """kill -9 and mount again, as a kexec would."""
+        self.kill()
+        self.start()
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                mounting.unmount(self.path, timeout=20)
+            except Exception:
+                subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if mounting.pmemfs_mount_at(self.path) is not None:
+            subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+
+    def log(self) -> str:
+        try:
+            with open(self.path + ".log") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    made: list[Mount] = []
+
+    def make(region: str, options: set[str] | None = None, name: str = "mnt") -> Mount:
+        path = str(tmp_path / name)
+        os.makedirs(path, exist_ok=True)
+        m = Mount(region, path, options or set())
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.cleanup()
+    for m in made:
+        assert mounting.pmemfs_mount_at(m.path) is None
+        assert "Traceback" not in m.log(), m.log()
+    for region in {m.region for m in made}:
+        if os.path.exists(region):
+            assert_clean(region)
+
+
+@pytest.fixture
+def mounted(region, mount_factory) -> Mount:
+    return mount_factory(region)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
