@@ -1,0 +1,42 @@
+"""A logical picture of a filesystem, for comparing states across crashes and restarts.
+
+It walks the tree through the engine and records what a user can observe, except
+timestamps: kind, mode, owner, size, link count, a digest of the contents, symlink
+targets and xattrs, plus the free block and inode counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .engine import Engine
+from .format import KIND_DIR, KIND_REG, KIND_SYMLINK, ROOT_INO
+
+
+def snapshot(engine: Engine) -> dict:
+    tree: dict[bytes, tuple] = {}
+    stack = [(b"", ROOT_INO)]
+    while stack:
+        path, ino = stack.pop()
+        for _, name, child in engine.readdir(ino):
+            if name in (b".", b".."):
+                continue
+            st = engine.stat(child)
+            p = path + b"/" + name
+            content = None
+            if st.kind == KIND_REG:
+                h = hashlib.sha256()
+                pos = 0
+                while pos < st.size:
+                    chunk = engine.read(child, pos, 8 << 20)
+                    h.update(chunk)
+                    pos += len(chunk)
+                content = h.hexdigest()
+            elif st.kind == KIND_SYMLINK:
+                content = engine.readlink(child)
+            xattrs = tuple(sorted((n, engine.getxattr(child, n)) for n in engine.listxattr(child)))
+            tree[p] = (st.kind, st.mode, st.uid, st.gid, st.size, st.nlink, st.blocks, st.rdev, content, xattrs)
+            if st.kind == KIND_DIR:
+                stack.append((p, child))
+    fs = engine.statfs()
+    return {"tree": tree, "blocks_free": fs["blocks_free"], "files_free": fs["files_free"]}
