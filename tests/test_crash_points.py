@@ -98,7 +98,7 @@ WRITES = {"write_allocating": b"/a", "write_extending": b"/a", "write_hole_fill"
 
 def without_content(state: dict, path: bytes) -> dict:
     tree = dict(state["tree"])
-    tree[path] = tree[path][:8] + (None,) + tree[path][9:]
+    tree[path] = (*tree[path][:8], None, *tree[path][9:])
     return {**state, "tree": tree}
 
 
