@@ -1076,12 +1076,21 @@ class Engine:
             slot = nxt
 
     @staticmethod
-    def _check_xattr_name(name: bytes, ctx: Ctx, kind: int) -> None:
+    def _check_xattr_ns(name: bytes) -> bytes:
+        """The namespace of name. As tmpfs: EOPNOTSUPP outside user/trusted/security,
+        EINVAL for an empty name after the prefix ("user.")."""
         if not name or len(name) > NAME_MAX:
             raise FsError(errno.ERANGE)
-        ns = name.split(b".", 1)[0]
-        if ns not in (b"user", b"trusted", b"security") or b"." not in name or name.endswith(b"."):
+        ns, dot, rest = name.partition(b".")
+        if not dot or ns not in (b"user", b"trusted", b"security"):
             raise FsError(errno.EOPNOTSUPP)
+        if not rest:
+            raise FsError(errno.EINVAL)
+        return ns
+
+    @classmethod
+    def _check_xattr_name(cls, name: bytes, ctx: Ctx, kind: int) -> None:
+        ns = cls._check_xattr_ns(name)
         if ns == b"trusted" and ctx.uid != 0:
             raise FsError(errno.EPERM)
         if ns == b"user" and kind not in (KIND_REG, KIND_DIR):
@@ -1108,6 +1117,7 @@ class Engine:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._check_ino(ino)
+        self._check_xattr_ns(name)
         slot = self.xattrs.get(ino, {}).get(name)
         if slot is None:
             raise FsError(errno.ENODATA)
@@ -1119,11 +1129,11 @@ class Engine:
 
     def removexattr(self, ino: int, name: bytes, ctx: Ctx = ROOT_CTX) -> None:
         self._check_ino(ino)
+        self._check_xattr_name(name, ctx, self.kind(ino))
         attrs = self.xattrs.get(ino, {})
         slot = attrs.get(name)
         if slot is None:
             raise FsError(errno.ENODATA)
-        self._check_xattr_name(name, ctx, self.kind(ino))
         with self.transaction() as tx:
             self._free_blob(tx, slot)
             del attrs[name]
