@@ -49,9 +49,13 @@ def pmemfs_mount_at(mountpoint: str) -> MountEntry | None:
 
 
 def is_stale(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon died answers ENOTCONN."""
+    """A FUSE mount whose daemon died answers ENOTCONN.
+
+    statvfs, not stat: the kernel answers stat from its attribute cache without
+    asking the (dead) daemon, but it always forwards statfs.
+    """
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
