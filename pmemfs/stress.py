@@ -38,7 +38,7 @@ def digest(data: bytes) -> str:
 
 class Log:
     def __init__(self, path: str):
-        self.f = open(path, "a", buffering=1)
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
 
     def write(self, **rec) -> None:
         self.f.write(json.dumps(rec) + "\n")
