@@ -7,6 +7,8 @@ pointers. Index 0 of every table is reserved, so 0 means "none".
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 import uuid as uuidlib
 import zlib
@@ -381,35 +383,73 @@ class Superblock:
                 raise FormatError(f"superblock {name} high-water mark {self.hwm[name]} is out of range")
 
 
-def read_superblock(buf: memoryview, region_size: int, *, allow_backup: bool = False) -> tuple[Superblock, str]:
+def read_superblock(buf: memoryview, region_size: int, *, allow_backup: bool = False,
+                    fd: int | None = None) -> tuple[Superblock, str]:
     """The primary superblock, or with allow_backup the backup when the primary is bad.
 
-    Returns (superblock, which) where which is "primary" or "backup".
+    Returns (superblock, which) where which is "primary" or "backup". fd, the region's
+    descriptor, lets the backup search skip holes (see find_backup_superblock).
     """
     try:
         return Superblock.decode(buf[:SB_STRUCT], region_size), "primary"
     except FormatError as primary_error:
         if not allow_backup:
             raise
-        backup = find_backup_superblock(buf, region_size)
+        backup = find_backup_superblock(buf, region_size, fd=fd)
         if backup is None:
             raise FormatError(f"{primary_error}; no valid backup superblock found") from None
         return backup, "backup"
 
 
-def find_backup_superblock(buf: memoryview, region_size: int) -> Superblock | None:
-    """The backup sits just below the first data block: try every block boundary."""
-    for block_size in BLOCK_SIZES:
-        for k in range(1, region_size // block_size):
-            off = k * block_size - SB_SLOT
-            if bytes(buf[off:off + 8]) != MAGIC:
-                continue
+def _data_ranges(fd: int | None, size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of fd that hold data (SEEK_DATA/SEEK_HOLE); all of it if unknown."""
+    if fd is None:
+        return [(0, size)]
+    ranges = []
+    pos = 0
+    try:
+        while pos < size:
             try:
-                sb = Superblock.decode(buf[off:off + SB_STRUCT], region_size)
-            except FormatError:
-                continue
-            if sb.geometry.backup_offset == off:
-                return sb
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data past pos
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if start >= size:
+                break
+            ranges.append((start, end))
+            pos = end
+    except OSError:  # e.g. /dev/dax: no holes to skip
+        return [(0, size)]
+    return ranges
+
+
+def find_backup_superblock(buf: memoryview, region_size: int, *,
+                           fd: int | None = None) -> Superblock | None:
+    """The backup sits just below the first data block: try every block boundary.
+
+    Reading a hole of a tmpfs or hugetlbfs mapping allocates a page, so probing every
+    boundary of a sparse 1 TiB region through buf would allocate gigabytes; with fd
+    only boundaries inside data ranges are read.
+    """
+    ranges = _data_ranges(fd, region_size)
+    for block_size in BLOCK_SIZES:
+        last = region_size // block_size - 1
+        for start, end in ranges:
+            # off = k * block_size - SB_SLOT must lie in [start, end).
+            first_k = max(1, -(-(start + SB_SLOT) // block_size))
+            last_k = min(last, (end - 1 + SB_SLOT) // block_size)
+            for k in range(first_k, last_k + 1):
+                off = k * block_size - SB_SLOT
+                if bytes(buf[off:off + 8]) != MAGIC:
+                    continue
+                try:
+                    sb = Superblock.decode(buf[off:off + SB_STRUCT], region_size)
+                except FormatError:
+                    continue
+                if sb.geometry.backup_offset == off:
+                    return sb
     return None
 
 
