@@ -41,14 +41,17 @@ class MkfsResult:
     created: bool
 
 
-def detect_existing(buf: memoryview, size: int) -> str | None:
-    """Describe what the region already holds, or None when nothing is recognised."""
+def detect_existing(buf: memoryview, size: int, fd: int | None = None) -> str | None:
+    """Describe what the region already holds, or None when nothing is recognised.
+
+    fd lets the backup-superblock search skip holes instead of faulting them in.
+    """
     if bytes(buf[:8]) == MAGIC:
         return "a pmemfs filesystem"
     for offset, sig, what in FOREIGN_SIGNATURES:
         if offset + len(sig) <= size and bytes(buf[offset:offset + len(sig)]) == sig:
             return what
-    if find_backup_superblock(buf, size) is not None:
+    if find_backup_superblock(buf, size, fd=fd) is not None:
         return "a pmemfs filesystem (its backup superblock)"
     return None
 
@@ -61,19 +64,32 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
 
     Raises RegionError or FormatError with a one-line reason.
     """
-    if len(label.encode()) > 64:
-        raise FormatError("label is longer than 64 bytes")
+    try:
+        label_bytes = label.encode()
+    except UnicodeEncodeError:  # undecodable bytes from argv arrive as surrogates
+        raise FormatError(f"label {label!r} is not valid UTF-8") from None
+    if len(label_bytes) > 64:
+        raise FormatError(f"label is {len(label_bytes)} bytes, longer than 64 bytes")
     existed = os.path.exists(path)
     if existed and size and os.path.isfile(path) and os.path.getsize(path) not in (0, size):
         raise RegionError(f"{path}: exists with size {os.path.getsize(path)}; --size {size} "
                           "would not match (remove it or leave out --size)")
     if size:
         Geometry.plan(size, block_size, inodes)  # refuse before creating anything
-    region = Region(path, create_size=size)
+    try:
+        region = Region(path, create_size=size)
+    except BaseException:
+        # Region may have created the file before failing (to size or map it).
+        if not existed and os.path.exists(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
     try:
         geometry = Geometry.plan(region.size, block_size, inodes)
         if existed and not force:
-            found = detect_existing(region.buf, region.size)
+            found = detect_existing(region.buf, region.size, region.fd)
             if found:
                 raise FormatError(f"{path} already holds {found}; use --force to overwrite it")
         sb = Superblock.new(geometry, label)
@@ -99,10 +115,10 @@ def _write_metadata(region: Region, sb: Superblock, zero: bool) -> None:
     g = sb.geometry
     buf = region.buf
     if zero:
-        # A reformat must not inherit old records. A new sparse file is zero already,
-        # and touching it would allocate memory for every table page.
-        meta_end = g.data_start_block * g.block_size
-        np.frombuffer(buf, np.uint8, meta_end, 0)[:] = 0
+        # A reformat must not inherit old records. A new sparse file is zero already.
+        # Region.zero punches holes: writing zeros would allocate every table page
+        # (hundreds of MiB for a 1 TiB region) that the fresh filesystem never uses.
+        region.zero(0, g.data_start_block * g.block_size)
     format_journal(buf, g.journal_size)
     tables = Tables(buf, sb)
     # Metadata blocks and the bitmap's tail bits past the last block count as used.

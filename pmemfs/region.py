@@ -108,6 +108,20 @@ def probe(path: str) -> BackingInfo:
     return BackingInfo("file", st.st_size, mmap.PAGESIZE, mmap.PAGESIZE)
 
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE); False when the filesystem cannot (then write zeros)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
 def lock_holder(fd: int) -> int | None:
     """PID of the process holding a write lock on fd's file, or None when it is free."""
     req = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
@@ -139,7 +153,7 @@ class Region:
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
-            raise RegionError(f"{path}: no such region (give --size to create one)") from None
+            raise RegionError(f"{path}: no such region (pmemfs-mkfs --size creates one)") from None
         except OSError as e:
             raise RegionError(f"{path}: cannot open: {e.strerror}") from None
         try:
@@ -151,7 +165,7 @@ class Region:
                 self._grow(create_size)
                 size = create_size
             if size == 0:
-                raise RegionError(f"{path}: region is empty (give --size to size it)")
+                raise RegionError(f"{path}: region is empty (pmemfs-mkfs --size sizes it)")
             if size % self.page_size:
                 raise RegionError(
                     f"{path}: size {size} is not a multiple of the {info.kind} page size {self.page_size}")
@@ -188,6 +202,29 @@ class Region:
             os.ftruncate(self.fd, size)  # sparse: no data is touched
         except OSError as e:
             raise RegionError(f"{self.path}: cannot size region to {size} bytes: {e.strerror}") from None
+        except OverflowError:  # larger than off_t: os.ftruncate cannot even ask
+            raise RegionError(f"{self.path}: cannot size region to {size} bytes: too large") from None
+
+    def zero(self, start: int, length: int) -> None:
+        """Make [start, start+length) read as zeros without allocating memory for it.
+
+        On a file (tmpfs, hugetlbfs, a disk) whole pages are punched out, so zeroing a
+        large, still sparse table costs nothing; writing zeros instead would allocate
+        every page. Partial pages, /dev/dax and filesystems without hole punching get
+        zeros written.
+        """
+        end = min(self.size, start + length)
+        if start >= end:
+            return
+        lo = min(-(-start // self.page_size) * self.page_size, end)
+        hi = max(end // self.page_size * self.page_size, lo)
+        if self.kind != "devdax" and hi > lo and _punch_hole(self.fd, lo, hi - lo):
+            self.buf[start:lo] = bytes(lo - start)
+            self.buf[hi:end] = bytes(end - hi)
+            return
+        for pos in range(start, end, PREFAULT_CHUNK):
+            n = min(PREFAULT_CHUNK, end - pos)
+            self.buf[pos:pos + n] = bytes(n)
 
     def prefault(self, start: int, length: int, progress: Callable[[int], None] | None = None) -> None:
         """Populate pages of [start, start+length) writably so the data path never faults."""
