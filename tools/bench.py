@@ -1,0 +1,953 @@
+#!/usr/bin/env python3
+"""pmemfs benchmark harness (`./run bench`).
+
+Runs each workload against these targets in one run, interleaved (A B C D A B C D ...)
+so that machine drift lands on all of them alike:
+
+  pmemfs-shm    pmemfs, region in /dev/shm, mounted with -o prefault
+  pmemfs-huge   pmemfs, region on hugetlbfs (only when huge pages can be reserved)
+  tmpfs         a fresh kernel tmpfs mount
+  passthrough   tools/passthroughfs.py (minimal pyfuse3 + trio) over a fresh tmpfs
+
+and prints one table: median, min-max, the baselines' medians, the ratio pmemfs /
+baseline and the project's goal with met/missed. `--json FILE` writes the same as
+JSON, `--markdown FILE` the table as Markdown (docs/BENCHMARKS.md uses it).
+
+Needs root (mounts, drop_caches, huge pages), /dev/fuse and fio. Everything it
+mounts, starts or reserves is undone in `finally` blocks: mounts unmounted, daemons
+it started stopped by PID, huge pages given back, regions under /dev/shm deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pmemfs.engine import Engine  # noqa: E402
+from pmemfs.format import BLOCK_2M, Geometry  # noqa: E402
+from pmemfs.mkfs import make_filesystem  # noqa: E402
+
+BIN = Path(sys.executable).parent
+PMEMFS = str(BIN / "pmemfs")
+MKFS = str(BIN / "pmemfs-mkfs")
+PASSTHROUGH = str(ROOT / "tools" / "passthroughfs.py")
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+HUGE_PAGE = 2 * MiB
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+# ----------------------------------------------------------------- sizes
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    file_size: int  # the big file of the I/O workloads
+    runs: int
+    write4k_cap_s: int  # 4 KiB writes stop after this long (FUSE does ~10k requests/s)
+    randread_ios: int
+    meta_files: int  # create / stat / unlink
+    ls_files: int
+    many_files: int  # the files in the mount-time regions
+    many_inodes: int
+    small_region: int
+    big_region: int
+
+
+PROFILES = {
+    "default": Profile("default", 1 * GiB, 3, 5, 20000, 10000, 10000, 100000, 200000, 1 * GiB, 1 * TiB),
+    "quick": Profile("quick", 128 * MiB, 3, 1, 3000, 1000, 2000, 20000, 200000, 1 * GiB, 1 * TiB),
+    "tiny": Profile("tiny", 8 * MiB, 1, 1, 200, 100, 100, 500, 4096, 256 * MiB, 64 * GiB),
+}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ----------------------------------------------------------------- helpers
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}")
+    return r
+
+
+def drop_caches(level: int = 3) -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write(str(level))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_dead(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def anon_rss(pid: int) -> int | None:
+    """Anonymous memory of a process in bytes (smaps_rollup "Anonymous").
+
+    Not Private_Dirty: the region is a MAP_SHARED file mapping, and its pages that only
+    the daemon maps count as Private_* there, although they are the filesystem's data.
+    "Anonymous" counts only anonymous pages: heap, Python objects, numpy arrays that are
+    not views of the region. Region pages are shmem (or hugetlb) pages and never count.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def fusermount_u(mp: str) -> None:
+    if run(["fusermount3", "-u", "-q", mp], check=False).returncode != 0:
+        run(["fusermount3", "-uz", "-q", mp], check=False)
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == real for line in f if len(line.split()) > 1)
+
+
+def umount_kernel(path: str) -> None:
+    if is_mounted(path) and run(["umount", path], check=False).returncode != 0:
+        run(["umount", "-l", path], check=False)
+
+
+def fio(path: str, rw: str, bs: str, size: int, *, runtime: int | None = None,
+        number_ios: int | None = None) -> dict:
+    """One fio job (psync, 1 thread); returns the read or write section of its JSON."""
+    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
+           "--ioengine=psync", "--fallocate=none", "--invalidate=1", "--output-format=json"]
+    if runtime:
+        cmd.append(f"--runtime={runtime}")  # without time_based: stops early, never loops
+    if number_ios:
+        cmd += [f"--number_ios={number_ios}", "--norandommap=1", "--randrepeat=1"]
+    r = run(cmd, timeout=900)
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    job = out["jobs"][0]
+    return job["read"] if "read" in rw else job["write"]
+
+
+# ----------------------------------------------------------------- targets
+class Target:
+    name = "?"
+    kind = "?"
+    pid: int | None = None
+
+    def __init__(self, base: str):
+        self.base = base
+        self.dir = ""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+
+class Tmpfs(Target):
+    name = kind = "tmpfs"
+
+    def __init__(self, base: str, size: int):
+        super().__init__(base)
+        self.dir = os.path.join(base, "tmpfs")
+        self.size = size
+
+    def start(self) -> None:
+        os.makedirs(self.dir)
+        run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "bench-tmpfs", self.dir])
+
+    def stop(self) -> None:
+        umount_kernel(self.dir)
+
+
+class Passthrough(Target):
+    name = kind = "passthrough"
+
+    def __init__(self, base: str, size: int):
+        super().__init__(base)
+        self.src = os.path.join(base, "pt-src")
+        self.dir = os.path.join(base, "pt-mnt")
+        self.size = size
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        os.makedirs(self.src)
+        os.makedirs(self.dir)
+        run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "bench-pt-src", self.src])
+        with open(os.path.join(self.base, "passthrough.log"), "w") as errlog:
+            self.proc = subprocess.Popen([sys.executable, PASSTHROUGH, self.src, self.dir], cwd="/",
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=errlog, start_new_session=True)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 30
+        while not is_mounted(self.dir):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("passthroughfs did not mount (see passthrough.log)")
+            time.sleep(0.02)
+        os.stat(self.dir)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if is_mounted(self.dir):
+                fusermount_u(self.dir)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.dir):
+            run(["fusermount3", "-uz", "-q", self.dir], check=False)
+        umount_kernel(self.src)
+
+
+def pmemfs_mount(region: str, mp: str, options: list[str]) -> tuple[int, float]:
+    """`pmemfs mount`; returns (daemon pid, seconds until the command returned)."""
+    cmd = [PMEMFS, "mount", *(["-o", ",".join(options)] if options else []), region, mp]
+    t0 = time.perf_counter()
+    r = run(cmd, timeout=600)
+    dt = time.perf_counter() - t0
+    m = re.search(r"daemon pid (\d+)", r.stdout + r.stderr)
+    if not m:
+        raise RuntimeError(f"pmemfs mount said: {r.stdout.strip()} {r.stderr.strip()}")
+    return int(m.group(1)), dt
+
+
+def pmemfs_unmount(mp: str, pid: int | None) -> None:
+    if is_mounted(mp) and run([PMEMFS, "umount", mp], check=False, timeout=120).returncode != 0:
+        fusermount_u(mp)
+    if pid is not None and not wait_dead(pid, 30):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a daemon this harness started
+        wait_dead(pid, 10)
+    if is_mounted(mp):
+        run(["fusermount3", "-uz", "-q", mp], check=False)
+
+
+class Pmemfs(Target):
+    kind = "pmemfs"
+
+    def __init__(self, base: str, name: str, region: str, size: int, options: list[str]):
+        super().__init__(base)
+        self.name = name
+        self.region = region
+        self.size = size
+        self.options = options
+        self.dir = os.path.join(base, name)
+
+    def start(self) -> None:
+        os.makedirs(self.dir)
+        run([MKFS, "--size", str(self.size), self.region])
+        self.pid, self.mount_s = pmemfs_mount(self.region, self.dir, self.options)
+
+    def stop(self) -> None:
+        pmemfs_unmount(self.dir, self.pid)
+        self.pid = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.region)
+
+
+class HugePages:
+    """Reserve huge pages for the run; always give them back."""
+
+    def __init__(self) -> None:
+        self.orig: int | None = None
+        self.got = 0
+
+    def reserve(self, pages: int) -> bool:
+        try:
+            with open(NR_HUGEPAGES) as f:
+                self.orig = int(f.read())
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(self.orig + pages))
+            with open(NR_HUGEPAGES) as f:
+                self.got = int(f.read()) - self.orig
+        except OSError as e:
+            log(f"cannot reserve huge pages: {e}")
+            self.release()
+            return False
+        if self.got < pages:
+            log(f"asked for {pages} huge pages, got {self.got}: skipping hugetlbfs")
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.orig is not None:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(self.orig))
+            self.orig = None
+
+
+# ----------------------------------------------------------------- results
+@dataclass
+class Goal:
+    text: str
+    check: Callable[[Row], bool | None]
+
+
+@dataclass
+class Row:
+    metric: str
+    target: str
+    unit: str
+    better: str  # "higher" or "lower"
+    values: list[float] = field(default_factory=list)
+    baselines: dict[str, Row] = field(default_factory=dict)
+    goal: Goal | None = None
+    note: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    def ratio(self, base: str) -> float | None:
+        b = self.baselines.get(base)
+        if b is None or not b.values or not self.values or not b.median:
+            return None
+        return self.median / b.median
+
+    @property
+    def met(self) -> bool | None:
+        if self.goal is None or not self.values:
+            return None
+        return self.goal.check(self)
+
+    def as_json(self) -> dict:
+        return {
+            "metric": self.metric, "target": self.target, "unit": self.unit, "better": self.better,
+            "runs": self.values, "median": self.median,
+            "min": min(self.values) if self.values else None,
+            "max": max(self.values) if self.values else None,
+            "baselines": {k: {"median": b.median, "ratio": self.ratio(k)} for k, b in self.baselines.items()},
+            "goal": self.goal.text if self.goal else None, "met": self.met, "note": self.note,
+        }
+
+
+class Results:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Row] = {}
+        self.order: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+
+    def row(self, metric: str, target: str, unit: str = "", better: str = "higher") -> Row:
+        key = (metric, target)
+        if key not in self.rows:
+            self.rows[key] = Row(metric, target, unit, better)
+            self.order.append(key)
+        return self.rows[key]
+
+    def add(self, metric: str, target: str, value: float, unit: str, better: str = "higher") -> None:
+        self.row(metric, target, unit, better).values.append(value)
+
+    def get(self, metric: str, target: str) -> Row | None:
+        return self.rows.get((metric, target))
+
+
+def ratio_goal(base: str, at_least: float) -> Goal:
+    return Goal(f">= {at_least:g}x {base}",
+                lambda r: None if r.ratio(base) is None else r.ratio(base) >= at_least)
+
+
+def max_goal(limit: float, text: str) -> Goal:
+    return Goal(text, lambda r: r.median <= limit)
+
+
+# ----------------------------------------------------------------- workloads
+class Bench:
+    def __init__(self, prof: Profile, args: argparse.Namespace):
+        self.prof = prof
+        self.args = args
+        self.res = Results()
+        self.base = tempfile.mkdtemp(prefix="pmemfs-bench-", dir="/tmp")
+        self.tag = os.path.basename(self.base)
+        self.targets: list[Target] = []
+        self.started: list[Target] = []
+        self.huge = HugePages()
+        self.huge_dir: str | None = None
+        self.regions: list[str] = []
+        self.extra_mps: list[tuple[str, list]] = []  # (mountpoint, [pid]) of the 100k-file section
+
+    # ---- setup / teardown
+    def setup(self) -> None:
+        f = self.prof.file_size
+        shm_size = _round(2 * f + f // 2 + 64 * MiB, HUGE_PAGE)
+        huge_size = _round(2 * f + 64 * MiB, HUGE_PAGE)
+        shm_region = f"/dev/shm/{self.tag}-shm.region"
+        self.regions.append(shm_region)
+        self.targets.append(Pmemfs(self.base, "pmemfs-shm", shm_region, shm_size, ["prefault"]))
+        if not self.args.no_hugetlbfs:
+            if self.huge.reserve(huge_size // HUGE_PAGE):
+                self.huge_dir = os.path.join(self.base, "hugetlbfs")
+                os.makedirs(self.huge_dir)
+                run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", self.huge_dir])
+                region = os.path.join(self.huge_dir, "bench.region")
+                self.regions.append(region)
+                self.targets.append(Pmemfs(self.base, "pmemfs-huge", region, huge_size, []))
+            else:
+                self.res.notes.append("pmemfs-huge skipped: huge pages could not be reserved")
+        else:
+            self.res.notes.append("pmemfs-huge skipped (--no-hugetlbfs)")
+        self.targets.append(Tmpfs(self.base, 3 * f + 256 * MiB))
+        self.targets.append(Passthrough(self.base, 3 * f + 256 * MiB))
+        for t in self.targets:
+            log(f"starting {t.name}")
+            self.started.append(t)
+            t.start()
+            if t.pid:
+                self.res.add("daemon anon memory, idle", t.name, (anon_rss(t.pid) or 0) / MiB, "MiB", "lower")
+
+    def teardown(self) -> None:
+        for mp, pids in self.extra_mps:
+            with contextlib.suppress(Exception):
+                pmemfs_unmount(mp, pids[0] if pids else None)
+        for t in reversed(self.started):
+            try:
+                t.stop()
+            except Exception as e:
+                log(f"stopping {t.name}: {e}")
+        if self.huge_dir:
+            umount_kernel(self.huge_dir)
+        try:
+            self.huge.release()
+        except OSError as e:
+            log(f"cannot restore {NR_HUGEPAGES}: {e}")
+        for r in self.regions:
+            with contextlib.suppress(OSError):
+                os.unlink(r)
+        for dirpath, _, _ in os.walk(self.base):
+            if is_mounted(dirpath):
+                log(f"still mounted: {dirpath}; leaving {self.base}")
+                return
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # ---- the interleaved loop
+    def each(self, label: str, fn: Callable[[Target], dict[str, tuple[float, str, str]]],
+             prepare: Callable[[Target], None] | None = None,
+             cleanup: Callable[[Target], None] | None = None,
+             targets: list[Target] | None = None) -> None:
+        targets = targets or self.targets
+        log(label)
+        if prepare:
+            for t in targets:
+                prepare(t)
+        for _ in range(self.prof.runs):
+            for t in targets:
+                for metric, (value, unit, better) in fn(t).items():
+                    self.res.add(metric, t.name, value, unit, better)
+        if cleanup:
+            for t in targets:
+                cleanup(t)
+
+    def io_workloads(self) -> None:
+        f = self.prof.file_size
+
+        def seq_write(bs: str, label: str, cap: int | None = None):
+            def go(t: Target):
+                path = t.p("new.dat")
+                r = fio(path, "write", bs, f, runtime=cap)
+                os.unlink(path)
+                return {label: (r["bw_bytes"] / 1e6, "MB/s", "higher")}
+            return go
+
+        self.each("sequential write 4 KiB", seq_write("4k", "write 4 KiB, new file", self.prof.write4k_cap_s))
+        self.each("sequential write 128 KiB", seq_write("128k", "write 128 KiB, new file"))
+        self.each("sequential write 1 MiB", seq_write("1m", "write 1 MiB, new file"))
+
+        def make_data(t: Target) -> None:
+            fio(t.p("data.dat"), "write", "1m", f)
+
+        def overwrite(t: Target):
+            r = fio(t.p("data.dat"), "write", "1m", f)
+            return {"overwrite 1 MiB": (r["bw_bytes"] / 1e6, "MB/s", "higher")}
+
+        self.each("overwrite 1 MiB", overwrite, prepare=make_data)
+
+        def cold_read(bs: str, label: str):
+            def go(t: Target):
+                drop_caches()
+                r = fio(t.p("data.dat"), "read", bs, f)
+                return {label: (r["bw_bytes"] / 1e6, "MB/s", "higher")}
+            return go
+
+        self.each("cold read 128 KiB", cold_read("128k", "cold read 128 KiB"))
+        self.each("cold read 1 MiB", cold_read("1m", "cold read 1 MiB"))
+
+        def rand_read(t: Target):
+            drop_caches()
+            r = fio(t.p("data.dat"), "randread", "4k", f, number_ios=self.prof.randread_ios)
+            return {"random read 4 KiB, cold": (r["iops"], "IOPS", "higher")}
+
+        self.each("random read 4 KiB", rand_read)
+
+    def meta_workloads(self) -> None:
+        n = self.prof.meta_files
+
+        def cycle(t: Target):
+            d = t.p("meta")
+            os.mkdir(d)
+            names = [os.path.join(d, f"f{i:06d}") for i in range(n)]
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+            t0 = time.perf_counter()
+            for p in names:
+                os.close(os.open(p, flags, 0o644))
+            t1 = time.perf_counter()
+            drop_caches(2)  # forget dentries: each stat is a lookup
+            t2 = time.perf_counter()
+            for p in names:
+                os.stat(p)
+            t3 = time.perf_counter()
+            for p in names:
+                os.unlink(p)
+            t4 = time.perf_counter()
+            os.rmdir(d)
+            return {"create": (n / (t1 - t0), "ops/s", "higher"),
+                    "stat, cold dentries": (n / (t3 - t2), "ops/s", "higher"),
+                    "unlink": (n / (t4 - t3), "ops/s", "higher")}
+
+        self.each(f"create / stat / unlink of {n} files", cycle)
+
+        m = self.prof.ls_files
+
+        def make_files(t: Target) -> None:
+            d = t.p("ls")
+            os.mkdir(d)
+            for i in range(m):
+                os.close(os.open(os.path.join(d, f"file-{i:06d}"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+        def ls(t: Target):
+            drop_caches()
+            t0 = time.perf_counter()
+            subprocess.run(["ls", "-l", t.p("ls")], stdout=subprocess.DEVNULL, check=True)
+            t1 = time.perf_counter()
+            subprocess.run(["ls", "-l", t.p("ls")], stdout=subprocess.DEVNULL, check=True)
+            t2 = time.perf_counter()
+            return {f"ls -l {m} files, cold": (t1 - t0, "s", "lower"),
+                    f"ls -l {m} files, warm": (t2 - t1, "s", "lower")}
+
+        self.each(f"ls -l of {m} files", ls, prepare=make_files)
+        for t in self.targets:
+            if t.pid:
+                self.res.add("daemon anon memory, after workloads", t.name,
+                             (anon_rss(t.pid) or 0) / MiB, "MiB", "lower")
+        for t in self.targets:  # not timed
+            shutil.rmtree(t.p("ls"), ignore_errors=True)
+
+    # ---- metadata size
+    def metadata_size(self) -> None:
+        log("metadata bytes per GiB")
+        f = self.prof.file_size
+        for t in self.targets:
+            if not isinstance(t, Pmemfs):
+                continue
+            self.res.add("metadata bytes per GiB, sequential", t.name, _meta_per_gib(t, "data.dat"),
+                         "B/GiB", "lower")
+        shm = self.targets[0]
+        assert isinstance(shm, Pmemfs)
+        # Churn: files of random sizes written and half of them removed, so free space is
+        # fragmented; then a file of the same size written in random 1 MiB order.
+        os.unlink(shm.p("data.dat"))
+        rnd = random.Random(1)
+        chunk = os.urandom(MiB)
+        made, total = [], 0
+        while total < f // 2:
+            size = rnd.randint(1, max(1, f // (16 * MiB))) * MiB
+            p = shm.p(f"churn-{len(made)}")
+            with open(p, "wb") as fh:
+                for _ in range(size // MiB):
+                    fh.write(chunk)
+            made.append(p)
+            total += size
+        for p in rnd.sample(made, len(made) // 2):
+            os.unlink(p)
+        order = list(range(f // MiB))
+        rnd.shuffle(order)
+        fd = os.open(shm.p("churn.dat"), os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            for k in order:
+                os.pwrite(fd, chunk, k * MiB)
+        finally:
+            os.close(fd)
+        self.res.add("metadata bytes per GiB, after churn", shm.name, _meta_per_gib(shm, "churn.dat"),
+                     "B/GiB", "lower")
+        for p in [*made, shm.p("churn.dat")]:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        for t in self.targets:
+            with contextlib.suppress(OSError):
+                os.unlink(t.p("data.dat"))
+
+    # ---- many files: mount, remount after kill -9, fsck, memory
+    def many_files(self) -> None:
+        prof = self.prof
+        sizes = [("small", prof.small_region), ("big", prof.big_region)]
+        regions = {}
+        for label, size in sizes:
+            path = f"/dev/shm/{self.tag}-{label}.region"
+            self.regions.append(path)
+            log(f"building a {human_bytes(size)} region with {prof.many_files} files (Engine, no FUSE)")
+            make_filesystem(path, size=size, inodes=prof.many_inodes)
+            _populate(path, prof.many_files)
+            regions[label] = path
+            g = Geometry.plan(size, BLOCK_2M, prof.many_inodes)
+            self.res.add(f"metadata area share, {human_bytes(size)} region, {prof.many_inodes} inodes",
+                         "pmemfs", 100 * g.data_start_block / g.block_count, "%", "lower")
+        shm = self.targets[0]
+        assert isinstance(shm, Pmemfs)
+        g = Geometry.plan(shm.size, BLOCK_2M)
+        self.res.add(f"metadata area share, {human_bytes(shm.size)} region, default inodes", "pmemfs",
+                     100 * g.data_start_block / g.block_count, "%", "lower")
+        for size in (GiB, TiB):
+            g = Geometry.plan(size, BLOCK_2M)
+            self.res.add(f"metadata area share, {human_bytes(size)} region, default inodes", "pmemfs",
+                         100 * g.data_start_block / g.block_count, "%", "lower")
+
+        mps = {}
+        for label, _ in sizes:
+            mp = os.path.join(self.base, f"many-{label}")
+            os.makedirs(mp)
+            mps[label] = mp
+        n = prof.many_files
+        log(f"mount / remount after kill -9, {n} files")
+        for _ in range(prof.runs):
+            for label, size in sizes:
+                mp, region = mps[label], regions[label]
+                pids: list = []
+                self.extra_mps.append((mp, pids))
+                try:
+                    pid, dt = pmemfs_mount(region, mp, [])
+                    pids.append(pid)
+                    self.res.add(f"mount, {n} files, {human_bytes(size)} region", "pmemfs", dt, "s", "lower")
+                    os.kill(pid, signal.SIGKILL)
+                    wait_dead(pid, 30)
+                    pid, dt = pmemfs_mount(region, mp, [])
+                    pids[:] = [pid]
+                    self.res.add(f"remount after kill -9, {n} files, {human_bytes(size)} region", "pmemfs",
+                                 dt, "s", "lower")
+                finally:
+                    pmemfs_unmount(mp, pids[0] if pids else None)
+                    self.extra_mps.remove((mp, pids))
+
+        log(f"daemon memory and ls -lR with {n} files")
+        for label, size in sizes:
+            mp, region = mps[label], regions[label]
+            pids = []
+            self.extra_mps.append((mp, pids))
+            try:
+                pid, _ = pmemfs_mount(region, mp, [])
+                pids.append(pid)
+                where = f"{n} files, {human_bytes(size)} region"
+                self.res.add(f"daemon anon memory, idle, {where}", "pmemfs", anon_rss(pid) / MiB, "MiB", "lower")
+                t0 = time.perf_counter()
+                subprocess.run(["ls", "-lR", mp], stdout=subprocess.DEVNULL, check=True)
+                self.res.add(f"ls -lR, {where}", "pmemfs", time.perf_counter() - t0, "s", "lower")
+                self.res.add(f"daemon anon memory, after ls -lR, {where}", "pmemfs", anon_rss(pid) / MiB,
+                             "MiB", "lower")
+            finally:
+                pmemfs_unmount(mp, pids[0] if pids else None)
+                self.extra_mps.remove((mp, pids))
+
+        fsck = _fsck_command()
+        if fsck is None:
+            msg = "fsck rows skipped: pmemfs/fsck.py does not exist yet"
+            log(msg)
+            self.res.notes.append(msg)
+        else:
+            log(f"fsck, {n} files")
+            for _ in range(prof.runs):
+                for label, size in sizes:
+                    t0 = time.perf_counter()
+                    r = run([*fsck, "-n", regions[label]], check=False)
+                    dt = time.perf_counter() - t0
+                    row = self.res.row(f"fsck -n, {n} files, {human_bytes(size)} region", "pmemfs", "s", "lower")
+                    row.values.append(dt)
+                    if r.returncode != 0:
+                        row.note = f"exit {r.returncode}: {(r.stdout + r.stderr).strip()[-120:]}"
+        for r in regions.values():
+            with contextlib.suppress(OSError):
+                os.unlink(r)
+
+    def direct_access(self) -> None:
+        size = min(256 * MiB, self.prof.file_size)
+        a = np.ones(size, np.uint8)
+        b = np.empty_like(a)
+        best = []
+        for _ in range(max(3, self.prof.runs)):
+            t0 = time.perf_counter()
+            np.copyto(b, a)
+            best.append(size / (time.perf_counter() - t0) / 1e6)
+        self.res.row("numpy memcpy (reference)", "numpy", "MB/s").values.extend(best)
+        row = self.res.row("direct-access copy", "pmemfs", "MB/s")
+        row.note = ("not available: pmemfs/direct.py does not exist" if not (ROOT / "pmemfs" / "direct.py").exists()
+                    else "not available: pmemfs/direct.py exists but this harness has no adapter for it yet")
+        row.baselines["numpy"] = self.res.get("numpy memcpy (reference)", "numpy")
+
+    # ---- goals and baselines
+    def finish(self) -> None:
+        res = self.res
+        pm = [t.name for t in self.targets if t.kind == "pmemfs"]
+        for (metric, target), row in res.rows.items():
+            if target in pm:
+                for base in ("tmpfs", "passthrough"):
+                    b = res.get(metric, base)
+                    if b is not None:
+                        row.baselines[base] = b
+        goals = {
+            "write 1 MiB, new file": ratio_goal("tmpfs", 1.0),
+            "overwrite 1 MiB": ratio_goal("passthrough", 2.0),
+            "cold read 1 MiB": ratio_goal("passthrough", 1.5),
+            "random read 4 KiB, cold": ratio_goal("passthrough", 5.0),
+            "create": ratio_goal("passthrough", 5.0),
+            "stat, cold dentries": ratio_goal("passthrough", 5.0),
+            "unlink": ratio_goal("passthrough", 5.0),
+            "metadata bytes per GiB, sequential": max_goal(64, "<= 64 B"),
+        }
+        for (metric, target), row in res.rows.items():
+            if target in pm and metric in goals:
+                row.goal = goals[metric]
+            if metric.startswith("ls -l ") and metric.endswith("cold") and target in pm:
+                row.goal = max_goal(0.5, "<= 0.5 s") if self.prof.ls_files >= 10000 else None
+        n = self.prof.many_files
+        big = human_bytes(self.prof.big_region)
+        small = human_bytes(self.prof.small_region)
+        rb = res.get(f"remount after kill -9, {n} files, {big} region", "pmemfs")
+        rs = res.get(f"remount after kill -9, {n} files, {small} region", "pmemfs")
+        if rb is not None:
+            rb.goal = max_goal(1.0, "<= 1 s")
+            if rs is not None:
+                rb.baselines[f"{small} region"] = rs
+                rb.goal = Goal(f"<= 1 s and <= 1.2x {small} region",
+                               lambda r, k=f"{small} region": r.median <= 1.0 and (r.ratio(k) or 99) <= 1.2)
+        for row in res.rows.values():
+            if row.metric.startswith("fsck -n"):
+                row.goal = max_goal(3.0, "<= 3 s")
+            if row.metric.startswith("daemon anon memory, after ls -lR") and big in row.metric:
+                row.goal = max_goal(150, "<= 150 MiB")
+        d = res.get("direct-access copy", "pmemfs")
+        if d is not None:
+            d.goal = ratio_goal("numpy", 0.9)
+
+
+def _round(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _meta_per_gib(t: Pmemfs, name: str) -> float:
+    st = os.stat(t.p(name))
+    e = Engine(t.region, readonly=True, check_on_mount=False)
+    try:
+        extents = e.extents(st.st_ino)
+    finally:
+        e.close()
+    return (len(extents) * 32 + 128) / (st.st_size / GiB)
+
+
+def _populate(region: str, n: int) -> None:
+    e = Engine(region)
+    try:
+        per_dir = 1000
+        for d in range(-(-n // per_dir)):
+            parent = e.mkdir(1, b"d%04d" % d, 0o755).ino
+            for i in range(min(per_dir, n - d * per_dir)):
+                e.create(parent, b"file-%06d" % i, 0o644)
+    finally:
+        e.close()
+
+
+def _fsck_command() -> list[str] | None:
+    if not (ROOT / "pmemfs" / "fsck.py").exists():
+        return None
+    script = BIN / "pmemfs-fsck"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pmemfs.fsck"]
+
+
+# ----------------------------------------------------------------- report
+def machine() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    mem = ""
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("MemTotal")), "")
+    import pyfuse3
+    import trio
+
+    libfuse = run(["dpkg-query", "-W", "-f", "${Version}", "libfuse3-3"], check=False).stdout.strip()
+    fio_v = run(["fio", "--version"], check=False).stdout.strip()
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "pyfuse3": pyfuse3.__version__, "trio": trio.__version__,
+            "numpy": np.__version__, "libfuse": libfuse, "fio": fio_v,
+            "loadavg": open("/proc/loadavg").read().split()[:3]}
+
+
+def fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def table(res: Results) -> tuple[list[str], list[list[str]]]:
+    head = ["metric", "target", "median", "min-max", "unit", "tmpfs", "x tmpfs",
+            "passthrough", "x passthrough", "goal", "status"]
+    lines = []
+    pm_metrics = {m for m, t in res.order if t.startswith("pmemfs")}
+    for key in res.order:
+        row = res.rows[key]
+        if row.target in ("tmpfs", "passthrough") and row.metric in pm_metrics:
+            continue  # a baseline: its median and ratio are columns of the pmemfs rows
+        other = [k for k in row.baselines if k not in ("tmpfs", "passthrough")]
+        t_b = row.baselines.get("tmpfs")
+        p_b = row.baselines.get("passthrough")
+        goal = row.goal.text if row.goal else ""
+        if other:  # a baseline without a column of its own: its ratio goes with the goal
+            goal = (goal + f" (now {fmt(row.ratio(other[0]))}x {other[0]})").strip()
+        status = {True: "met", False: "MISSED", None: ""}[row.met] if row.goal else ""
+        if row.note and not row.values:
+            status = row.note
+        lines.append([
+            row.metric, row.target, fmt(row.median, row.unit),
+            f"{fmt(min(row.values), row.unit)}-{fmt(max(row.values), row.unit)}" if row.values else "-",
+            row.unit, fmt(t_b.median, row.unit) if t_b else "", fmt(row.ratio("tmpfs")) if t_b else "",
+            fmt(p_b.median, row.unit) if p_b else "", fmt(row.ratio("passthrough")) if p_b else "",
+            goal, status])
+    return head, lines
+
+
+def print_table(res: Results) -> None:
+    head, lines = table(res)
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for ln in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(ln, widths, strict=True)))
+    for n in res.notes:
+        print(f"note: {n}")
+
+
+def markdown(res: Results) -> str:
+    head, lines = table(res)
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in ln) + " |" for ln in lines]
+    out += [f"\nNote: {n}" for n in res.notes]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes, one run (smoke test)")
+    ap.add_argument("--runs", type=int, help="runs per workload and target (default 3)")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    ap.add_argument("--no-hugetlbfs", action="store_true", help="do not reserve huge pages")
+    ap.add_argument("--only", default="io,meta,size,many,direct",
+                    help="comma-separated sections: io, meta, size, many, direct")
+    args = ap.parse_args(argv)
+    prof = PROFILES["tiny" if args.tiny else "quick" if args.quick else "default"]
+    if args.runs:
+        prof = Profile(**{**prof.__dict__, "runs": args.runs})
+    if os.geteuid() != 0:
+        print("bench: needs root (mounts, drop_caches, huge pages)", file=sys.stderr)
+        return 2
+    if shutil.which("fio") is None:
+        print("bench: fio is missing (apt-get install -y fio)", file=sys.stderr)
+        return 2
+    only = set(args.only.split(","))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    b = Bench(prof, args)
+    started = time.monotonic()
+    info = machine()
+    log(f"profile {prof.name}: file {human_bytes(prof.file_size)}, {prof.runs} run(s); workdir {b.base}")
+    try:
+        b.setup()
+        if "io" in only or "size" in only:
+            b.io_workloads() if "io" in only else [fio(t.p("data.dat"), "write", "1m", prof.file_size)
+                                                   for t in b.targets]
+        if "meta" in only:
+            b.meta_workloads()
+        if "size" in only:
+            b.metadata_size()
+        if "many" in only:
+            b.many_files()
+        if "direct" in only:
+            b.direct_access()
+    finally:
+        b.teardown()
+    b.finish()
+    elapsed = time.monotonic() - started
+    info["elapsed_s"] = round(elapsed, 1)
+    print()
+    print_table(b.res)
+    print(f"\n{prof.name} profile, {prof.runs} run(s) per target, {elapsed:.0f} s; "
+          f"ratios are pmemfs/baseline of the medians (for times in s, lower is better)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "profile": prof.__dict__, "notes": b.res.notes,
+                       "rows": [b.res.rows[k].as_json() for k in b.res.order]}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(b.res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
