@@ -1,9 +1,15 @@
-"""Structural checks of a region's tables, vectorised with numpy.
+"""Structural checks of a region, vectorised with numpy.
 
-Each check is a small named function that returns findings; mount runs them all and
-refuses a region with any error, pmemfs-fsck runs them to report and repair. Checks
-read only [0, high-water mark) of each table, so their cost follows the metadata in
-use, not the size of the region.
+Each check is a small named function over a `View` that yields `Finding`s; mount runs
+the table checks (`structure`) and refuses a region with any error, pmemfs-fsck runs
+them to report and repair. Checks read only [0, high-water mark) of each table, so
+their cost follows the metadata in use, not the size of the region.
+
+A finding carries a `code` (what is wrong, and which repair applies) and a `fix` tier:
+"p" for repairs that are safe to make without asking (pmemfs-fsck -p and -y), "y" for
+repairs that may lose or rewrite data (-y only), None when nothing can repair it.
+The region-level checks (superblock, layout, backup superblock, journal) are
+functions here too; pmemfs/fsck.py runs them before the table checks.
 """
 
 from __future__ import annotations
@@ -18,20 +24,32 @@ from .format import (
     BLOB_DATA,
     BLOB_SYMLINK,
     BLOB_XATTR,
+    FEATURE_INCOMPAT_KNOWN,
+    FEATURE_RO_COMPAT_KNOWN,
     FLAG_ORPHAN,
+    FLAG_TRUNCATING,
     FLAGS_KNOWN,
     KIND_DIR,
     KIND_KOBJ,
     KIND_REG,
     KIND_SYMLINK,
+    MAGIC,
     NAME_MAX,
     ROOT_INO,
     S_IFMT_OF_KIND,
+    SB_STRUCT,
+    SUPERBLOCK_DTYPE,
+    SYMLINK_MAX,
     TABLE_NAMES,
+    VERSION_MAJOR,
+    FormatError,
     Superblock,
     Tables,
+    crc,
     record_checksums,
 )
+
+LIMIT = 20  # findings of one kind listed one by one; the rest are summarised
 
 
 @dataclass
@@ -42,58 +60,161 @@ class Finding:
     message: str
     repaired: bool = False
     data: dict = field(default_factory=dict)
+    code: str = ""  # what exactly is wrong; selects the repair
+    fix: str | None = None  # "p" (safe), "y" (may lose data) or None (no repair)
 
     def as_dict(self) -> dict:
         return {"check": self.check, "severity": self.severity, "object": self.obj,
-                "message": self.message, "repaired": self.repaired}
+                "message": self.message, "repaired": self.repaired, "code": self.code,
+                "fix": self.fix}
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.check, self.code, self.obj)
 
 
 @dataclass
 class View:
-    """What the checks look at: the used prefix of each table and derived masks."""
+    """What the checks look at: the used prefix of each table and derived arrays."""
 
     t: Tables
     sb: Superblock
     hwm: dict[str, int]
 
     def __post_init__(self) -> None:
-        t = self.t
+        t, g = self.t, self.sb.geometry
         self.inodes = t.inodes[: self.hwm["inode"]]
         self.extents = t.extents[: self.hwm["extent"]]
         self.dirents = t.dirents[: self.hwm["dirent"]]
         self.blobs = t.blobs[: self.hwm["blob"]]
+        self.n = len(self.inodes)
         self.kind = self.inodes["kind"]
         self.live = self.kind != 0
         self.live[0] = False
-        self.ext_used = np.flatnonzero(self.extents["owner"] != 0)
-        self.ext_used = self.ext_used[self.ext_used > 0]
-        self.dir_used = np.flatnonzero(self.dirents["parent"] != 0)
-        self.dir_used = self.dir_used[self.dir_used > 0]
-        self.blob_used = np.flatnonzero(self.blobs["owner"] != 0)
-        self.blob_used = self.blob_used[self.blob_used > 0]
+        self.flags = self.inodes["flags"]
+        self.orphan = self.live & ((self.flags & FLAG_ORPHAN) != 0)
+        self.is_dir = self.live & (self.kind == KIND_DIR)
+        self.has_data = self.live & ((self.kind == KIND_REG) | (self.kind == KIND_KOBJ))
+        # Extents in use, and which of them are sound (the rest are findings).
+        self.ext_used = _used(self.extents["owner"])
+        e = self.extents
+        self.e_owner = e["owner"][self.ext_used].astype(np.int64)
+        self.e_start = e["start_block"][self.ext_used].astype(np.int64)
+        self.e_count = e["count"][self.ext_used].astype(np.int64)
+        self.e_fb = e["file_block"][self.ext_used].astype(np.int64)
+        own_ok = self.idx_ok(self.e_owner)
+        self.e_ok = (own_ok & self.has_data[np.where(own_ok, self.e_owner, 0)] & (self.e_count > 0)
+                     & (self.e_start >= g.data_start_block) & (self.e_start + self.e_count <= g.block_count)
+                     & (self.e_fb >= 0) & (self.e_fb < 1 << 40))
+        # Directory entries in use; "linked" ones join a live directory to a live inode.
+        self.dir_used = _used(self.dirents["parent"])
+        d = self.dirents
+        self.d_parent = d["parent"][self.dir_used].astype(np.int64)
+        self.d_ino = d["ino"][self.dir_used].astype(np.int64)
+        pl, il = self.idx_ok(self.d_parent), self.idx_ok(self.d_ino)
+        self.d_linked = pl & il
+        self.d_linked[pl] &= self.is_dir[self.d_parent[pl]]
+        self.d_linked[il] &= self.live[self.d_ino[il]]
+        self.blob_used = _used(self.blobs["owner"])
+
+    def idx_ok(self, inos: np.ndarray) -> np.ndarray:
+        return (inos > 0) & (inos < self.n)
 
     def is_live(self, inos: np.ndarray) -> np.ndarray:
         inos = np.asarray(inos, dtype=np.int64)
-        ok = (inos > 0) & (inos < len(self.inodes))
+        ok = self.idx_ok(inos)
         out = np.zeros(len(inos), bool)
         out[ok] = self.live[inos[ok]]
         return out
 
+    def names_per_inode(self) -> np.ndarray:
+        return np.bincount(self.d_ino[self.d_linked], minlength=self.n)
+
+
+def _used(keys: np.ndarray) -> np.ndarray:
+    used = np.flatnonzero(keys != 0)
+    return used[used > 0]
+
 
 CHECKS: list[tuple[str, Callable[[View], Iterator[Finding]]]] = []
+CHECK_NAMES = ["superblock", "layout", "backup-superblock", "journal"]  # region-level, then tables
 
 
 def check(name: str):
     def register(fn: Callable[[View], Iterator[Finding]]):
         CHECKS.append((name, fn))
+        CHECK_NAMES.append(name)
         return fn
     return register
 
 
-def _some(idx: np.ndarray, limit: int = 20) -> list[int]:
+def _some(idx, limit: int = LIMIT) -> list[int]:
     return np.asarray(idx)[:limit].tolist()
 
 
+def _many(check_name: str, code: str, fix: str | None, what: str, idx: np.ndarray, message,
+          severity: str = "error", key: str = "index") -> Iterator[Finding]:
+    """One finding per object for the first LIMIT, then one summary carrying the rest."""
+    idx = np.asarray(idx)
+    for i in _some(idx):
+        yield Finding(check_name, severity, f"{what} {i}", message(i), data={key: [int(i)]}, code=code, fix=fix)
+    if len(idx) > LIMIT:
+        rest = idx[LIMIT:]
+        yield Finding(check_name, severity, f"{what} {int(rest[0])}",
+                      f"{len(rest)} more {what}(s) with the same problem ({code})",
+                      data={key: rest.tolist()}, code=code, fix=fix)
+
+
+# ---------------------------------------------------------------- region level
+def check_superblock_raw(raw: bytes, region_size: int) -> tuple[Superblock | None, list[Finding]]:
+    """Decode one superblock copy: (superblock or None, findings).
+
+    Check "superblock" covers magic, checksum, version and features; "layout" covers
+    the geometry: table offsets and sizes inside the region and not overlapping.
+    """
+    raw = bytes(raw[:SB_STRUCT])
+    if len(raw) < SB_STRUCT:
+        return None, [Finding("superblock", "error", "superblock", "region is smaller than a superblock",
+                              code="sb-bad", fix=None)]
+    rec = np.frombuffer(raw, SUPERBLOCK_DTYPE)[0]
+    problem = None
+    if bytes(rec["magic"]) != MAGIC:
+        problem = "bad magic"
+    elif crc(raw[:-4]) != int(rec["checksum"]):
+        problem = "checksum mismatch"
+    elif int(rec["version_major"]) != VERSION_MAJOR:
+        problem = f"format version {int(rec['version_major'])} is not supported"
+    elif int(rec["feature_incompat"]) & ~FEATURE_INCOMPAT_KNOWN:
+        problem = f"unknown incompatible features 0x{int(rec['feature_incompat']) & ~FEATURE_INCOMPAT_KNOWN:x}"
+    if problem:
+        return None, [Finding("superblock", "error", "superblock", f"superblock: {problem}",
+                              code="sb-bad", fix="p")]
+    try:
+        sb = Superblock.decode(raw, region_size)
+    except FormatError as e:
+        return None, [Finding("layout", "error", "superblock", str(e), code="sb-bad", fix="p")]
+    findings = []
+    unknown_ro = sb.feature_ro_compat & ~FEATURE_RO_COMPAT_KNOWN
+    if unknown_ro:
+        findings.append(Finding("superblock", "warning", "superblock",
+                                f"unknown read-only-compatible features 0x{unknown_ro:x}: "
+                                "only read-only use is possible", code="sb-ro-compat"))
+    return sb, findings
+
+
+STATIC_SB_FIELDS = [n for n in SUPERBLOCK_DTYPE.names if n not in (
+    "state", "mount_generation", "last_mount_ns", "last_umount_ns", "checksum", "reserved",
+    "inode_hwm", "extent_hwm", "dirent_hwm", "blob_hwm")]
+
+
+def compare_backup(primary: bytes, backup: bytes) -> list[str]:
+    """Fields that never change after mkfs and differ between the two copies."""
+    a = np.frombuffer(primary[:SB_STRUCT], SUPERBLOCK_DTYPE)[0]
+    b = np.frombuffer(backup[:SB_STRUCT], SUPERBLOCK_DTYPE)[0]
+    return [n for n in STATIC_SB_FIELDS if a[n] != b[n]]
+
+
+# ---------------------------------------------------------------- table checks
 @check("checksums")
 def check_checksums(v: View) -> Iterator[Finding]:
     for name, table, used in (("inode", v.inodes, np.flatnonzero(v.live)), ("extent", v.extents, v.ext_used),
@@ -101,258 +222,435 @@ def check_checksums(v: View) -> Iterator[Finding]:
         if not len(used):
             continue
         bad = used[record_checksums(table, used) != table["checksum"][used]]
-        for i in _some(bad):
-            yield Finding("checksums", "error", f"{name} {i}", f"{name} record {i} checksum mismatch",
-                          data={"table": name, "index": i})
+        for f in _many("checksums", "checksum", "y", f"{name}", bad,
+                       lambda i, name=name: f"{name} record {i} checksum mismatch"):
+            f.data["table"] = name
+            yield f
 
 
 @check("inodes")
 def check_inodes(v: View) -> Iterator[Finding]:
-    if not v.live[ROOT_INO] if len(v.live) > ROOT_INO else True:
-        yield Finding("inodes", "error", f"inode {ROOT_INO}", "root inode is missing")
+    if v.n <= ROOT_INO or not v.live[ROOT_INO]:
+        yield Finding("inodes", "error", f"inode {ROOT_INO}", "root inode is missing", code="root", fix="y")
         return
     if v.kind[ROOT_INO] != KIND_DIR:
-        yield Finding("inodes", "error", f"inode {ROOT_INO}", "root inode is not a directory")
+        yield Finding("inodes", "error", f"inode {ROOT_INO}", "root inode is not a directory", code="root", fix="y")
     ino = v.inodes
     live = np.flatnonzero(v.live)
     kinds = v.kind[live]
-    bad_kind = live[(kinds < 1) | (kinds > KIND_KOBJ)]
-    for i in _some(bad_kind):
-        yield Finding("inodes", "error", f"inode {i}", f"inode {i} has unknown kind {int(v.kind[i])}",
-                      data={"ino": i})
-    ok = live[(kinds >= 1) & (kinds <= KIND_KOBJ)]
+    bad_kind = live[kinds > KIND_KOBJ]
+    yield from _many("inodes", "bad-kind", "y", "inode", bad_kind,
+                     lambda i: f"inode {i} has unknown kind {int(v.kind[i])}", key="ino")
+    ok = live[kinds <= KIND_KOBJ]
     fmt = np.array([S_IFMT_OF_KIND.get(k, 0) for k in range(KIND_KOBJ + 1)], np.uint32)
     wrong_mode = ok[(ino["mode"][ok] & 0o170000) != fmt[v.kind[ok]]]
-    for i in _some(wrong_mode):
-        yield Finding("inodes", "error", f"inode {i}",
-                      f"inode {i} mode {int(ino['mode'][i]):o} does not match its kind", data={"ino": i})
-    bad_flags = live[(ino["flags"][live] & np.uint16(0xFFFF & ~FLAGS_KNOWN)) != 0]
-    for i in _some(bad_flags):
-        yield Finding("inodes", "error", f"inode {i}", f"inode {i} has unknown flags", data={"ino": i})
-    dirs = live[v.kind[live] == KIND_DIR]
-    parents = ino["parent"][dirs].astype(np.int64)
-    orphan = (ino["flags"][dirs] & FLAG_ORPHAN) != 0
-    bad_parent = dirs[~orphan & ~(v.is_live(parents) & (v.kind[np.clip(parents, 0, len(v.kind) - 1)] == KIND_DIR))]
-    for i in _some(bad_parent):
-        yield Finding("inodes", "error", f"inode {i}", f"directory {i} has a bad parent", data={"ino": i})
-    non_file = live[(v.kind[live] != KIND_REG) & (v.kind[live] != KIND_KOBJ) & (ino["nblocks"][live] != 0)]
-    for i in _some(non_file):
-        yield Finding("inodes", "error", f"inode {i}", f"inode {i} is not a file but owns blocks",
-                      data={"ino": i})
+    yield from _many("inodes", "bad-mode", "y", "inode", wrong_mode,
+                     lambda i: f"inode {i} mode {int(ino['mode'][i]):o} does not match its kind", key="ino")
+    bad_flags = live[(v.flags[live] & np.uint16(0xFFFF & ~FLAGS_KNOWN)) != 0]
+    yield from _many("inodes", "bad-flags", "p", "inode", bad_flags,
+                     lambda i: f"inode {i} has unknown flags 0x{int(v.flags[i]):x}", key="ino")
+
+
+@check("sizes")
+def check_sizes(v: View) -> Iterator[Finding]:
+    """Size consistent with kind; no blocks past what the size needs unless truncating."""
+    size = v.inodes["size"]
+    sizeless = v.live & (v.kind <= KIND_KOBJ) & ~v.has_data & (v.kind != KIND_SYMLINK)
+    bad = np.flatnonzero(sizeless & (size != 0))
+    yield from _many("sizes", "size-nonzero", "p", "inode", bad,
+                     lambda i: f"inode {i} ({int(v.kind[i])}) has size {int(size[i])}, expected 0", key="ino")
+    bs = v.sb.geometry.block_size
+    ok = v.e_ok
+    owner, end = v.e_owner[ok], (v.e_fb + v.e_count)[ok]
+    last = np.zeros(v.n, np.int64)
+    np.maximum.at(last, owner, end)
+    need = size // np.uint64(bs) + (size % np.uint64(bs) != 0)
+    past = v.has_data & (last.astype(np.uint64) > need)
+    truncating = (v.flags & FLAG_TRUNCATING) != 0
+    yield from _many("sizes", "past-eof", "p", "inode", np.flatnonzero(past & ~truncating),
+                     lambda i: f"inode {i} has blocks past its size {int(size[i])}", key="ino")
+    yield from _many("sizes", "truncating", "p", "inode", np.flatnonzero(v.live & truncating & ~v.orphan),
+                     lambda i: f"inode {i}: an interrupted truncate left blocks to free", severity="warning",
+                     key="ino")
 
 
 @check("extents")
 def check_extents(v: View) -> Iterator[Finding]:
-    e = v.extents
-    used = v.ext_used
-    owner = e["owner"][used].astype(np.int64)
-    start = e["start_block"][used].astype(np.int64)
-    count = e["count"][used].astype(np.int64)
-    fb = e["file_block"][used].astype(np.int64)
-    g = v.sb.geometry
-    bad = (~v.is_live(owner)) | (count <= 0) | (start < g.data_start_block) | (start + count > g.block_count)
-    okown = v.is_live(owner)
-    bad |= okown & ~np.isin(v.kind[np.where(okown, owner, 0)], (KIND_REG, KIND_KOBJ))
-    for i in _some(used[bad]):
-        yield Finding("extents", "error", f"extent {i}", f"extent {i} has a bad owner, length or place",
-                      data={"index": i})
-    used, owner, start, count, fb = used[~bad], owner[~bad], start[~bad], count[~bad], fb[~bad]
-    order = np.argsort(start, kind="stable")
-    s, c = start[order], count[order]
-    overlap = np.flatnonzero(s[1:] < s[:-1] + c[:-1])
-    for k in _some(overlap):
-        a, b = used[order[k]], used[order[k + 1]]
-        yield Finding("extents", "error", f"extent {b}",
-                      f"extents {a} and {b} claim the same region blocks", data={"index": int(b), "other": int(a)})
-    order = np.lexsort((fb, owner))
-    o, f, c = owner[order], fb[order], count[order]
-    same = o[1:] == o[:-1]
-    file_overlap = np.flatnonzero(same & (f[1:] < f[:-1] + c[:-1]))
-    for k in _some(file_overlap):
-        b = used[order[k + 1]]
-        yield Finding("extents", "error", f"extent {b}", f"extent {b} overlaps another extent of inode {o[k]}",
-                      data={"index": int(b)})
-    sums = np.bincount(owner, weights=count, minlength=len(v.inodes)).astype(np.int64)
+    bad = ~v.e_ok
+    dangling = bad & ~v.is_live(v.e_owner)
+    yield from _many("extents", "bad-extent", "p", "extent", v.ext_used[dangling],
+                     lambda i: f"extent {i} belongs to inode {int(v.extents['owner'][i])}, which does not exist")
+    yield from _many("extents", "bad-extent", "y", "extent", v.ext_used[bad & ~dangling],
+                     lambda i: f"extent {i} has a bad owner kind, length or place")
+    sums = np.bincount(v.e_owner[v.e_ok], weights=v.e_count[v.e_ok], minlength=v.n).astype(np.int64)
     wrong = np.flatnonzero(v.live & (v.inodes["nblocks"].astype(np.int64) != sums))
-    for i in _some(wrong):
-        yield Finding("extents", "error", f"inode {i}",
-                      f"inode {i} says it owns {int(v.inodes['nblocks'][i])} blocks but its extents hold {int(sums[i])}",
-                      data={"ino": i, "blocks": int(sums[i])})
+    yield from _many("extents", "nblocks", "p", "inode", wrong,
+                     lambda i: f"inode {i} says it owns {int(v.inodes['nblocks'][i])} blocks "
+                               f"but its extents hold {int(sums[i])}", key="ino")
+    # A file's extents must not overlap in file offsets.
+    used, owner, fb, cnt = v.ext_used[v.e_ok], v.e_owner[v.e_ok], v.e_fb[v.e_ok], v.e_count[v.e_ok]
+    order = np.lexsort((fb, owner))
+    o, s, c = owner[order], fb[order], cnt[order]
+    overl = _overlaps(o, s, s + c)
+    yield from _many("extents", "file-overlap", "y", "extent", used[order[overl]],
+                     lambda i: f"extent {i} overlaps another extent of inode {int(v.extents['owner'][i])} "
+                               "in file offsets")
+
+
+def _overlaps(group: np.ndarray | None, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Positions (in sorted order) whose interval starts before an earlier one of its group ends."""
+    if len(start) < 2:
+        return np.zeros(0, np.int64)
+    if group is None:
+        run_end = np.maximum.accumulate(end)
+        return np.flatnonzero(start[1:] < run_end[:-1]) + 1
+    # Per-group running maximum: offset each group so maxima never leak across groups.
+    newgrp = np.concatenate(([True], group[1:] != group[:-1]))
+    gid = np.cumsum(newgrp) - 1
+    big = np.int64(1) << 42
+    run_end = np.maximum.accumulate(end + gid * big) - gid * big
+    same = ~newgrp[1:]
+    return np.flatnonzero(same & (start[1:] < run_end[:-1])) + 1
+
+
+@check("extent-overlap")
+def check_extent_overlap(v: View) -> Iterator[Finding]:
+    """No two extents (of one file or of two) claim the same region block."""
+    used, s, c = v.ext_used[v.e_ok], v.e_start[v.e_ok], v.e_count[v.e_ok]
+    order = np.lexsort((used, s))
+    overl = _overlaps(None, s[order], (s + c)[order])
+    yield from _many("extent-overlap", "overlap", "y", "extent", used[order[overl]],
+                     lambda i: f"extent {i} (inode {int(v.extents['owner'][i])}) claims region blocks "
+                               "another extent already owns")
+
+
+def block_owners(v: View) -> np.ndarray:
+    """How many owners each block has: sound extents, plus 1 for metadata blocks."""
+    g = v.sb.geometry
+    s, c = v.e_start[v.e_ok], v.e_count[v.e_ok]
+    delta = np.zeros(g.block_count + 1, np.int64)
+    np.add.at(delta, s, 1)
+    np.add.at(delta, s + c, -1)
+    owners = np.cumsum(delta)[: g.block_count]
+    owners[: g.data_start_block] += 1
+    return owners
+
+
+def expected_bitmap(v: View, owners: np.ndarray) -> np.ndarray:
+    g = v.sb.geometry
+    bits = np.ones(len(v.t.bitmap) * 8, bool)  # tail bits past the last block count as used
+    bits[: g.block_count] = owners > 0
+    return np.packbits(bits, bitorder="little")
 
 
 @check("bitmap")
 def check_bitmap(v: View) -> Iterator[Finding]:
+    """Allocation bitmap == union of extents + metadata blocks."""
     g = v.sb.geometry
-    e = v.extents
-    owner = e["owner"][v.ext_used].astype(np.int64)
-    start = e["start_block"][v.ext_used].astype(np.int64)
-    count = e["count"][v.ext_used].astype(np.int64)
-    ok = v.is_live(owner) & (count > 0) & (start >= 0) & (start + count <= g.block_count)
-    start, count = start[ok], count[ok]
-    owned = np.zeros(g.block_count + 1, np.int64)
-    np.add.at(owned, start, 1)
-    np.add.at(owned, start + count, -1)
-    owners = np.cumsum(owned)[: g.block_count]
-    owners[: g.data_start_block] += 1  # metadata blocks
+    owners = block_owners(v)
     bits = np.unpackbits(v.t.bitmap, bitorder="little")[: g.block_count].astype(bool)
-    leaked = np.flatnonzero(bits & (owners == 0))
+    bad = np.unpackbits(v.t.badmap, bitorder="little")[: g.block_count].astype(bool)
+    leaked = np.flatnonzero(bits & (owners == 0) & ~bad)
     unmarked = np.flatnonzero(~bits & (owners > 0))
     double = np.flatnonzero(owners > 1)
     if len(leaked):
         yield Finding("bitmap", "error", f"block {leaked[0]}",
                       f"{len(leaked)} block(s) marked used but owned by nobody (leaked), first {leaked[0]}",
-                      data={"blocks": leaked.tolist()})
+                      data={"blocks": _some(leaked, 1000)}, code="leaked", fix="p")
     if len(unmarked):
         yield Finding("bitmap", "error", f"block {unmarked[0]}",
                       f"{len(unmarked)} block(s) in use but marked free, first {unmarked[0]}",
-                      data={"blocks": unmarked.tolist()})
+                      data={"blocks": _some(unmarked, 1000)}, code="unmarked", fix="p")
     if len(double):
         yield Finding("bitmap", "error", f"block {double[0]}",
-                      f"{len(double)} block(s) owned twice, first {double[0]}", data={"blocks": double.tolist()})
+                      f"{len(double)} block(s) owned twice, first {double[0]}",
+                      data={"blocks": _some(double, 1000)}, code="double", fix="y")
+
+
+@check("badblocks")
+def check_badblocks(v: View) -> Iterator[Finding]:
+    """Bad blocks (badmap) are reported and never owned by a file."""
+    g = v.sb.geometry
     bad = np.unpackbits(v.t.badmap, bitorder="little")[: g.block_count].astype(bool)
-    bad_owned = np.flatnonzero(bad & (owners > 0))
-    if len(bad_owned):
-        yield Finding("bitmap", "error", f"block {bad_owned[0]}",
-                      f"{len(bad_owned)} bad block(s) hold data, first {bad_owned[0]}",
-                      data={"blocks": bad_owned.tolist()})
-    if bad.any():
-        yield Finding("bitmap", "warning", "badmap", f"{int(bad.sum())} block(s) are marked bad")
+    if not bad.any():
+        return
+    yield Finding("badblocks", "warning", "badmap", f"{int(bad.sum())} block(s) are marked bad",
+                  data={"blocks": _some(np.flatnonzero(bad), 1000)}, code="bad-blocks")
+    s, c = v.e_start[v.e_ok], v.e_count[v.e_ok]
+    prefix = np.concatenate(([0], np.cumsum(bad)))
+    holds = (prefix[s + c] - prefix[s]) > 0
+    yield from _many("badblocks", "bad-owned", "y", "extent", v.ext_used[v.e_ok][holds],
+                     lambda i: f"extent {i} (inode {int(v.extents['owner'][i])}) holds a bad block")
 
 
 @check("dirents")
 def check_dirents(v: View) -> Iterator[Finding]:
+    """Entries join a live directory to a live inode, with the right kind and a sane cookie."""
     d = v.dirents
-    used = v.dir_used
-    parent = d["parent"][used].astype(np.int64)
-    ino = d["ino"][used].astype(np.int64)
+    yield from _many("dirents", "bad-dirent", "p", "dirent", v.dir_used[~v.d_linked],
+                     lambda i: f"directory entry {i} ({_name(v, i)!r}) is in a missing directory "
+                               "or names a missing inode")
+    used, parent, ino = v.dir_used[v.d_linked], v.d_parent[v.d_linked], v.d_ino[v.d_linked]
+    wrong_kind = used[d["kind"][used] != v.kind[ino]]
+    yield from _many("dirents", "dirent-kind", "p", "dirent", wrong_kind,
+                     lambda i: f"directory entry {i} ({_name(v, i)!r}) records the wrong file kind")
+    cookie = d["cookie"][used].astype(np.uint64)
+    bad = (cookie < 3) | (cookie >= v.inodes["next_cookie"][parent])
+    order = np.lexsort((used, cookie, parent))
+    dup = np.zeros(len(used), bool)
+    if len(used) > 1:
+        same = (parent[order][1:] == parent[order][:-1]) & (cookie[order][1:] == cookie[order][:-1])
+        dup[order[1:][same]] = True
+    yield from _many("dirents", "cookie", "p", "dirent", used[bad | dup],
+                     lambda i: f"directory entry {i} has a readdir cookie that is reused or from the future")
+
+
+def _name(v: View, i: int) -> bytes:
+    return bytes(v.dirents["name"][i])[:NAME_MAX]
+
+
+def name_problems(v: View, used: np.ndarray) -> np.ndarray:
+    """Mask over `used` dirents whose name is invalid."""
+    d = v.dirents
     nlen = d["name_len"][used].astype(np.int64)
-    names = d["name"][used]
-    real_len = np.char.str_len(names) if len(used) else np.zeros(0, np.int64)
-    pl, il = v.is_live(parent), v.is_live(ino)
-    bad = ~pl | ~il
-    bad |= pl & (v.kind[np.where(pl, parent, 0)] != KIND_DIR)
-    bad |= (nlen == 0) | (nlen > NAME_MAX) | (real_len != nlen)
-    bad |= il & (d["kind"][used] != v.kind[np.where(il, ino, 0)])
-    if len(used):
-        has_slash = np.char.find(names, b"/") >= 0
-        dots = (names == b".") | (names == b"..")
-        bad |= has_slash | dots
-    for i in _some(used[bad]):
-        yield Finding("dirents", "error", f"dirent {i}",
-                      f"directory entry {i} ({bytes(d['name'][i])!r}) is malformed or names a missing inode",
-                      data={"index": i})
-    good = used[~bad]
-    if len(good):
-        keys = np.rec.fromarrays([d["parent"][good], d["name"][good]])
-        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        for k in _some(np.flatnonzero(counts > 1)):
-            i = good[first[k]]
-            yield Finding("dirents", "error", f"dirent {i}",
-                          f"name {bytes(d['name'][i])!r} appears twice in directory {int(d['parent'][i])}",
-                          data={"index": int(i)})
-        cookie_limit = v.inodes["next_cookie"][d["parent"][good].astype(np.int64)]
-        for i in _some(good[d["cookie"][good] >= cookie_limit]):
-            yield Finding("dirents", "error", f"dirent {i}", f"directory entry {i} has a cookie from the future",
-                          data={"index": i})
+    raw = d["name"][used].view(np.uint8).reshape(len(used), 256)
+    inside = np.arange(256)[None, :] < np.minimum(nlen, 256)[:, None]
+    bad = (nlen == 0) | (nlen > NAME_MAX)
+    bad |= (((raw == ord("/")) | (raw == 0)) & inside).any(axis=1)
+    bad |= (raw[:, 255] != 0) | ((raw != 0) & ~inside).any(axis=1)  # bytes past name_len
+    dot = raw[:, 0] == ord(".")
+    bad |= dot & (nlen == 1)
+    bad |= dot & (raw[:, 1] == ord(".")) & (nlen == 2)
+    return bad
+
+
+def name_hash(v: View, used: np.ndarray) -> np.ndarray:
+    words = v.dirents["name"][used].view("<u8").reshape(len(used), 32)
+    mult = (np.arange(32, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(axis=1, dtype=np.uint64)
+        return h ^ (h >> np.uint64(29))
+
+
+@check("names")
+def check_names(v: View) -> Iterator[Finding]:
+    """Names are 1..255 bytes without '/' or NUL, not '.' or '..', unique in their directory."""
+    used = v.dir_used
+    bad = name_problems(v, used)
+    yield from _many("names", "bad-name", "y", "dirent", used[bad],
+                     lambda i: f"directory entry {i} has an invalid name {_name(v, i)!r}")
+    ok = v.d_linked & ~bad
+    used, parent = used[ok], v.d_parent[ok]
+    if len(used) < 2:
+        return
+    h = name_hash(v, used)
+    order = np.lexsort((used, h, parent))
+    su, sp, sh = used[order], parent[order], h[order]
+    cand = np.flatnonzero((sp[1:] == sp[:-1]) & (sh[1:] == sh[:-1])) + 1
+    names = v.dirents["name"]
+    dups = [int(su[k]) for k in cand.tolist() if names[su[k]] == names[su[k - 1]]]
+    yield from _many("names", "dup-name", "y", "dirent", np.array(dups, np.int64),
+                     lambda i: f"name {_name(v, i)!r} appears twice in directory {int(v.dirents['parent'][i])}")
+
+
+def expected_nlink(v: View) -> np.ndarray:
+    names = v.names_per_inode()
+    parent, ino = v.d_parent[v.d_linked], v.d_ino[v.d_linked]
+    subdirs = np.bincount(parent[v.is_dir[ino]], minlength=v.n)
+    expect = np.where(v.is_dir, 2 + subdirs, names)
+    return np.where(v.orphan & (names == 0), 0, expect)
 
 
 @check("links")
 def check_links(v: View) -> Iterator[Finding]:
-    """Link counts, and that every directory hangs off the root exactly once."""
-    d = v.dirents
-    used = v.dir_used
-    parent = d["parent"][used].astype(np.int64)
-    ino = d["ino"][used].astype(np.int64)
-    ok = v.is_live(parent) & v.is_live(ino)
-    parent, ino = parent[ok], ino[ok]
-    n = len(v.inodes)
-    names = np.bincount(ino, minlength=n)
-    is_dir = v.kind == KIND_DIR
-    subdirs = np.bincount(parent[is_dir[ino]], minlength=n)
-    expect = np.where(is_dir, 2 + subdirs, names)
-    expect[ROOT_INO] = 2 + subdirs[ROOT_INO]
-    nlink = v.inodes["nlink"].astype(np.int64)
-    orphan = (v.inodes["flags"] & FLAG_ORPHAN) != 0
-    # Orphans have no names and nlink 0; a named orphan or a nameless non-orphan is wrong.
-    expect = np.where(orphan & (names == 0), 0, expect)
-    wrong = np.flatnonzero(v.live & (nlink != expect))
-    for i in _some(wrong):
-        yield Finding("links", "error", f"inode {i}",
-                      f"inode {i} has link count {int(nlink[i])}, expected {int(expect[i])}",
-                      data={"ino": int(i), "nlink": int(expect[i])})
-    # Directories: exactly one name, and it must agree with ".." (parent field).
-    dir_names = np.flatnonzero(is_dir & v.live & (names > 1))
-    for i in _some(dir_names):
-        yield Finding("links", "error", f"inode {i}", f"directory {i} has {int(names[i])} names",
-                      data={"ino": int(i)})
-    dir_entries = is_dir[ino]
-    wrong_parent = ino[dir_entries][v.inodes["parent"][ino[dir_entries]].astype(np.int64) != parent[dir_entries]]
-    for i in _some(wrong_parent):
-        yield Finding("links", "error", f"inode {i}", f"directory {i} has a '..' that is not its parent",
-                      data={"ino": int(i)})
-    unreachable = _unreachable(v, parent, ino)
-    for i in _some(unreachable):
-        yield Finding("links", "error", f"inode {i}", f"inode {i} is not reachable from the root",
-                      data={"ino": int(i)})
+    """Link count == names (directories: 2 + subdirectories); orphans have no names."""
+    names = v.names_per_inode()
+    named_orphan = np.flatnonzero(v.orphan & (names > 0))
+    yield from _many("links", "named-orphan", "p", "inode", named_orphan,
+                     lambda i: f"inode {i} is marked orphan but still has a name", key="ino")
+    expect = expected_nlink(v)
+    wrong = np.flatnonzero(v.live & (v.inodes["nlink"].astype(np.int64) != expect))
+    yield from _many("links", "nlink", "p", "inode", wrong,
+                     lambda i: f"inode {i} has link count {int(v.inodes['nlink'][i])}, expected {int(expect[i])}",
+                     key="ino")
 
 
-def _unreachable(v: View, parent: np.ndarray, ino: np.ndarray) -> np.ndarray:
-    """Live, non-orphan inodes that no path from the root reaches (cycles included)."""
-    n = len(v.inodes)
-    reached = np.zeros(n, bool)
-    reached[ROOT_INO] = True
-    frontier = np.array([ROOT_INO])
-    order = np.argsort(parent, kind="stable")
-    sp, si = parent[order], ino[order]
-    while len(frontier):
-        lo = np.searchsorted(sp, frontier, "left")
-        hi = np.searchsorted(sp, frontier, "right")
-        kids = np.concatenate([si[a:b] for a, b in zip(lo, hi, strict=True)]) if len(lo) else np.zeros(0, np.int64)
-        kids = kids[~reached[kids]]
-        reached[kids] = True
-        frontier = np.unique(kids[v.kind[kids] == KIND_DIR])
-    orphan = (v.inodes["flags"] & FLAG_ORPHAN) != 0
-    return np.flatnonzero(v.live & ~reached & ~orphan)
+def dir_name_parent(v: View) -> np.ndarray:
+    """For each directory, the parent of one of its names (-1: none); the '..' one wins."""
+    up = np.full(v.n, -1, np.int64)
+    parent, ino = v.d_parent[v.d_linked], v.d_ino[v.d_linked]
+    sel = v.is_dir[ino]
+    parent, ino = parent[sel], ino[sel]
+    up[ino] = parent
+    match = v.inodes["parent"][ino].astype(np.int64) == parent
+    up[ino[match]] = parent[match]
+    return up
+
+
+def reachability(v: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reached, name_parent, cyclic) over inodes: pointer jumping, O(n log depth)."""
+    up0 = dir_name_parent(v)
+    up = np.where(up0 < 0, 0, up0)
+    up[0] = 0
+    if v.n > ROOT_INO:
+        up[ROOT_INO] = ROOT_INO
+    steps = max(1, int(np.ceil(np.log2(max(v.n, 2)))) + 1)
+    for _ in range(steps):
+        nxt = up[up]
+        if np.array_equal(nxt, up):
+            break
+        up = nxt
+    reached_dir = v.is_dir & (up == ROOT_INO)
+    reached = reached_dir.copy()
+    parent, ino = v.d_parent[v.d_linked], v.d_ino[v.d_linked]
+    files = ~v.is_dir[ino] & reached_dir[parent]
+    reached[ino[files]] = True
+    cyclic = v.is_dir & ~reached_dir & (up != 0)
+    if v.n > ROOT_INO:
+        reached[ROOT_INO] = v.live[ROOT_INO]
+    return reached, up0, cyclic
+
+
+@check("tree")
+def check_tree(v: View) -> Iterator[Finding]:
+    """Every inode reachable from the root; directories exactly once, with the right '..'."""
+    if v.n <= ROOT_INO or not v.is_dir[ROOT_INO]:
+        return
+    names = v.names_per_inode()
+    yield from _many("tree", "dir-names", "y", "inode", np.flatnonzero(v.is_dir & (names > 1)),
+                     lambda i: f"directory {i} has {int(names[i])} names", key="ino")
+    if names[ROOT_INO]:
+        yield Finding("tree", "error", f"inode {ROOT_INO}", "the root directory has a name",
+                      data={"ino": [ROOT_INO]}, code="root-named", fix="y")
+    if int(v.inodes["parent"][ROOT_INO]) != ROOT_INO:
+        yield Finding("tree", "error", f"inode {ROOT_INO}", "the root's '..' is not itself",
+                      data={"ino": [ROOT_INO]}, code="dotdot", fix="p")
+    reached, up0, cyclic = reachability(v)
+    pfield = v.inodes["parent"].astype(np.int64)
+    wrong = np.flatnonzero(v.is_dir & (up0 >= 0) & (pfield != up0))
+    yield from _many("tree", "dotdot", "p", "inode", wrong,
+                     lambda i: f"directory {i} has '..' {int(pfield[i])} but its entry is in {int(up0[i])}",
+                     key="ino")
+    unreachable = np.flatnonzero(v.live & ~reached & ~v.orphan)
+    yield from _many("tree", "unreachable", "p", "inode", unreachable,
+                     lambda i: f"inode {i} is not reachable from the root"
+                               + (" (a directory cycle)" if cyclic[i] else ""), key="ino")
+
+
+@check("orphans")
+def check_orphans(v: View) -> Iterator[Finding]:
+    """Orphans (unlinked while open) are freed, as the next mount would."""
+    names = v.names_per_inode()
+    yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(v.orphan & (names == 0)),
+                     lambda i: f"orphan inode {i} is waiting to be freed", severity="warning", key="ino")
+
+
+def blob_chains(v: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Walk every head's continuation chain at once.
+
+    Returns (heads, ok mask over heads, visited mask over blob slots).
+    """
+    b = v.blobs
+    nb = len(b)
+    used = v.blob_used
+    owner = b["owner"][used].astype(np.int64)
+    kind = b["kind"][used]
+    heads = used[(kind != BLOB_CONT) & v.is_live(owner) & np.isin(kind, (BLOB_XATTR, BLOB_SYMLINK))]
+    nlen = b["name_len"][heads].astype(np.int64)
+    vlen = b["value_len"][heads].astype(np.int64)
+    ok = (nlen <= NAME_MAX) & (vlen <= (1 << 17))
+    have = np.minimum(vlen, np.maximum(BLOB_DATA - nlen, 0))
+    visited = np.zeros(nb, bool)
+    cur = b["next"][heads].astype(np.int64)
+    active = np.arange(len(heads))
+    for _ in range(300):
+        sel = cur[active] != 0
+        active = active[sel]
+        if not len(active):
+            break
+        c = cur[active]
+        inside = (c > 0) & (c < nb)
+        ok[active[~inside]] = False
+        active, c = active[inside], c[inside]
+        good = (b["kind"][c] == BLOB_CONT) & (b["owner"][c].astype(np.int64) == b["owner"][heads[active]]) \
+            & ~visited[c]
+        ok[active[~good]] = False
+        active, c = active[good], c[good]
+        visited[c] = True
+        have[active] += b["value_len"][c].astype(np.int64)
+        cur[active] = b["next"][c].astype(np.int64)
+    else:
+        ok[active] = False
+    ok &= have == vlen
+    return heads, ok, visited
 
 
 @check("blobs")
 def check_blobs(v: View) -> Iterator[Finding]:
+    """xattr and symlink records: live owner, sound chains, no stray continuations."""
     b = v.blobs
     used = v.blob_used
     owner = b["owner"][used].astype(np.int64)
     kind = b["kind"][used]
-    nxt = b["next"][used].astype(np.int64)
-    bad = ~v.is_live(owner) | ~np.isin(kind, (BLOB_XATTR, BLOB_SYMLINK, BLOB_CONT))
-    bad |= (nxt < 0) | (nxt >= len(b))
-    head = kind != BLOB_CONT
-    bad |= head & (b["name_len"][used].astype(np.int64) > NAME_MAX)
-    bad |= ~head & (b["value_len"][used] > BLOB_DATA)
-    for i in _some(used[bad]):
-        yield Finding("blobs", "error", f"blob {i}", f"xattr/symlink record {i} is malformed", data={"index": i})
-    ok = used[~bad]
-    # Every continuation is linked from exactly one record of the same owner.
-    nx = b["next"][ok].astype(np.int64)
-    linked = nx[nx > 0]
-    conts = ok[b["kind"][ok] == BLOB_CONT]
-    refcount = np.bincount(linked, minlength=len(b))
-    for i in _some(conts[refcount[conts] != 1]):
-        yield Finding("blobs", "error", f"blob {i}", f"continuation record {i} is not linked exactly once",
-                      data={"index": i})
-    targets_bad = linked[(b["kind"][linked] != BLOB_CONT)]
-    for i in _some(targets_bad):
-        yield Finding("blobs", "error", f"blob {i}", f"record {i} is linked as a continuation but is not one",
-                      data={"index": int(i)})
-    symlinks = np.flatnonzero(v.live & (v.kind == KIND_SYMLINK))
-    heads = ok[b["kind"][ok] == BLOB_SYMLINK]
-    has = np.zeros(len(v.inodes), np.int64)
-    np.add.at(has, b["owner"][heads].astype(np.int64), 1)
-    for i in _some(symlinks[has[symlinks] != 1]):
-        yield Finding("blobs", "error", f"inode {i}", f"symlink {i} has {int(has[i])} targets", data={"ino": int(i)})
+    dead = ~v.is_live(owner)
+    bad = ~np.isin(kind, (BLOB_XATTR, BLOB_SYMLINK, BLOB_CONT)) & ~dead
+    cont = kind == BLOB_CONT
+    bad |= cont & (b["value_len"][used] > BLOB_DATA) & ~dead
+    yield from _many("blobs", "bad-blob", "p", "blob", used[dead],
+                     lambda i: f"xattr/symlink record {i} belongs to a missing inode")
+    yield from _many("blobs", "bad-blob", "y", "blob", used[bad],
+                     lambda i: f"xattr/symlink record {i} is malformed")
+    heads, ok, visited = blob_chains(v)
+    yield from _many("blobs", "bad-chain", "y", "blob", heads[~ok],
+                     lambda i: f"xattr/symlink record {i} has a broken value chain")
+    stray = used[cont & ~dead & ~bad & ~visited[used]]
+    yield from _many("blobs", "stray-cont", "p", "blob", stray,
+                     lambda i: f"continuation record {i} is not part of any value")
+
+
+@check("symlinks")
+def check_symlinks(v: View) -> Iterator[Finding]:
+    """A symlink has exactly one target, 1..4095 bytes, and its size is that length."""
+    b = v.blobs
+    used = v.blob_used
+    heads = used[(b["kind"][used] == BLOB_SYMLINK) & v.is_live(b["owner"][used].astype(np.int64))]
+    owner = b["owner"][heads].astype(np.int64)
+    not_link = v.kind[owner] != KIND_SYMLINK
+    yield from _many("symlinks", "stray-target", "y", "blob", heads[not_link],
+                     lambda i: f"symlink target record {i} belongs to inode {int(b['owner'][i])}, not a symlink")
+    heads, owner = heads[~not_link], owner[~not_link]
+    order = np.lexsort((heads, owner))
+    heads, owner = heads[order], owner[order]
+    first = np.concatenate(([True], owner[1:] != owner[:-1])) if len(owner) else np.zeros(0, bool)
+    yield from _many("symlinks", "extra-target", "y", "blob", heads[~first],
+                     lambda i: f"symlink {int(b['owner'][i])} has more than one target (record {i})")
+    has = np.zeros(v.n, bool)
+    has[owner] = True
+    links = v.live & (v.kind == KIND_SYMLINK)
+    yield from _many("symlinks", "no-target", "y", "inode", np.flatnonzero(links & ~has),
+                     lambda i: f"symlink {i} has no target", key="ino")
+    target_len = np.zeros(v.n, np.int64)
+    target_len[owner[first]] = b["value_len"][heads[first]].astype(np.int64)
+    bad_len = links & has & ((target_len == 0) | (target_len > SYMLINK_MAX))
+    yield from _many("symlinks", "bad-target", "y", "inode", np.flatnonzero(bad_len),
+                     lambda i: f"symlink {i} has a target of {int(target_len[i])} bytes", key="ino")
+    size = v.inodes["size"].astype(np.int64)
+    wrong = np.flatnonzero(links & has & ~bad_len & (size != target_len))
+    yield from _many("symlinks", "symlink-size", "p", "inode", wrong,
+                     lambda i: f"symlink {i} has size {int(size[i])} but its target is {int(target_len[i])} bytes",
+                     key="ino")
+
+
+TABLE_CHECKS = [name for name, _ in CHECKS]
+
+
+def run_check(name: str, v: View) -> list[Finding]:
+    return [f for n, fn in CHECKS if n == name for f in fn(v)]
 
 
 def structure(t: Tables, sb: Superblock, hwm: dict[str, int] | None = None,
-              only: set[str] | None = None) -> list[Finding]:
-    """Run every check; hwm defaults to the superblock's high-water marks."""
+              only: set[str] | None = None, on_check: Callable[[str], None] | None = None) -> list[Finding]:
+    """Run the table checks; hwm defaults to the superblock's high-water marks."""
     hwm = hwm or {n: int(sb.hwm[n]) for n in TABLE_NAMES}
     view = View(t, sb, hwm)
     findings: list[Finding] = []
@@ -360,17 +658,24 @@ def structure(t: Tables, sb: Superblock, hwm: dict[str, int] | None = None,
         if only and name not in only:
             continue
         findings.extend(fn(view))
+        if on_check:
+            on_check(name)
     return findings
 
 
 def check_region(path: str) -> list[Finding]:
-    """Open a region read-only (no lock: allowed while mounted) and run every check."""
-    from .format import read_superblock
-    from .region import Region
+    """Open a region read-only (no lock: allowed while mounted) and run every check.
 
-    with Region(path, writable=False, lock=False) as region:
-        sb, _ = read_superblock(region.buf, region.size)
-        t = Tables(region.buf, sb)
-        findings = structure(t, sb)
-        del t
-        return findings
+    This is `pmemfs-fsck -n` through its Python API; the journal is rolled back in a
+    private copy first, exactly as a mount would.
+    """
+    from .fsck import fsck
+
+    return fsck(path, mode="n").findings
+
+
+def format_seal_sb(sbv: np.ndarray) -> None:
+    """Reseal the primary superblock's checksum after an in-place change."""
+    from .format import seal
+
+    seal(sbv, 0)
