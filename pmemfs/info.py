@@ -26,13 +26,17 @@ def _when(ns: int) -> str:
 
 def describe(path: str) -> dict:
     with Region(path, writable=False, lock=False) as region:
-        sb, which = read_superblock(region.buf, region.size, allow_backup=True)
+        sb, which = read_superblock(region.buf, region.size, allow_backup=True, fd=region.fd)
         g = sb.geometry
         t = Tables(region.buf, sb)
         hwm = {n: min(sb.hwm[n], getattr(g, f"{n}_count")) for n in TABLE_NAMES}
-        bits = np.unpackbits(t.bitmap, bitorder="little")[: g.block_count]
-        used_data = int(bits[g.data_start_block:].sum())
-        bad = int(np.unpackbits(t.badmap, bitorder="little")[: g.block_count].sum())
+        bits = np.unpackbits(t.bitmap, bitorder="little")[g.data_start_block: g.block_count]
+        badbits = np.unpackbits(t.badmap, bitorder="little")[g.data_start_block: g.block_count]
+        used_data = int(bits.sum())
+        bad = int(badbits.sum())
+        # A block can be both used and bad (a block that went bad under a file): count
+        # it once, as the allocator does (free = neither used nor bad).
+        free = int(np.count_nonzero((bits | badbits) == 0))
         kinds = t.inodes["kind"][1: hwm["inode"]]
         try:
             journal_state = "idle" if Journal(region.buf, g.data_start_block * g.block_size).state == 0 \
@@ -54,7 +58,7 @@ def describe(path: str) -> dict:
             "block_size": g.block_size,
             "data_blocks": g.data_blocks,
             "used_blocks": used_data,
-            "free_blocks": g.data_blocks - used_data - bad,
+            "free_blocks": free,
             "bad_blocks": bad,
             "inodes_total": g.inode_count - 1,
             "inodes_used": int(np.count_nonzero(kinds)),
@@ -69,5 +73,5 @@ def describe(path: str) -> dict:
             "last_unmount": _when(sb.last_umount_ns),
             "mounted_by_pid": holder or 0,
         }
-        del t, bits, kinds
+        del t, bits, badbits, kinds
         return data
