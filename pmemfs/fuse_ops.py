@@ -24,7 +24,9 @@ log = logging.getLogger("pmemfs.fuse")
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
 ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
-APPEND_BIT = 1 << 63  # file handle = inode number, plus this bit for O_APPEND opens
+# A file handle is the inode number. O_APPEND needs nothing here: the kernel puts each
+# append at its i_size before sending the write, and it also writes dirty pages of a
+# shared mapping back under an O_APPEND handle, which must land at their own offsets.
 
 
 def handler(fn: Callable) -> Callable:
@@ -151,8 +153,7 @@ class Operations(pyfuse3.Operations):
         return self.entry(self.engine.link(inode, new_parent_inode, new_name))
 
     def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
-        fh = ino | (APPEND_BIT if flags & os.O_APPEND else 0)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=False)
 
     @handler
     async def open(self, inode, flags, ctx):
@@ -168,14 +169,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh, off, size):
-        return self.engine.read(fh & ~APPEND_BIT, off, size)
+        return self.engine.read(fh, off, size)
 
     @handler
     async def write(self, fh, off, buf):
-        ino = fh & ~APPEND_BIT
-        if fh & APPEND_BIT:
-            off = self.engine.stat(ino).size
-        return self.engine.write(ino, off, buf)
+        return self.engine.write(fh, off, buf)
 
     async def flush(self, fh):
         pass
@@ -185,7 +183,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh, datasync):
-        self.engine.fsync(fh & ~APPEND_BIT)
+        self.engine.fsync(fh)
 
     @handler
     async def opendir(self, inode, ctx):
