@@ -253,7 +253,10 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode, ctx):
-        return self.engine.listxattr(inode)
+        names = self.engine.listxattr(inode)
+        if ctx.uid != 0:  # as tmpfs: trusted.* is listed only to CAP_SYS_ADMIN
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @handler
     async def removexattr(self, inode, name, ctx):

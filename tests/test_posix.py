@@ -519,6 +519,8 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
         os.chmod(j("sticky", "rootfile"), 0o666)
         write_file(j("ro"), b"ro")
         os.chmod(j("ro"), 0o644)
+        os.setxattr(j("ro"), "trusted.t", b"root only")
+        os.setxattr(j("ro"), "user.u", b"everyone")
         os.chmod(root, 0o755)
         # as root, in the setgid directory
         write_file(j("sgid", "byroot"), b"")
@@ -549,6 +551,9 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
         r["create_in_root"] = outcome(write_file, "newfile", b"")
         r["setxattr_trusted"] = outcome(os.setxattr, "sgid/mine", "trusted.x", b"1")
         r["listing"] = sorted(os.listdir("sticky"))
+        # trusted.* is invisible without CAP_SYS_ADMIN
+        r["listxattr"] = sorted(x for x in os.listxattr("ro") if x != "security.selinux")
+        r["getxattr_trusted"] = outcome(os.getxattr, "ro", "trusted.t")
         return r
 
     setup(shm)
@@ -566,6 +571,7 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
     assert got["sticky_mine"][:2] == [NOBODY, NOBODY]
     assert got["unlink_root_file"] == got["rename_root_file"] == "EPERM"
     assert got["unlink_mine"] == "ok" and got["write_ro"] == "EACCES"
+    assert got["listxattr"] == ["user.u"]
 
 
 def test_statfs(mounted):
