@@ -431,9 +431,19 @@ def find_backup_superblock(buf: memoryview, region_size: int, *,
 
     Reading a hole of a tmpfs or hugetlbfs mapping allocates a page, so probing every
     boundary of a sparse 1 TiB region through buf would allocate gigabytes; with fd
-    only boundaries inside data ranges are read.
+    only boundaries inside data ranges are read, and with pread.
     """
     ranges = _data_ranges(fd, region_size)
+
+    def magic_at(off: int) -> bytes:
+        # pread does not allocate a hole either (hugetlbfs has no SEEK_DATA to skip them).
+        if fd is not None:
+            try:
+                return os.pread(fd, 8, off)
+            except OSError:  # /dev/dax cannot read(2)
+                pass
+        return bytes(buf[off:off + 8])
+
     for block_size in BLOCK_SIZES:
         last = region_size // block_size - 1
         for start, end in ranges:
@@ -442,7 +452,7 @@ def find_backup_superblock(buf: memoryview, region_size: int, *,
             last_k = min(last, (end - 1 + SB_SLOT) // block_size)
             for k in range(first_k, last_k + 1):
                 off = k * block_size - SB_SLOT
-                if bytes(buf[off:off + 8]) != MAGIC:
+                if magic_at(off) != MAGIC:
                     continue
                 try:
                     sb = Superblock.decode(buf[off:off + SB_STRUCT], region_size)
