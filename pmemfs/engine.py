@@ -189,7 +189,7 @@ class Engine:
         self.sbv = np.frombuffer(buf, SUPERBLOCK_DTYPE, 1, 0)
         self.u8 = np.frombuffer(buf, np.uint8, self.region.size, 0)
         self.offsets = {name: g.offsets[name] for name in TABLE_NAMES}
-        self.journal = Journal(buf, self.data_start, crash)
+        self.journal = Journal(buf, self.data_start)
         if readonly and self.journal.state != 0:
             raise MountError(f"{self.path}: the journal holds an interrupted transaction; "
                              "mount it read-write once (or run pmemfs-fsck) to recover")
@@ -209,6 +209,7 @@ class Engine:
         else:
             self.reclaimed = 0
         self.generation = int(self.sbv["mount_generation"][0])
+        self.journal.crash = crash  # crash points count from the end of the mount
 
     def _load(self) -> None:
         """Build the in-memory indexes from the region: O(used metadata)."""

@@ -47,7 +47,8 @@ class CrashPoints:
     """Fault injection: die at the k-th step of the journal (PMEMFS_CRASH_AT=k).
 
     Steps are: each undo record written, the moment before the commit word and the
-    moment after it. PMEMFS_CRASH_MODE is "exit" (os._exit) or "kill" (SIGKILL).
+    moment after it, counted from the end of the mount. PMEMFS_CRASH_MODE is "exit"
+    (os._exit) or "kill" (SIGKILL, the default). Meant for tests and demos.
     """
 
     def __init__(self, at: int | None = None, mode: str = "kill"):
