@@ -111,12 +111,14 @@ class _Image:
             self.region = Region(path, writable=True, lock=True)
             self.buf, self.size, self.fd = self.region.buf, self.region.size, self.region.fd
             self.private = False
+            self.limit = self.size
             return
         info = probe(path)
         if info.kind == "devdax":  # no private mappings of device memory
             self.region = Region(path, writable=False, lock=False)
             self.buf, self.size, self.fd = self.region.buf, self.region.size, self.region.fd
             self.private = False
+            self.limit = self.size
             return
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -126,7 +128,14 @@ class _Image:
             self.size = os.fstat(self.fd).st_size
             if self.size == 0:
                 raise RegionError(f"{path}: region is empty")
-            self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Only the metadata area is mapped privately (writable, copy-on-write): a
+            # private writable mapping of a huge region would be charged as memory.
+            ro = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            try:
+                meta_end = _metadata_end(memoryview(ro), self.size)
+            finally:
+                ro.close()
+            self.mm = mmap.mmap(self.fd, meta_end, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             os.close(self.fd)
             raise RegionError(f"{path}: cannot map: {e.strerror}") from None
@@ -135,6 +144,7 @@ class _Image:
             raise
         self.buf = memoryview(self.mm)
         self.private = True
+        self.limit = meta_end
 
     def holder(self) -> int | None:
         try:
@@ -152,6 +162,17 @@ class _Image:
         except BufferError:
             pass
         os.close(self.fd)
+
+
+def _metadata_end(buf: memoryview, size: int) -> int:
+    """Bytes [0, data start) per the primary or backup superblock (everything fsck reads)."""
+    sb, _ = check.check_superblock_raw(buf[:SB_STRUCT], size)
+    if sb is None:
+        sb, _ = find_backup(buf, size)
+    if sb is None:
+        return min(size, 64 << 20)
+    g = sb.geometry
+    return min(size, g.data_start_block * g.block_size)
 
 
 def save_metadata(fd: int, length: int, dest: str) -> None:
@@ -705,7 +726,7 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
     journal_ok = False
     journal_active = False
     try:
-        j = Journal(buf, size)
+        j = Journal(buf, img.limit)
         pending = j.pending()
         journal_ok = True
         if j.state != 0:
@@ -726,7 +747,7 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
         save_metadata(img.fd, g.data_start_block * g.block_size, backup)
         report.backup_file = backup
     if journal_ok and journal_active and (img.private or repair):
-        Journal(buf, size).recover()  # a private copy for -n: the region is not touched
+        Journal(buf, img.limit).recover()  # a private copy for -n: the region is not touched
         if repair:
             jfind[0].repaired = True
             report.modified = True
@@ -824,13 +845,14 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
         report.passes += 1
         ran = set()
         for code, fixer in FIXERS:
-            if code not in todo or (fixer in ran and fixer in (fix_bitmap, fix_nlink, fix_double)):
+            if code not in todo:
                 continue
-            ran.add(fixer)
-            name = next(f.check for f in flat if f.code == code)
-            fresh = [f for f in check.run_check(name, r.view()) if f.code == code and _allowed(f, mode)]
-            if fresh:
-                fixer(r, fresh)
+            if not (fixer in ran and fixer in (fix_bitmap, fix_nlink, fix_double)):
+                ran.add(fixer)
+                name = next(f.check for f in flat if f.code == code)
+                fresh = [f for f in check.run_check(name, r.view()) if f.code == code and _allowed(f, mode)]
+                if fresh:
+                    fixer(r, fresh)
             for f in flat:
                 if f.code == code and _allowed(f, mode):
                     seen.setdefault(f.key, f).repaired = True

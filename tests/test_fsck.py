@@ -1,0 +1,425 @@
+"""pmemfs-fsck: every named damage is found (-n), repaired (-y), and the region mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pmemfs import fsck as fsckmod
+from pmemfs.engine import Engine, MountError
+from pmemfs.format import SB_STRUCT, FormatError
+from pmemfs.fsck import fsck
+from pmemfs.region import RegionError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import corrupt  # noqa: E402
+
+FSCK = os.path.join(ROOT, ".venv", "bin", "pmemfs-fsck")
+BS = 2 << 20
+
+
+def populate(path: str) -> dict:
+    """A few dirs, files (some spanning blocks), symlinks, a hard link and xattrs.
+
+    Returns {ino: expected} where expected is ("file", bytes, xattrs) or ("link", target).
+    """
+    rng = random.Random(7)
+    e = Engine(path)
+    try:
+        a = e.mkdir(1, b"a", 0o755).ino
+        b = e.mkdir(a, b"b", 0o755).ino
+        c = e.mkdir(1, b"c", 0o700).ino
+        files = {}
+        for parent, name, size in ((1, b"f1", BS + 5000), (a, b"f2", 1000), (b, b"f3", 2 * BS + 1),
+                                   (c, b"f4", 10), (1, b"empty", 0)):
+            ino = e.create(parent, name, 0o644).ino
+            data = rng.randbytes(size)
+            e.write(ino, 0, data)
+            files[ino] = data
+        e.link(next(iter(files)), c, b"hardlink")
+        xattrs = {}
+        first = next(iter(files))
+        e.setxattr(first, b"user.big", b"x" * 1500)
+        e.setxattr(first, b"user.small", b"v")
+        xattrs[first] = {b"user.big": b"x" * 1500, b"user.small": b"v"}
+        e.setxattr(a, b"user.dir", b"d")
+        links = {e.symlink(1, b"l1", b"a/f2").ino: b"a/f2",
+                 e.symlink(b, b"l2", b"../../" + b"y" * 700).ino: b"../../" + b"y" * 700}
+    finally:
+        e.close()
+    out = {ino: ("file", data, xattrs.get(ino, {})) for ino, data in files.items()}
+    out.update({ino: ("link", t, {}) for ino, t in links.items()})
+    return out
+
+
+def verify(path: str, expected: dict, victims=()) -> None:
+    """Engine mounts the region and every surviving inode reads back as written."""
+    e = Engine(path)
+    try:
+        for ino, (kind, value, xattrs) in expected.items():
+            if ino in victims:
+                continue
+            if kind == "file":
+                assert e.stat(ino).size == len(value)
+                assert bytes(e.read(ino, 0, len(value) + 10)) == value, f"inode {ino} data differs"
+                for k, val in xattrs.items():
+                    assert e.getxattr(ino, k) == val
+            else:
+                assert e.readlink(ino) == value
+    finally:
+        e.close()
+
+
+def run_cli(*args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    return subprocess.run([FSCK, *args], capture_output=True, text=True, stdin=stdin, timeout=60)
+
+
+@pytest.fixture
+def populated(region_factory):
+    path = region_factory()
+    return path, populate(path)
+
+
+def test_fresh_mkfs_is_clean(region_factory):
+    for kw in ({}, {"inodes": 100}, {"size": 256 << 20}):
+        path = region_factory(**kw)
+        rep = fsck(path)
+        assert rep.exit_code == 0, [f.message for f in rep.findings]
+        assert rep.superblock == "primary" and not rep.live
+
+
+def test_populated_is_clean_and_y_changes_nothing(populated):
+    path, _ = populated
+    before = _read(path, 8 << 20)
+    assert fsck(path, "y").exit_code == 0
+    assert _read(path, 8 << 20) == before
+
+
+@pytest.mark.parametrize("damage", sorted(corrupt.DAMAGES))
+def test_damage_found_repaired_and_mounts(populated, damage, tmp_path):
+    path, expected = populated
+    info = corrupt.apply(path, damage, seed=3)
+    rep = fsck(path, "n")
+    assert rep.exit_code == 4, (damage, [f.as_dict() for f in rep.findings])
+    named = {f.check for f in rep.errors}
+    assert corrupt.EXPECTED_CHECK[damage] in named, (damage, named)
+    # -n never writes.
+    before = _read(path)
+    fsck(path, "n")
+    assert _read(path) == before
+    backup = str(tmp_path / "meta.bak")
+    rep = fsck(path, "y", backup=backup)
+    assert rep.exit_code == 1, (damage, [f.as_dict() for f in rep.findings if not f.repaired])
+    assert any(f.repaired for f in rep.findings)
+    assert os.path.getsize(backup) > SB_STRUCT
+    with open(backup, "rb") as f:
+        assert f.read(SB_STRUCT) == before[:SB_STRUCT]  # saved before the repair
+    again = fsck(path, "n")
+    assert again.exit_code == 0, [f.as_dict() for f in again.findings]
+    verify(path, expected, info["victims"])
+
+
+def test_mount_refuses_damage_fsck_reports(populated):
+    path, _ = populated
+    corrupt.apply(path, "journal-truncated", seed=1)
+    with pytest.raises(MountError):
+        Engine(path)
+    assert fsck(path, "p").exit_code == 4  # discarding the journal needs -y
+    assert fsck(path, "y").exit_code == 1
+    Engine(path).close()
+
+
+def test_preen_fixes_safe_things_only(populated):
+    path, expected = populated
+    corrupt.apply(path, "leak-block", seed=1)
+    corrupt.apply(path, "link-count", seed=1)
+    assert fsck(path, "p").exit_code == 1
+    assert fsck(path).exit_code == 0
+    corrupt.apply(path, "checksum", seed=2)
+    rep = fsck(path, "p")
+    assert rep.exit_code == 4 and {f.code for f in rep.errors} == {"checksum"}
+    assert fsck(path, "y").exit_code == 1
+    verify(path, expected)
+
+
+def test_interrupted_transaction_rolled_back_like_mount(populated, region_factory):
+    path, expected = populated
+    # Make a transaction and leave it open: state active with valid undo records.
+    from pmemfs.format import Superblock, Tables
+    from pmemfs.journal import Journal
+    from pmemfs.region import Region
+
+    with Region(path) as r:
+        sb = Superblock.decode(r.buf, r.size)
+        t = Tables(r.buf, sb)
+        j = Journal(r.buf, sb.geometry.data_start_block * BS)
+        tx = j.begin()
+        ino = next(iter(expected))
+        tx.save_record(t.inodes, sb.geometry.offsets["inode"], ino)
+        t.inodes["nlink"][ino] = 77  # not sealed: only the rollback makes this right
+        del t, tx, j
+    rep = fsck(path, "n")
+    assert rep.exit_code == 0  # the rolled-back (private) image is clean
+    assert [f.code for f in rep.findings] == ["journal-active"]
+    rep = fsck(path, "p")
+    assert rep.exit_code == 1 and rep.findings[0].repaired
+    assert fsck(path).exit_code == 0
+    verify(path, expected)
+
+
+def test_orphans_and_truncating_are_finished(populated):
+    path, expected = populated
+    e = Engine(path)
+    ino = e.create(1, b"gone", 0o644).ino
+    e.write(ino, 0, b"z" * (3 * BS))
+    e.ref(ino)
+    e.unlink(1, b"gone")  # open and unlinked: an orphan
+    big = next(i for i, v in expected.items() if v[0] == "file" and len(v[1]) > 2 * BS)
+    from pmemfs.format import FLAG_TRUNCATING
+    with e.transaction() as tx:  # an interrupted truncate: size cut, blocks still there
+        e._save_inode(tx, big)
+        e.I["size"][big] = 10
+        e.I["flags"][big] |= FLAG_TRUNCATING
+    e.region.close()  # a crash: no clean unmount
+    rep = fsck(path, "n")
+    assert rep.exit_code == 0
+    assert {"orphan", "truncating"} <= {f.code for f in rep.findings}
+    assert fsck(path, "p").exit_code == 1
+    assert fsck(path).exit_code == 0
+    expected[big] = ("file", expected[big][1][:10], expected[big][2])
+    verify(path, expected)
+
+
+def test_backup_superblock_used_when_primary_dies(populated):
+    path, expected = populated
+    with open(path, "r+b") as f:
+        f.write(b"\0" * SB_STRUCT)
+    with pytest.raises(MountError):
+        Engine(path)
+    rep = fsck(path, "n")
+    assert rep.superblock == "backup" and rep.exit_code == 4
+    assert fsck(path, "p").exit_code == 1
+    assert fsck(path).exit_code == 0
+    verify(path, expected)
+
+
+def test_damaged_backup_superblock_rewritten(populated):
+    path, _ = populated
+    rep = fsck(path)
+    from pmemfs.format import Superblock
+    with open(path, "r+b") as f:
+        sb = Superblock.decode(f.read(SB_STRUCT))
+        f.seek(sb.geometry.backup_offset + 100)
+        f.write(b"garbage")
+    rep = fsck(path)
+    assert rep.exit_code == 4 and rep.errors[0].check == "backup-superblock"
+    assert fsck(path, "p").exit_code == 1
+    assert fsck(path).exit_code == 0
+
+
+def test_no_superblock_at_all_is_uncorrectable(region_factory):
+    path = region_factory()
+    with open(path, "r+b") as f:
+        f.write(b"\0" * (8 << 20))
+    rep = fsck(path, "y")
+    assert rep.exit_code == 4 and rep.superblock is None
+    with pytest.raises((MountError, FormatError)):
+        Engine(path)
+
+
+def test_lost_found_created_and_reused(populated):
+    path, expected = populated
+    corrupt.apply(path, "orphan-inode", seed=1)
+    corrupt.apply(path, "orphan-inode", seed=2)
+    assert fsck(path, "p").exit_code == 1
+    e = Engine(path)
+    try:
+        lf = e.lookup(1, b"lost+found")
+        assert len(e.readdir(lf)) == 2 + 2
+    finally:
+        e.close()
+    verify(path, expected)
+
+
+def test_random_damage_never_crashes(region_factory):
+    """Random bytes in the used metadata: fsck and mount fail only with their one-line errors."""
+    template = region_factory()
+    populate(template)
+    with open(template, "rb") as f:
+        image = f.read(8 << 20)  # metadata + the few data blocks used
+    size = os.path.getsize(template)
+    path = region_factory()
+    outcomes = {0: 0, 1: 0, 4: 0}
+    for seed in range(200):
+        with open(path, "r+b") as f:
+            f.write(image)
+            f.truncate(size)
+        corrupt.random_bytes(path, seed, writes=random.Random(seed).choice([1, 2, 4, 8]))
+        rep = fsck(path, "n")
+        assert rep.exit_code in (0, 4)
+        mounted = _try_mount(path)
+        if rep.exit_code == 0:
+            assert mounted, f"seed {seed}: fsck says clean but mount refuses"
+            _restore(path, image, size)
+            corrupt.random_bytes(path, seed, writes=random.Random(seed).choice([1, 2, 4, 8]))
+        rep = fsck(path, "y")
+        outcomes[rep.exit_code] += 1
+        if rep.exit_code == 4:
+            assert not _try_mount(path), f"seed {seed}: fsck -y gave up but mount accepts it"
+        else:
+            again = fsck(path, "n")
+            assert again.exit_code == 0, (seed, [f.as_dict() for f in again.findings])
+            assert _try_mount(path), f"seed {seed}: repaired but mount refuses"
+    assert outcomes[1] > 100  # most random damage is found and repaired
+
+
+def _restore(path: str, image: bytes, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.write(image)
+        f.truncate(size)
+
+
+def _try_mount(path: str) -> bool:
+    try:
+        e = Engine(path)
+    except (MountError, FormatError, RegionError):
+        return False
+    e.close()
+    return True
+
+
+def test_random_damage_cli_no_traceback(region_factory):
+    path = region_factory()
+    populate(path)
+    for seed in range(5):
+        corrupt.random_bytes(path, 1000 + seed, writes=6)
+        for args in (["-n"], ["--json", "-n"], ["-y"], ["-n", "-v"]):
+            p = run_cli(*args, path)
+            assert "Traceback" not in p.stderr + p.stdout
+            assert p.returncode in (0, 1, 4), p.stderr
+            if "--json" in args:
+                rep = json.loads(p.stdout)
+                assert rep["exit_code"] == p.returncode
+                for f in rep["findings"]:
+                    assert set(f) >= {"check", "severity", "object", "message", "repaired"}
+
+
+@pytest.mark.parametrize("args", [["-n", "-y"], ["-p", "-y"], ["--bogus"], [], ["-n", "a", "b"]])
+def test_usage_errors_one_line_exit_16(args):
+    p = run_cli(*args)
+    assert p.returncode == 16, (p.returncode, p.stderr)
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_cannot_open_is_exit_8(tmp_path):
+    p = run_cli(str(tmp_path / "nothing"))
+    assert p.returncode == 8 and len(p.stderr.strip().splitlines()) == 1
+    with pytest.raises(RegionError):
+        fsck(str(tmp_path / "nothing"))
+
+
+def test_cli_exit_codes_and_json(populated):
+    path, _ = populated
+    p = run_cli("-v", path)
+    assert p.returncode == 0 and "check tree: 0 finding(s)" in p.stdout
+    corrupt.apply(path, "link-count", seed=1)
+    p = run_cli("--json", path)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 4 and rep["exit_code"] == 4 and rep["mode"] == "n"
+    assert any(f["check"] == "links" and not f["repaired"] for f in rep["findings"])
+    p = run_cli("-p", "--json", path)
+    assert p.returncode == 1 and any(f["repaired"] for f in json.loads(p.stdout)["findings"])
+    assert run_cli(path).returncode == 0
+    fs = subprocess.run([os.path.join(ROOT, ".venv", "bin", "fsck.pmemfs"), "-a", path],
+                        capture_output=True, text=True, timeout=60)
+    assert fs.returncode == 0
+
+
+def test_repair_refused_while_locked_but_n_allowed(populated):
+    path, _ = populated
+    code = ("import sys; from pmemfs.engine import Engine; e = Engine(sys.argv[1]); "
+            "print('ready', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        p = run_cli("-y", path)
+        assert p.returncode == 8 and str(holder.pid) in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+        p = run_cli("-n", "--json", path)
+        rep = json.loads(p.stdout)
+        assert rep["live"] and rep["holder_pid"] == holder.pid
+        assert p.returncode == 0, rep
+        p = run_cli("-n", path)
+        assert "live image" in p.stdout
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_repair_is_journaled(populated):
+    """A repair transaction cut short is rolled back by the next fsck (or mount)."""
+    path, expected = populated
+    corrupt.apply(path, "link-count", seed=4)
+    from pmemfs.format import Superblock
+    from pmemfs.region import Region
+
+    r_before = _read(path, 8 << 20)
+    with Region(path) as region:
+        sb = Superblock.decode(region.buf, region.size)
+        rep = fsckmod.Repair(region.buf, sb, dict(sb.hwm))
+        fsckmod.fix_nlink(rep, [])
+        assert rep.tx is not None  # open, not committed: as if fsck died here
+        rep.tx = None
+        del rep
+    assert _read(path, 8 << 20) != r_before
+    again = fsck(path, "n")
+    assert "journal-active" in {f.code for f in again.findings}
+    assert "links" in {f.check for f in again.errors}  # rolled back: the damage is still there
+    assert fsck(path, "y").exit_code == 1
+    verify(path, expected)
+
+
+def test_check_runs_in_o_metadata(region_factory):
+    """A big sparse region with few files: fsck touches only what is used (no timing)."""
+    path = region_factory(size=64 << 30)
+    e = Engine(path)
+    e.create(1, b"f", 0o644)
+    e.close()
+    rep = fsck(path)
+    assert rep.exit_code == 0
+    assert os.stat(path).st_blocks * 512 < 64 << 20  # still sparse after the check
+
+
+def test_backup_file_matches_metadata(populated, tmp_path):
+    path, _ = populated
+    dest = str(tmp_path / "m")
+    fsck(path, "n", backup=dest)
+    from pmemfs.format import Superblock
+    with open(path, "rb") as f:
+        sb = Superblock.decode(f.read(SB_STRUCT))
+        g = sb.geometry
+        f.seek(0)
+        meta = f.read(g.data_start_block * g.block_size)
+    with open(dest, "rb") as f:
+        assert f.read() == meta
+
+
+def test_progress_is_silent_when_fast(populated):
+    path, _ = populated
+    p = run_cli("-n", path)
+    assert p.stderr == ""
+    _ = time, np
+
+
+def _read(path: str, n: int = -1) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
