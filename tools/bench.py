@@ -76,7 +76,7 @@ class Profile:
 
 PROFILES = {
     "default": Profile("default", 1 * GiB, 3, 5, 20000, 10000, 10000, 100000, 200000, 1 * GiB, 1 * TiB),
-    "quick": Profile("quick", 128 * MiB, 3, 1, 3000, 1000, 2000, 20000, 200000, 1 * GiB, 1 * TiB),
+    "quick": Profile("quick", 128 * MiB, 3, 1, 2000, 1000, 2000, 10000, 200000, 1 * GiB, 1 * TiB),
     "tiny": Profile("tiny", 8 * MiB, 1, 1, 200, 100, 100, 500, 4096, 256 * MiB, 64 * GiB),
 }
 
