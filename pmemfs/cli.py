@@ -227,4 +227,12 @@ def info_command(as_json, region):
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
 
 
-main = run(cli, "pmemfs")
+_main = run(cli, "pmemfs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`pmemfs` entry point; `pmemfs REGION MOUNTPOINT -o OPTS` (as mount.fuse3 calls it) mounts."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in cli.commands and not argv[0].startswith("-") and os.path.exists(argv[0]):
+        argv = ["mount", *argv]
+    _main(argv)

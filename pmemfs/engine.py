@@ -43,6 +43,7 @@ from .format import (
     KIND_REG,
     KIND_SOCK,
     KIND_SYMLINK,
+    MAGIC,
     NAME_MAX,
     ROOT_INO,
     STATE_CLEAN,
@@ -161,6 +162,9 @@ class Engine:
     # ------------------------------------------------------------------ mount
     def _open(self, readonly: bool, crash: CrashPoints | None, check_on_mount: bool) -> None:
         buf = self.region.buf
+        if bytes(buf[:8]) != MAGIC:  # the magic never changes, even mid-transaction
+            raise MountError(f"{self.path}: not a pmemfs region (no superblock magic); "
+                             "make one with pmemfs-mkfs, or run pmemfs-fsck to restore a damaged one")
         # The journal sits at a fixed offset: roll back an interrupted transaction
         # before believing anything else, the superblock included.
         self.recovered_records = 0
