@@ -235,6 +235,9 @@ def check_inodes(v: View) -> Iterator[Finding]:
         return
     if v.kind[ROOT_INO] != KIND_DIR:
         yield Finding("inodes", "error", f"inode {ROOT_INO}", "root inode is not a directory", code="root", fix="y")
+    if v.orphan[ROOT_INO]:
+        yield Finding("inodes", "error", f"inode {ROOT_INO}", "root inode is marked orphan (mount would free it)",
+                      data={"ino": [ROOT_INO]}, code="root-orphan", fix="p")
     ino = v.inodes
     live = np.flatnonzero(v.live)
     kinds = v.kind[live]
@@ -541,8 +544,15 @@ def check_tree(v: View) -> Iterator[Finding]:
 def check_orphans(v: View) -> Iterator[Finding]:
     """Orphans (unlinked while open) are freed, as the next mount would."""
     names = v.names_per_inode()
-    yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(v.orphan & (names == 0)),
+    orphans = v.orphan & (names == 0)
+    orphans[: ROOT_INO + 1] = False
+    # Freeing a directory that still has entries would strand them: mount must not do it.
+    parents = np.zeros(v.n, bool)
+    parents[v.d_parent[v.d_linked]] = True
+    yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & ~parents),
                      lambda i: f"orphan inode {i} is waiting to be freed", severity="warning", key="ino")
+    yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & parents),
+                     lambda i: f"orphan directory {i} still has entries", key="ino")
 
 
 def blob_chains(v: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

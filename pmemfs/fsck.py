@@ -648,6 +648,7 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("bad-mode", fix_mode),
     ("bad-flags", fix_flags),
     ("named-orphan", fix_named_orphan),
+    ("root-orphan", fix_named_orphan),
     ("orphan", fix_clear_inode),
     ("bad-extent", fix_drop_extents),
     ("overlap", fix_drop_extents),
