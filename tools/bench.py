@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,8 +274,9 @@ def pmemfs_unmount(mp: str, pid: int | None) -> None:
 class Pmemfs(Target):
     kind = "pmemfs"
 
-    def __init__(self, base: str, name: str, region: str, size: int, options: list[str]):
+    def __init__(self, base: str, name: str, region: str, size: int, options: list[str], inodes: int):
         super().__init__(base)
+        self.inodes = inodes
         self.name = name
         self.region = region
         self.size = size
@@ -283,7 +285,7 @@ class Pmemfs(Target):
 
     def start(self) -> None:
         os.makedirs(self.dir)
-        run([MKFS, "--size", str(self.size), self.region])
+        run([MKFS, "--size", str(self.size), "--inodes", str(self.inodes), self.region])
         self.pid, self.mount_s = pmemfs_mount(self.region, self.dir, self.options)
 
     def stop(self) -> None:
@@ -419,9 +421,10 @@ class Bench:
         f = self.prof.file_size
         shm_size = _round(2 * f + f // 2 + 64 * MiB, HUGE_PAGE)
         huge_size = _round(2 * f + 64 * MiB, HUGE_PAGE)
+        inodes = 4 * max(self.prof.meta_files, self.prof.ls_files, 1024)
         shm_region = f"/dev/shm/{self.tag}-shm.region"
         self.regions.append(shm_region)
-        self.targets.append(Pmemfs(self.base, "pmemfs-shm", shm_region, shm_size, ["prefault"]))
+        self.targets.append(Pmemfs(self.base, "pmemfs-shm", shm_region, shm_size, ["prefault"], inodes))
         if not self.args.no_hugetlbfs:
             if self.huge.reserve(huge_size // HUGE_PAGE):
                 self.huge_dir = os.path.join(self.base, "hugetlbfs")
@@ -429,7 +432,7 @@ class Bench:
                 run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", self.huge_dir])
                 region = os.path.join(self.huge_dir, "bench.region")
                 self.regions.append(region)
-                self.targets.append(Pmemfs(self.base, "pmemfs-huge", region, huge_size, []))
+                self.targets.append(Pmemfs(self.base, "pmemfs-huge", region, huge_size, [], inodes))
             else:
                 self.res.notes.append("pmemfs-huge skipped: huge pages could not be reserved")
         else:
@@ -640,8 +643,8 @@ class Bench:
                          "pmemfs", 100 * g.data_start_block / g.block_count, "%", "lower")
         shm = self.targets[0]
         assert isinstance(shm, Pmemfs)
-        g = Geometry.plan(shm.size, BLOCK_2M)
-        self.res.add(f"metadata area share, {human_bytes(shm.size)} region, default inodes", "pmemfs",
+        g = Geometry.plan(shm.size, BLOCK_2M, shm.inodes)
+        self.res.add(f"metadata area share, {human_bytes(shm.size)} region, {shm.inodes} inodes", "pmemfs",
                      100 * g.data_start_block / g.block_count, "%", "lower")
         for size in (GiB, TiB):
             g = Geometry.plan(size, BLOCK_2M)
@@ -917,19 +920,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     info = machine()
     log(f"profile {prof.name}: file {human_bytes(prof.file_size)}, {prof.runs} run(s); workdir {b.base}")
+    def data_files() -> None:
+        for t in b.targets:
+            fio(t.p("data.dat"), "write", "1m", prof.file_size)
+
+    sections = [("io", b.io_workloads if "io" in only else data_files), ("meta", b.meta_workloads),
+                ("size", b.metadata_size), ("many", b.many_files), ("direct", b.direct_access)]
+    failed = False
     try:
         b.setup()
-        if "io" in only or "size" in only:
-            b.io_workloads() if "io" in only else [fio(t.p("data.dat"), "write", "1m", prof.file_size)
-                                                   for t in b.targets]
-        if "meta" in only:
-            b.meta_workloads()
-        if "size" in only:
-            b.metadata_size()
-        if "many" in only:
-            b.many_files()
-        if "direct" in only:
-            b.direct_access()
+        for name, fn in sections:
+            if name in only or (name == "io" and "size" in only):
+                try:
+                    fn()
+                except Exception as e:  # keep what the other sections measured
+                    failed = True
+                    traceback.print_exc()
+                    b.res.notes.append(f"section {name} failed: {type(e).__name__}: {e}")
     finally:
         b.teardown()
     b.finish()
@@ -946,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(b.res))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
