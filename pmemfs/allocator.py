@@ -89,6 +89,17 @@ class BlockAllocator:
             raise NoSpace
         return runs
 
+    def find_contiguous(self, count: int, align: int = 1) -> int:
+        """Start of a free run of `count` blocks whose start is a multiple of `align`."""
+        if count > self.free:
+            raise NoSpace
+        starts, lengths = self.free_runs()
+        aligned = (starts + align - 1) // align * align
+        fits = np.flatnonzero(aligned + count <= starts + lengths)
+        if not len(fits):
+            raise NoSpace
+        return int(aligned[fits[0]])
+
     def mark(self, tx: Transaction, start: int, count: int, used: bool) -> None:
         """Set or clear the bits of [start, start+count), journaled."""
         b0, b1 = start // 8, (start + count + 7) // 8

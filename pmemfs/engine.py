@@ -39,6 +39,7 @@ from .format import (
     KIND_CHR,
     KIND_DIR,
     KIND_FIFO,
+    KIND_KOBJ,
     KIND_OF_S_IFMT,
     KIND_REG,
     KIND_SOCK,
@@ -213,6 +214,10 @@ class Engine:
         else:
             self.reclaimed = 0
         self.generation = int(self.sbv["mount_generation"][0])
+        from .kobj import KernelObjects
+
+        self.kernel = KernelObjects(self)
+        self.kernel_report = {} if readonly else self.kernel.on_mount()
         self.journal.crash = crash  # crash points count from the end of the mount
 
     def _load(self) -> None:
@@ -431,6 +436,8 @@ class Engine:
 
     def _prepare_create(self, parent: int, name: bytes) -> dict[bytes, int]:
         d = self._dir(parent)
+        if int(self.I["flags"][parent]) & FLAG_PINNED:
+            raise FsError(errno.EPERM)  # /.kernel: objects are made through the control channel
         self._check_name(name)
         if name in d or name in (b".", b".."):
             raise FsError(errno.EEXIST)
@@ -492,7 +499,7 @@ class Engine:
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
         self._check_ino(ino)
-        if self.kind(ino) == KIND_DIR:
+        if self.kind(ino) in (KIND_DIR, KIND_KOBJ):
             raise FsError(errno.EPERM)
         self._prepare_create(new_parent, new_name)
         if int(self.I["nlink"][ino]) == 0:
@@ -538,6 +545,8 @@ class Engine:
             raise FsError(errno.ENOTDIR)
         if self.children[ino]:
             raise FsError(errno.ENOTEMPTY)
+        if int(self.I["flags"][ino]) & FLAG_PINNED:
+            raise FsError(errno.EBUSY)  # /.kernel
         with self.transaction() as tx:
             now = time.time_ns()
             self._remove_dirent(tx, parent, name)
@@ -585,6 +594,10 @@ class Engine:
         src = int(self.t.dirents["ino"][src_slot])
         dst_slot = nd.get(new_name)
         dst = int(self.t.dirents["ino"][dst_slot]) if dst_slot is not None else 0
+        if int(self.I["flags"][src]) & FLAG_PINNED or (dst and int(self.I["flags"][dst]) & FLAG_PINNED):
+            raise FsError(errno.EBUSY)  # kernel objects and /.kernel stay where they are
+        if int(self.I["flags"][new_parent]) & FLAG_PINNED or int(self.I["flags"][old_parent]) & FLAG_PINNED:
+            raise FsError(errno.EPERM)
         src_dir = self.kind(src) == KIND_DIR
         dst_dir = bool(dst) and self.kind(dst) == KIND_DIR
         if flags & RENAME_EXCHANGE:
@@ -837,21 +850,24 @@ class Engine:
                 self.u8[base + a:base + b] = 0
             i += 1
 
-    def _file(self, ino: int) -> None:
+    def _file(self, ino: int) -> int:
         self._check_ino(ino)
         k = self.kind(ino)
         if k == KIND_DIR:
             raise FsError(errno.EISDIR)
-        if k != KIND_REG:
+        if k not in (KIND_REG, KIND_KOBJ):
             raise FsError(errno.EINVAL)
+        return k
 
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        self._file(ino)
+        kind = self._file(ino)
         n = len(data)
         if n == 0:
             return 0
         if offset < 0:
             raise FsError(errno.EINVAL)
+        if kind == KIND_KOBJ:
+            self.kernel.check_write(ino, offset, n)  # fixed size, immutable while frozen
         bs = self.block_size
         fm = self._map(ino)
         old_size = int(self.I["size"][ino])
@@ -977,6 +993,8 @@ class Engine:
         self._check_ino(ino)
         if size is not None:
             self._check_truncate(ino, size)
+        if (mode is not None or uid is not None or gid is not None) and int(self.I["flags"][ino]) & FLAG_PINNED:
+            raise FsError(errno.EPERM)  # kernel objects and /.kernel stay root's, 0600/0700
         with self.transaction() as tx:
             now = time.time_ns()
             self._save_inode(tx, ino)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pyfuse3
 
+from . import control
 from .engine import Ctx, Engine, FsError, Stat
 
 log = logging.getLogger("pmemfs.fuse")
@@ -245,10 +246,15 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def setxattr(self, inode, name, value, ctx):
+        if control.is_control(name):
+            control.command(self.engine, inode, name, value, _ctx(ctx))
+            return
         self.engine.setxattr(inode, name, value, 0, _ctx(ctx))
 
     @handler
     async def getxattr(self, inode, name, ctx):
+        if control.is_control(name):
+            return control.query(self.engine, inode, name, _ctx(ctx))
         return self.engine.getxattr(inode, name)
 
     @handler
