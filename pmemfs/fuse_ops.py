@@ -158,9 +158,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode, flags, ctx):
-        st = self.engine.stat(inode)
-        if flags & os.O_TRUNC and st.size:
+        if flags & os.O_TRUNC:
+            # Also when already empty: an O_TRUNC open updates mtime and ctime (as tmpfs).
             self.engine.setattr(inode, size=0)
+        else:
+            self.engine.stat(inode)  # ENOENT for an inode that is gone
         return self._file_info(inode, flags)
 
     @handler

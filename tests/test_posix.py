@@ -480,6 +480,32 @@ def test_chmod_chown_utime_ns(mounted, shm):
     assert stat.S_IMODE(st.st_mode) == 0o4751
 
 
+def test_open_o_trunc_and_touch_update_times(mounted, shm):
+    """O_TRUNC updates mtime and ctime even when the file is already empty (tmpfs does:
+    the open is a truncate with ATTR_MTIME|ATTR_CTIME); utime(None) sets both to now."""
+    old = 10**18  # 2001
+
+    def run(root):
+        p = os.path.join(root, "f")
+        write_file(p, b"")
+        os.utime(p, ns=(old, old))
+        os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+        a = os.stat(p).st_mtime_ns > old
+        write_file(p, b"data")
+        os.utime(p, ns=(old, old))
+        os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+        b = os.stat(p).st_mtime_ns > old and os.stat(p).st_size == 0
+        os.utime(p, ns=(old, old))
+        os.utime(p)
+        s = os.stat(p)
+        return [a, b, s.st_atime_ns > old, s.st_mtime_ns > old]
+
+    ref, got = on_both(shm, mounted.path, run)
+    assert got == ref == [True] * 4
+    mounted.restart()  # what the daemon recorded, not the kernel's cached copy
+    assert os.stat(mounted.p("f")).st_mtime_ns > old
+
+
 def test_ctime_changes(mounted):
     p = mounted.p("f")
     write_file(p, b"x" * 100)
