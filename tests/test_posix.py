@@ -546,6 +546,10 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
         write_file(j("ro"), b"ro")
         os.chmod(j("ro"), 0o644)
         os.setxattr(j("ro"), "trusted.t", b"root only")
+        write_file(j("suid"), b"s")
+        os.chmod(j("suid"), 0o6777)
+        write_file(j("shared"), b"w")
+        os.chmod(j("shared"), 0o666)
         os.setxattr(j("ro"), "user.u", b"everyone")
         os.chmod(root, 0o755)
         # as root, in the setgid directory
@@ -577,6 +581,14 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
         r["create_in_root"] = outcome(write_file, "newfile", b"")
         r["setxattr_trusted"] = outcome(os.setxattr, "sgid/mine", "trusted.x", b"1")
         r["listing"] = sorted(os.listdir("sticky"))
+        # a write by another user clears set-uid and set-gid (group-executable file)
+        r["write_suid"] = outcome(write_file, "suid", b"w")
+        r["suid_mode"] = st("suid")[2]
+        # a writer may set the times to now, not to a chosen time; nor chown
+        r["touch_shared"] = outcome(os.utime, "shared")
+        r["utime_shared"] = outcome(os.utime, "shared", ns=(1, 1))
+        r["truncate_shared"] = outcome(os.truncate, "shared", 0)
+        r["chown_shared"] = outcome(os.chown, "shared", NOBODY, -1)
         # trusted.* is invisible without CAP_SYS_ADMIN
         r["listxattr"] = sorted(x for x in os.listxattr("ro") if x != "security.selinux")
         r["getxattr_trusted"] = outcome(os.getxattr, "ro", "trusted.t")
@@ -598,6 +610,7 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
     assert got["unlink_root_file"] == got["rename_root_file"] == "EPERM"
     assert got["unlink_mine"] == "ok" and got["write_ro"] == "EACCES"
     assert got["listxattr"] == ["user.u"]
+    assert got["suid_mode"] == 0o777 and got["utime_shared"] == "EPERM"
 
 
 def test_statfs(mounted):
