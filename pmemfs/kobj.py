@@ -8,8 +8,8 @@ through a lifecycle modelled on KHO/LUO:
     NORMAL --preserve--> PRESERVED --freeze--> FROZEN   (checksum sealed, immutable)
        ^                     |  ^                 |
        +----unpreserve-------+  +---unfreeze------+
-    restart: FROZEN -> RESTORED (checksum verified) or DAMAGED (mismatch)
-             PRESERVED -> RESTORED (nothing was sealed; reported as unverified)
+    restart: FROZEN -> RESTORED (checksum verified) or DAMAGED (mismatch);
+             an object only PRESERVED stays so: without a freeze there was no handover
     RESTORED --retrieve--> RETRIEVED --finish--> NORMAL
     finish: RESTORED/DAMAGED objects nobody retrieved are reported (and freed on request)
 
@@ -183,8 +183,8 @@ class KernelObjects:
         length = sum(fm.cnt) * e.block_size if fm else 0
         state = int(e.I["kstate"][ino])
         value = int(e.I["kchecksum"][ino])
-        checksum = {FROZEN: "sealed", RESTORED: "verified" if value else "unsealed",
-                    DAMAGED: "mismatch", RETRIEVED: "verified" if value else "unsealed"}.get(state, "none")
+        checksum = {FROZEN: "sealed", RESTORED: "verified", DAMAGED: "mismatch",
+                    RETRIEVED: "verified"}.get(state, "none")
         return ObjectInfo(name, ino, TYPE_NAMES.get(int(e.I["ktype"][ino]), f"unknown-{int(e.I['ktype'][ino])}"),
                           int(e.I["kversion"][ino]), int(e.I["size"][ino]), start, length,
                           bool(int(e.I["flags"][ino]) & FLAG_PINNED),
@@ -273,9 +273,6 @@ class KernelObjects:
                 ok = self.payload_checksum(ino) == int(self.e.I["kchecksum"][ino])
                 changes[ino] = (RESTORED if ok else DAMAGED, None)
                 report[name] = "restored" if ok else "damaged"
-            elif state == PRESERVED:
-                changes[ino] = (RESTORED, 0)
-                report[name] = "restored (unsealed)"
         if changes or self.frozen():
             self._set_state(changes, NS_OPEN)
         return report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 
 from .engine import Engine
-from .format import KIND_DIR, KIND_REG, KIND_SYMLINK, ROOT_INO
+from .format import KIND_DIR, KIND_KOBJ, KIND_REG, KIND_SYMLINK, ROOT_INO
 
 
 def snapshot(engine: Engine) -> dict:
@@ -24,7 +24,7 @@ def snapshot(engine: Engine) -> dict:
             st = engine.stat(child)
             p = path + b"/" + name
             content = None
-            if st.kind == KIND_REG:
+            if st.kind in (KIND_REG, KIND_KOBJ):
                 h = hashlib.sha256()
                 pos = 0
                 while pos < st.size:
@@ -35,8 +35,12 @@ def snapshot(engine: Engine) -> dict:
             elif st.kind == KIND_SYMLINK:
                 content = engine.readlink(child)
             xattrs = tuple(sorted((n, engine.getxattr(child, n)) for n in engine.listxattr(child)))
-            tree[p] = (st.kind, st.mode, st.uid, st.gid, st.size, st.nlink, st.blocks, st.rdev, content, xattrs)
+            kobj = (int(engine.I["ktype"][child]), int(engine.I["kstate"][child]),
+                    int(engine.I["kchecksum"][child]), st.flags) if st.kind == KIND_KOBJ else None
+            tree[p] = (st.kind, st.mode, st.uid, st.gid, st.size, st.nlink, st.blocks, st.rdev, content, xattrs,
+                       kobj)
             if st.kind == KIND_DIR:
                 stack.append((p, child))
     fs = engine.statfs()
-    return {"tree": tree, "blocks_free": fs["blocks_free"], "files_free": fs["files_free"]}
+    return {"tree": tree, "blocks_free": fs["blocks_free"], "files_free": fs["files_free"],
+            "kernel_frozen": engine.kernel.frozen()}

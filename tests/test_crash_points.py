@@ -42,6 +42,10 @@ def populate(e: Engine) -> None:
     big = e.create(1, b"big", 0o644).ino
     for blk in (0, 2, 4):  # three extents with holes between them
         e.write(big, blk * 2 * MiB + 10, b"x" * 1000)
+    e.kernel.create("obj", "dma-buffer", 100_000)
+    e.write(e.kernel.info("obj").ino, 0, b"payload" * 1000)
+    e.kernel.preserve("obj")
+    e.kernel.create("obj2", "device-state", 4096)
 
 
 def ino(e: Engine, *path: bytes) -> int:
@@ -87,6 +91,11 @@ OPERATIONS = {
     "setxattr_replace": lambda e: e.setxattr(ino(e, b"a"), b"user.x", b"2" * 700),
     "removexattr": lambda e: e.removexattr(ino(e, b"a"), b"user.x"),
     "chmod_chown": lambda e: e.setattr(ino(e, b"a"), mode=0o640, uid=7, gid=8),
+    "kobj_create": lambda e: e.kernel.create("new", "iommu-page-table", 3 * MiB),
+    "kobj_preserve": lambda e: e.kernel.preserve("obj2"),
+    "kobj_unpreserve": lambda e: e.kernel.unpreserve("obj"),
+    "kobj_freeze": lambda e: e.kernel.freeze(),
+    "kobj_remove": lambda e: e.kernel.remove("obj2"),
 }
 
 
@@ -154,7 +163,7 @@ def template(tmp_path_factory):
     from pmemfs.mkfs import make_filesystem
 
     path = f"/dev/shm/pmemfs-crash-template-{os.getpid()}.region"
-    make_filesystem(path, size=16 * MiB, inodes=64)
+    make_filesystem(path, size=32 * MiB, inodes=64)
     e = Engine(path)
     populate(e)
     e.close()
