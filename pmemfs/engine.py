@@ -876,7 +876,21 @@ class Engine:
         holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
         need = sum(c for _, c in holes)
         if need > self.alloc.free:
-            raise FsError(errno.ENOSPC)
+            # As tmpfs: store what fits, up to the first block that cannot be had, and
+            # return a short count; only a write that can store nothing is ENOSPC.
+            budget = self.alloc.free
+            cut = end
+            for fb, count in holes:
+                if count > budget:
+                    cut = (fb + budget) * bs
+                    break
+                budget -= count
+            if cut <= offset:
+                raise FsError(errno.ENOSPC)
+            data = memoryview(data).cast("B")[:cut - offset]
+            n, end = cut - offset, cut
+            new_size = max(old_size, end)
+            holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
         if holes and not self._have_slots("extent", len(holes)):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:

@@ -501,3 +501,22 @@ def test_enospc_and_recovery(engine):
     engine.unlink(R, b"big")
     assert engine.statfs()["blocks_free"] == total
     assert engine.write(other, 0, b"x" * MB2) == MB2
+
+
+def test_write_short_at_enospc(engine):
+    """As tmpfs: a write that can store some bytes stores them and returns a short
+    count; only a write that can store nothing fails with ENOSPC."""
+    mib = 1 << 20
+    total = engine.statfs()["blocks_free"]
+    mkfile(engine, R, b"filler", b"f" * ((total - 1) * MB2))
+    ino = mkfile(engine, R, b"f", b"a" * (mib // 2))  # takes the last free block
+    assert engine.statfs()["blocks_free"] == 0
+    data = b"b" * mib
+    assert engine.write(ino, 3 * mib // 4, data) == mib  # inside the allocated block
+    assert engine.write(ino, 3 * mib // 2, data) == mib // 2  # half of it fits
+    assert engine.stat(ino).size == MB2
+    assert read_all(engine, ino) == b"a" * (mib // 2) + bytes(mib // 4) + b"b" * (5 * mib // 4)
+    assert err(engine.write, ino, MB2, b"x") == errno.ENOSPC
+    assert engine.stat(ino).size == MB2
+    engine.unlink(R, b"filler")
+    assert engine.write(ino, MB2, b"x") == 1

@@ -681,6 +681,15 @@ def test_enospc_and_recovery(mounted):
     assert os.statvfs(mounted.path).f_bfree == 0
     assert os.stat(p).st_size == total * MB2
     assert outcome(write_file, mounted.p("other"), b"x") == "ENOSPC"
+    # a write running past the last allocated block stores what fits (short count),
+    # as on tmpfs, and only the next one fails
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"E" * (1 << 20), total * MB2 - 4096) == 4096
+        assert outcome(os.pwrite, fd, b"E", total * MB2) == "ENOSPC"
+    finally:
+        os.close(fd)
+    assert os.stat(p).st_size == total * MB2
     assert os.stat(mounted.p("other")).st_size == 0
     # metadata operations and writes inside allocated blocks still work
     os.mkdir(mounted.p("d"))
@@ -689,8 +698,8 @@ def test_enospc_and_recovery(mounted):
     drop_caches()
     with open(p, "rb") as f:
         assert f.read(4) == b"okFF"
-        f.seek(total * MB2 - 4)
-        assert f.read() == b"FFFF"
+        f.seek(total * MB2 - 4100)
+        assert f.read() == b"FFFF" + b"E" * 4096
     os.unlink(p)
     assert wait_for(lambda: os.statvfs(mounted.path).f_bfree == total)
     write_file(mounted.p("other"), b"y" * (3 * MB2))
