@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("guest_memory.py", ["--size", "96M"]),
     ("guest_keeps_writing.py", ["--restarts", "2", "--seconds", "0.5"]),
     ("clean_vs_unclean.py", []),
+    ("iommu_dma.py", ["--guest", "16M", "--seconds", "0.4"]),
 ])
 def test_demo(script, args):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args],
