@@ -239,7 +239,7 @@ def test_random_operations_match_tmpfs(region_factory, mount_factory):
     try:
         run_state_machine_as_test(
             lambda: Model(m.path, ref),
-            settings=settings(max_examples=50, stateful_step_count=30, deadline=None,
+            settings=settings(max_examples=40, stateful_step_count=25, deadline=None,
                               database=None))
     finally:
         os.umask(old_umask)

@@ -589,6 +589,9 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
         r["utime_shared"] = outcome(os.utime, "shared", ns=(1, 1))
         r["truncate_shared"] = outcome(os.truncate, "shared", 0)
         r["chown_shared"] = outcome(os.chown, "shared", NOBODY, -1)
+        # set-gid on a file whose group the caller is not in is dropped by chmod
+        r["chmod_sgid_mine"] = outcome(os.chmod, "sgid/mine", 0o2755)
+        r["mine_mode"] = st("sgid/mine")[2]
         # trusted.* is invisible without CAP_SYS_ADMIN
         r["listxattr"] = sorted(x for x in os.listxattr("ro") if x != "security.selinux")
         r["getxattr_trusted"] = outcome(os.getxattr, "ro", "trusted.t")
