@@ -18,13 +18,14 @@ class NoSpace(Exception):
 
 class BlockAllocator:
     def __init__(self, bitmap: np.ndarray, badmap: np.ndarray, bitmap_offset: int,
-                 block_count: int, data_start: int):
+                 block_count: int, data_start: int, block_size: int = 2 << 20):
         self.bitmap = bitmap
         self.badmap = badmap
         self.bitmap_offset = bitmap_offset
         self.block_count = block_count
         self.data_start = data_start
         self.free = int(np.count_nonzero(~self._unavailable()))
+        self._chunk = max(1, (1 << 30) // block_size)
 
     def _unavailable(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """Boolean array: block unusable (used or bad), for blocks [start, end)."""
@@ -40,16 +41,20 @@ class BlockAllocator:
         """(starts, lengths) of all free runs, in block order."""
         free = ~self._unavailable()
         free[: self.data_start] = False
-        edges = np.diff(np.concatenate(([0], free.view(np.int8), [0])))
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        return starts, ends - starts
+        return _runs(free)
 
-    def find(self, count: int, goal: int | None = None) -> list[tuple[int, int]]:
+    def find(self, count: int, goal: int | None = None, aligned: bool = False,
+             phase: int = 0) -> list[tuple[int, int]]:
         """Choose free runs totalling `count` blocks; marks nothing.
 
-        Prefers a run starting at `goal` (so a growing file stays one extent), then the
-        first run that fits whole, then the largest runs.
+        1. A run starting at `goal` (so a growing file stays one extent).
+        2. With `aligned` (a big file) or `count` of a GiB or more: whole free GiB-aligned
+           chunks, so VMMs can map them with PUD entries; the first at offset `phase`
+           (the file block's offset inside its GiB) so the file and region GiBs line up.
+        3. Otherwise fragments first: free blocks outside wholly free aligned chunks,
+           the first run that fits whole, else the largest runs, so small files do not
+           break up the aligned runs big files need.
+        4. Whatever is left, from the aligned chunks.
         """
         if count > self.free:
             raise NoSpace
@@ -61,33 +66,60 @@ class BlockAllocator:
             if taken:
                 runs.append((goal, taken))
                 need -= taken
-        if need:
-            starts, lengths = self.free_runs()
-            if runs:  # do not hand out the goal run twice
-                g0, gn = runs[0]
-                keep = (starts + lengths <= g0) | (starts > g0 + gn - 1)
-                inside = np.flatnonzero(~keep)
-                starts, lengths = starts.copy(), lengths.copy()
-                for i in inside:  # at most one run contains the goal run
-                    end = starts[i] + lengths[i]
-                    starts[i] = g0 + gn
-                    lengths[i] = end - starts[i]
-                ok = lengths > 0
-                starts, lengths = starts[ok], lengths[ok]
+        if not need:
+            return runs
+        free = ~self._unavailable()
+        free[: self.data_start] = False
+        for pb, n in runs:
+            free[pb:pb + n] = False
+        chunk = self.chunk_blocks
+        chunk_free = self._free_chunks(free)
+        if chunk > 1 and (aligned or need >= chunk):
+            phase %= chunk
+            for c in np.flatnonzero(chunk_free).tolist():
+                n = min(chunk - phase, need)
+                runs.append((c * chunk + phase, n))
+                free[c * chunk + phase:c * chunk + phase + n] = False
+                need -= n
+                phase = 0
+                if not need:
+                    return runs
+        fragments = free.copy()
+        if chunk > 1:
+            fragments[: len(chunk_free) * chunk].reshape(-1, chunk)[chunk_free] = False
+        for mask in (fragments, free):
+            starts, lengths = _runs(mask)
             fit = np.flatnonzero(lengths >= need)
             if len(fit):
                 runs.append((int(starts[fit[0]]), need))
-                need = 0
-            else:
-                for i in np.argsort(-lengths, kind="stable"):
-                    n = min(int(lengths[i]), need)
-                    runs.append((int(starts[i]), n))
-                    need -= n
-                    if not need:
-                        break
-        if need:
-            raise NoSpace
-        return runs
+                return runs
+            for i in np.argsort(-lengths, kind="stable").tolist():
+                n = min(int(lengths[i]), need)
+                runs.append((int(starts[i]), n))
+                free[starts[i]:starts[i] + n] = False
+                need -= n
+                if not need:
+                    return runs
+            # What the fragments could not give comes from the aligned chunks.
+        raise NoSpace
+
+    @property
+    def chunk_blocks(self) -> int:
+        """Blocks in a GiB-aligned chunk (1 when blocks are 1 GiB already)."""
+        return self._chunk
+
+    def _free_chunks(self, free: np.ndarray) -> np.ndarray:
+        """Per aligned chunk: True when every block of it is free."""
+        chunk = self._chunk
+        n = len(free) // chunk
+        if chunk <= 1 or not n:
+            return np.zeros(0, bool)
+        return free[: n * chunk].reshape(n, chunk).all(axis=1)
+
+    def free_chunk_count(self) -> int:
+        free = ~self._unavailable()
+        free[: self.data_start] = False
+        return int(self._free_chunks(free).sum())
 
     def find_contiguous(self, count: int, align: int = 1) -> int:
         """Start of a free run of `count` blocks whose start is a multiple of `align`."""
@@ -109,3 +141,10 @@ class BlockAllocator:
         bits[lo:lo + count] = 1 if used else 0
         self.bitmap[b0:b1] = np.packbits(bits, bitorder="little")
         self.free += -count if used else count
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the runs of True in a boolean array."""
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    return starts, np.flatnonzero(edges == -1) - starts

@@ -66,7 +66,8 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-FREE_BATCH = 2048  # extents freed per transaction when a large file goes away
+FREE_BATCH = 2048
+GROWTH_MIGRATE_BLOCKS = 16  # a file this many blocks long is moved to an aligned GiB run  # extents freed per transaction when a large file goes away
 RELATIME_NS = 24 * 3600 * 10**9
 
 _DIRENT_KIND = {KIND_REG: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK,
@@ -226,7 +227,8 @@ class Engine:
         self.I = {name: t.inodes[name] for name in INODE_DTYPE.names}
         self.hwm = {name: int(self.sbv[f"{name}_hwm"][0]) for name in TABLE_NAMES}
         self.alloc = BlockAllocator(t.bitmap, t.badmap, self.geometry.offsets["bitmap"],
-                                    self.geometry.block_count, self.geometry.data_start_block)
+                                    self.geometry.block_count, self.geometry.data_start_block,
+                                    self.geometry.block_size)
         ih, eh, dh, bh = (self.hwm[n] for n in TABLE_NAMES)
         kinds = t.inodes["kind"][:ih]
         self.free_slots = {
@@ -761,8 +763,17 @@ class Engine:
 
     def _allocate(self, tx: Transaction, ino: int, fm: FileMap, fb: int, count: int) -> list[tuple[int, int, int]]:
         """Give file blocks [fb, fb+count) region blocks; returns (fb, pb, n) pieces."""
+        chunk = self.alloc.chunk_blocks
+        goal = self._goal(fm, fb)
+        if chunk > 1 and fb == GROWTH_MIGRATE_BLOCKS and goal is not None:
+            goal = self._promote(tx, ino, fm, fb) or goal
+        # A big file (by size, or past its first GiB) keeps each GiB of itself in one
+        # aligned GiB run of the region, block i of the GiB at offset i of the run.
+        big = chunk > 1 and (int(self.I["size"][ino]) >= chunk * self.block_size or fb >= chunk)
+        if big and goal is None:
+            goal = self._home(fm, fb)
         try:
-            runs = self.alloc.find(count, self._goal(fm, fb))
+            runs = self.alloc.find(count, goal, aligned=big, phase=fb % chunk)
         except NoSpace:
             raise FsError(errno.ENOSPC) from None
         pieces = []
@@ -774,6 +785,50 @@ class Engine:
         self._save_inode(tx, ino)
         self.I["nblocks"][ino] += count
         return pieces
+
+    def _home(self, fm: FileMap, fb: int) -> int | None:
+        """Where fb goes if its GiB of the file already has blocks in an aligned run."""
+        chunk = self.alloc.chunk_blocks
+        g0 = fb - fb % chunk
+        i = max(0, bisect_right(fm.fblk, fb) - 1)
+        for j in (i, i + 1):
+            if j >= len(fm.fblk):
+                break
+            lo, hi = max(fm.fblk[j], g0), min(fm.fblk[j] + fm.cnt[j], g0 + chunk)
+            if lo >= hi:
+                continue
+            sibling = fm.pblk[j] + (lo - fm.fblk[j])
+            candidate = sibling + (fb - lo)
+            if candidate // chunk == sibling // chunk and candidate % chunk == fb % chunk:
+                return candidate
+        return None
+
+    def _promote(self, tx: Transaction, ino: int, fm: FileMap, fb: int) -> int | None:
+        """Move a sequentially growing file's first blocks to a free aligned GiB run.
+
+        Its first blocks went where small files go (nobody knew it would grow); once it
+        is GROWTH_MIGRATE_BLOCKS long and still one extent, copying them (32 MiB at 2 MiB
+        blocks) buys aligned GiB runs for the rest of it. Returns the new goal.
+        """
+        if len(fm) != 1 or fm.fblk[0] != 0 or fm.cnt[0] != fb or fm.pblk[0] % self.alloc.chunk_blocks == 0:
+            return None
+        if self.alloc.free_chunk_count() == 0:
+            return None
+        chunk = self.alloc.chunk_blocks
+        try:
+            ((start, _),) = self.alloc.find(chunk, None, aligned=True)[:1]
+        except (NoSpace, ValueError):
+            return None
+        if start % chunk:
+            return None
+        old, n, bs = fm.pblk[0], fm.cnt[0], self.block_size
+        self.alloc.mark(tx, start, n, True)
+        self.u8[start * bs:(start + n) * bs] = self.u8[old * bs:(old + n) * bs]
+        self._save_extent(tx, fm.slot[0])
+        self.t.extents["start_block"][fm.slot[0]] = start
+        fm.pblk[0] = start
+        self.alloc.mark(tx, old, n, False)
+        return start + n
 
     def _save_extent(self, tx: Transaction, slot: int) -> None:
         tx.save_record(self.t.extents, self.offsets["extent"], slot)
