@@ -44,7 +44,7 @@ class BlockAllocator:
         return _runs(free)
 
     def find(self, count: int, goal: int | None = None, aligned: bool = False,
-             phase: int = 0) -> list[tuple[int, int]]:
+             phase: int = 0, avoid: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """Choose free runs totalling `count` blocks; marks nothing.
 
         1. A run starting at `goal` (so a growing file stays one extent).
@@ -55,6 +55,7 @@ class BlockAllocator:
            the first run that fits whole, else the largest runs, so small files do not
            break up the aligned runs big files need.
         4. Whatever is left, from the aligned chunks.
+        Blocks in [avoid[0], avoid[1]) are never chosen.
         """
         if count > self.free:
             raise NoSpace
@@ -70,6 +71,8 @@ class BlockAllocator:
             return runs
         free = ~self._unavailable()
         free[: self.data_start] = False
+        if avoid:
+            free[avoid[0]:avoid[1]] = False
         for pb, n in runs:
             free[pb:pb + n] = False
         chunk = self.chunk_blocks

@@ -428,6 +428,83 @@ def kernel_finish(reclaim, mountpoint):
     click.echo(f"finish: {len(unclaimed)} {what}" + (f": {', '.join(unclaimed)}" if unclaimed else ""))
 
 
+def _on_pmemfs(path: str) -> str:
+    """The mountpoint of the pmemfs holding path (one-line error when there is none)."""
+    from .mounting import mounts
+
+    real = os.path.realpath(path)
+    best = ""
+    for m in mounts():
+        if m.fstype == "fuse.pmemfs" and (real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")):
+            best = max(best, m.mountpoint, key=len)
+    if not best:
+        raise RegionError(f"{path}: not on a mounted pmemfs")
+    return best
+
+
+def _xattr_call(what: str, fn, *args):
+    try:
+        return fn(*args)
+    except OSError as e:
+        hint = {28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
+                16: " (the file is pinned or mapped directly)", 39: " (the destination must be empty)",
+                22: " (offset and length must be multiples of the block size, inside the file)"}
+        raise click.ClickException(f"{what}: {e.strerror}{hint.get(e.errno, '')}") from None
+
+
+@cli.command("prealloc")
+@click.option("--align", type=click.Choice(["2M", "1G"], case_sensitive=False), default=None,
+              help="Alignment of the space (default: the file's policy, else the block size).")
+@click.argument("file")
+@click.argument("size", type=Size())
+def prealloc_command(align, file, size):
+    """Reserve contiguous, aligned space for FILE up to SIZE (like fallocate), in one step."""
+    _on_pmemfs(os.path.dirname(os.path.abspath(file)))
+    os.close(os.open(file, os.O_CREAT | os.O_WRONLY, 0o644))  # as fallocate(1), make it if missing
+    value = f"{size}:{align.upper()}" if align else str(size)
+    _xattr_call(f"prealloc {file}", os.setxattr, file, b"user.pmemfs.prealloc", value.encode())
+    import json as _json
+
+    exts = _json.loads(os.getxattr(file, b"user.pmemfs.extents"))
+    click.echo(f"{file}: {human(os.stat(file).st_size)} in {len(exts)} extent(s)")
+
+
+@cli.command("carve")
+@click.argument("src")
+@click.argument("offset", type=Size())
+@click.argument("length", type=Size())
+@click.argument("dst")
+def carve_command(src, offset, length, dst):
+    """Move LENGTH bytes at OFFSET of SRC into a new file DST without copying (SRC keeps a hole)."""
+    mp = _on_pmemfs(src)
+    if _on_pmemfs(os.path.dirname(os.path.abspath(dst)) or ".") != mp:
+        raise RegionError(f"{dst}: not on the same pmemfs as {src}")
+    if os.path.exists(dst):
+        raise RegionError(f"{dst}: exists; carve makes a new file")
+    rel = os.path.relpath(os.path.realpath(src), mp)
+    fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        _xattr_call(f"carve {src}", os.setxattr, dst, b"user.pmemfs.carve",
+                    json.dumps({"src": rel, "offset": offset, "length": length}).encode())
+    except BaseException:
+        os.unlink(dst)
+        raise
+    click.echo(f"{dst}: {human(length)} carved out of {src} at offset {offset}")
+
+
+@cli.command("defrag")
+@click.argument("mountpoint")
+def defrag_command(mountpoint):
+    """Move unpinned file data to rebuild free aligned 1 GiB runs; report what it gained."""
+    mp = _on_pmemfs(mountpoint)
+    _xattr_call("defrag", os.setxattr, mp, b"trusted.pmemfs.defrag", b"")
+    r = json.loads(os.getxattr(mp, b"trusted.pmemfs.defrag"))
+    click.echo(f"defrag: free aligned 1 GiB runs {r['aligned_runs_before']} -> {r['aligned_runs_after']}, "
+               f"moved {r['blocks_moved']} blocks of {r['files_moved']} files "
+               f"({r['skipped_pinned_or_mapped']} pinned or mapped files left in place)")
+
+
 _main = run(cli, "pmemfs")
 
 

@@ -9,6 +9,10 @@ kernel's own xattr permission rules apply (trusted.* needs CAP_SYS_ADMIN):
            retrieve, rm;  freeze / unfreeze take "", finish takes "" or "reclaim"
   getxattr(MOUNT/.kernel/NAME, "trusted.pmemfs.kernel")  -> JSON of the object
   getxattr(FILE, "user.pmemfs.extents")                   -> JSON [[file offset, region offset, length], ...]
+  setxattr(FILE, "user.pmemfs.prealloc", "SIZE[:2M|1G]")   reserve contiguous, aligned space
+  setxattr(FILE|DIR, "user.pmemfs.align", "2M"|"1G")       placement policy (stored, inherited)
+  setxattr(DST, "user.pmemfs.carve", JSON {src, offset, length})   src: path from the mount root
+  setxattr(MOUNT, "trusted.pmemfs.defrag", "")             then getxattr(..."trusted.pmemfs.defrag") -> report
 
 Virtual attributes are never stored and never listed. pmemfs.kernel wraps this.
 """
@@ -25,6 +29,10 @@ PREFIX = b"trusted.pmemfs."
 USER_PREFIX = b"user.pmemfs."
 KERNEL = b"trusted.pmemfs.kernel"
 EXTENTS = b"user.pmemfs.extents"
+PREALLOC = b"user.pmemfs.prealloc"
+ALIGN = b"user.pmemfs.align"
+CARVE = b"user.pmemfs.carve"
+DEFRAG = b"trusted.pmemfs.defrag"
 
 
 def is_control(name: bytes) -> bool:
@@ -32,6 +40,14 @@ def is_control(name: bytes) -> bool:
 
 
 def query(engine: Engine, ino: int, name: bytes, ctx: Ctx) -> bytes:
+    if name == ALIGN:
+        return engine.getxattr(ino, name)
+    if name == DEFRAG and ino == ROOT_INO:
+        _root(ctx)
+        report = getattr(engine, "last_defrag", None)
+        if report is None:
+            raise FsError(errno.ENODATA)
+        return json.dumps(report.as_dict()).encode()
     if name == EXTENTS:
         bs = engine.block_size
         return json.dumps([[fb * bs, pb * bs, n * bs] for fb, pb, n in engine.extents(ino)]).encode()
@@ -47,7 +63,40 @@ def query(engine: Engine, ino: int, name: bytes, ctx: Ctx) -> bytes:
     raise FsError(errno.ENODATA)
 
 
-def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> None:
+def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> list[int]:
+    """Carry out a command; returns inodes whose cached pages the kernel must drop."""
+    from . import placement
+
+    if name == ALIGN:
+        placement.parse_align(value)
+        engine.setxattr(ino, name, value.strip().upper(), 0, ctx)
+        return []
+    if name == PREALLOC:
+        text = value.decode(errors="replace").strip()
+        size_text, _, align_text = text.partition(":")
+        from .cli import parse_size
+
+        try:
+            size = parse_size(size_text)
+        except Exception:
+            raise FsError(errno.EINVAL) from None
+        align = placement.parse_align(align_text.encode()) if align_text else 0
+        placement.prealloc(engine, ino, size, align)
+        return []
+    if name == CARVE:
+        try:
+            req = json.loads(value)
+            src = engine.resolve(str(req["src"]).encode(errors="surrogateescape"))
+            offset, length = int(req["offset"]), int(req["length"])
+        except (ValueError, KeyError, TypeError):
+            raise FsError(errno.EINVAL) from None
+        engine.check_access(src, ctx, write=True)
+        placement.carve(engine, src, offset, length, ino)
+        return [src]
+    if name == DEFRAG and ino == ROOT_INO:
+        _root(ctx)
+        engine.last_defrag = placement.defrag(engine)
+        return []
     if not name.startswith(KERNEL + b".") or ino != ROOT_INO:
         raise FsError(errno.EPERM if name.startswith(USER_PREFIX) else errno.EOPNOTSUPP)
     _root(ctx)
@@ -70,6 +119,7 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> No
         k.finish(reclaim=arg == "reclaim", ctx=ctx)
     else:
         raise FsError(errno.EOPNOTSUPP)
+    return []
 
 
 def _root(ctx: Ctx) -> None:

@@ -69,6 +69,7 @@ RENAME_EXCHANGE = 2
 FREE_BATCH = 2048
 GROWTH_MIGRATE_BLOCKS = 16  # a file this many blocks long is moved to an aligned GiB run  # extents freed per transaction when a large file goes away
 RELATIME_NS = 24 * 3600 * 10**9
+ALIGN_POLICY = b"user.pmemfs.align"  # placement policy xattr, inherited by new files
 
 _DIRENT_KIND = {KIND_REG: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK,
                 KIND_FIFO: stat.S_IFIFO, KIND_SOCK: stat.S_IFSOCK, KIND_CHR: stat.S_IFCHR,
@@ -381,6 +382,10 @@ class Engine:
                    3 if kind == KIND_DIR else 0, 0, 0, 0, 0, b"\0" * 16, 0)
         if kind == KIND_DIR:
             self.children[ino] = {}
+        policy = self.xattrs.get(parent, {}).get(ALIGN_POLICY)
+        if policy is not None and kind in (KIND_REG, KIND_DIR):  # inherited, as XFS's extsize
+            value = self._read_blob(policy)[1]
+            self.xattrs.setdefault(ino, {})[ALIGN_POLICY] = self._write_blob(tx, ino, BLOB_XATTR, ALIGN_POLICY, value)
         return ino
 
     def _touch(self, tx: Transaction, ino: int, *, m: bool = False, c: bool = True,
@@ -769,7 +774,8 @@ class Engine:
             goal = self._promote(tx, ino, fm, fb) or goal
         # A big file (by size, or past its first GiB) keeps each GiB of itself in one
         # aligned GiB run of the region, block i of the GiB at offset i of the run.
-        big = chunk > 1 and (int(self.I["size"][ino]) >= chunk * self.block_size or fb >= chunk)
+        big = chunk > 1 and (int(self.I["size"][ino]) >= chunk * self.block_size or fb >= chunk
+                             or self._wants_gigantic(ino))
         if big and goal is None:
             goal = self._home(fm, fb)
         try:
@@ -785,6 +791,10 @@ class Engine:
         self._save_inode(tx, ino)
         self.I["nblocks"][ino] += count
         return pieces
+
+    def _wants_gigantic(self, ino: int) -> bool:
+        slot = self.xattrs.get(ino, {}).get(ALIGN_POLICY)
+        return slot is not None and self._read_blob(slot)[1] == b"1G"
 
     def _home(self, fm: FileMap, fb: int) -> int | None:
         """Where fb goes if its GiB of the file already has blocks in an aligned run."""
@@ -1091,6 +1101,28 @@ class Engine:
             self.region.sync()
 
     # ----------------------------------------------------------- directories
+    def resolve(self, path: bytes) -> int:
+        """Inode of a path relative to the root (no symlinks followed)."""
+        ino = ROOT_INO
+        for part in path.strip(b"/").split(b"/"):
+            if part:
+                ino = self.lookup(ino, part)
+        return ino
+
+    def check_access(self, ino: int, ctx: Ctx, write: bool = False, groups: tuple[int, ...] = ()) -> None:
+        """Permission check for work the kernel cannot check for us (control commands)."""
+        if ctx.uid == 0:
+            return
+        mode = int(self.I["mode"][ino])
+        if ctx.uid == int(self.I["uid"][ino]):
+            bits = mode >> 6
+        elif ctx.gid == int(self.I["gid"][ino]) or int(self.I["gid"][ino]) in groups:
+            bits = mode >> 3
+        else:
+            bits = mode
+        if not bits & (2 if write else 4):
+            raise FsError(errno.EACCES)
+
     def opendir(self, ino: int) -> None:
         """Fail now (ENOENT, ENOTDIR) rather than at the first readdir."""
         self._dir(ino)

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import pyfuse3
@@ -249,7 +250,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode, name, value, ctx):
         if control.is_control(name):
-            control.command(self.engine, inode, name, value, _ctx(ctx))
+            for ino in control.command(self.engine, inode, name, value, _ctx(ctx)):
+                _drop_cached_pages(ino)
             return
         self.engine.setxattr(inode, name, value, 0, _ctx(ctx))
 
@@ -269,6 +271,21 @@ class Operations(pyfuse3.Operations):
     @handler
     async def removexattr(self, inode, name, ctx):
         self.engine.removexattr(inode, name, _ctx(ctx))
+
+
+def _drop_cached_pages(ino: int) -> None:
+    """Ask the kernel to forget ino's cached pages (their bytes moved away).
+
+    Done from a thread, after the request that moved them has been answered, so the
+    kernel never waits on the daemon's one trio thread.
+    """
+    def run() -> None:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except Exception:
+            log.exception("invalidating the cache of inode %d failed", ino)
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def _after(snapshot: list[tuple[int, bytes, int]], cookie: int) -> int:
