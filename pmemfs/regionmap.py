@@ -350,7 +350,7 @@ def render(view: MapView, color: bool = True) -> list:
         gib_row = off % BLOCK_1G == 0
         line = Text()
         line.append(f"{label:>{width}} ", style="bold" if gib_row else "dim")
-        line.append("▶" if gib_row and lay.cells_per_gib >= lay.cols else "│", style="bold" if gib_row else "dim")
+        line.append("▶" if gib_row else "│", style="bold" if gib_row else "dim")
         for k, i in enumerate(idx):
             if lay.separators and k and (i * lay.group) % rm.blocks_per_gib == 0:
                 line.append("┊", style="dim")
