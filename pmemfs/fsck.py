@@ -865,7 +865,7 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
             for f in fs:
                 seen.setdefault(f.key, f)
     r.commit()
-    final = _table_checks(t, sb, r.hwm)
+    final = _table_checks(t, sb, r.hwm) if report.passes else first
     left = {f.key for fs in final.values() for f in fs}
     by_check: dict[str, list[Finding]] = {n: [] for n in check.TABLE_CHECKS}
     for f in seen.values():
