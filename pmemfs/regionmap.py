@@ -390,6 +390,7 @@ def write_png(view: MapView, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     from .cli import human
@@ -398,11 +399,13 @@ def write_png(view: MapView, out: str) -> None:
     rgb = np.ones((lay.rows * lay.cols, 3))
     palette = np.array([to_rgb(HEX[c]) for c in range(len(CLASS_NAMES))])
     rgb[: lay.cells] = palette[view.dominant]
-    mixed = np.flatnonzero(~view.uniform)
-    rgb[mixed] = 0.55 * rgb[mixed] + 0.45  # a mixed cell: its majority's colour, paler
+    mixed = np.flatnonzero(~view.uniform)  # a mixed cell: its majority's colour and a dot
     img = rgb.reshape(lay.rows, lay.cols, 3)
     fig, ax = plt.subplots(figsize=(max(6.0, lay.cols * 0.16 + 2), max(2.5, lay.rows * 0.16 + 2)), dpi=100)
     ax.imshow(img, interpolation="nearest", aspect="equal")
+    if len(mixed):
+        ax.scatter(mixed % lay.cols, mixed // lay.cols, s=max(1.0, 40.0 / max(1, lay.cols // 16)),
+                   c="#333333", marker="o", linewidths=0)
     ax.set_xticks([])
     rows = view.rows()
     step = max(1, len(rows) // 16)
@@ -413,16 +416,16 @@ def write_png(view: MapView, out: str) -> None:
         for r, (off, _) in enumerate(rows):
             if off % BLOCK_1G == 0 and r:
                 ax.axhline(r - 0.5, color="black", linewidth=1.2)
-    elif cpg:
+    elif cpg:  # every row starts on a GiB; some rows hold several
         for x in range(cpg, lay.cols, cpg):
-            ax.axvline(x - 0.5, color="black", linewidth=1.2)
-        if lay.cols == cpg:
-            for r in range(1, lay.rows):
-                ax.axhline(r - 0.5, color="black", linewidth=0.6)
+            ax.axvline(x - 0.5, color="black", linewidth=1.2 if cpg > 1 else 0.4)
+        for r in range(1, lay.rows):
+            ax.axhline(r - 0.5, color="black", linewidth=1.2 if cpg > 1 else 0.4)
     counts = np.bincount(view.classes, minlength=len(CLASS_NAMES))
     handles = [Patch(facecolor=HEX[c], edgecolor="grey", label=f"{CLASS_NAMES[c]} ({int(counts[c])})")
                for c in (FREE, FILE, KOBJ, META, BAD, LEAKED) if c not in (BAD, LEAKED) or counts[c]]
-    handles.append(Patch(facecolor=(0.8, 0.8, 0.8), edgecolor="grey", label="mixed (paler)"))
+    handles.append(Line2D([], [], color="#333333", marker="o", linestyle="", markersize=4,
+                          label="mixed cell (colour of its majority)"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=min(4, len(handles)),
               fontsize=8, frameon=False)
     g = lay.group
