@@ -58,6 +58,7 @@ from .format import (
     Tables,
 )
 from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
+from .leases import Leases
 from .region import Region
 
 log = logging.getLogger("pmemfs.engine")
@@ -164,6 +165,7 @@ class Engine:
 
     # ------------------------------------------------------------------ mount
     def _open(self, readonly: bool, crash: CrashPoints | None, check_on_mount: bool) -> None:
+        self.leases = Leases()  # directly mapped files (in memory only: see leases.py)
         buf = self.region.buf
         if bytes(buf[:8]) != MAGIC:  # the magic never changes, even mid-transaction
             raise MountError(f"{self.path}: not a pmemfs region (no superblock magic); "
@@ -531,6 +533,8 @@ class Engine:
             raise FsError(errno.EISDIR)
         if int(self.I["flags"][ino]) & FLAG_PINNED:
             raise FsError(errno.EBUSY)
+        if int(self.I["nlink"][ino]) == 1 and self.leases.held(ino):
+            raise FsError(errno.EBUSY, "the file is mapped directly (leased)")
         with self.transaction() as tx:
             now = time.time_ns()
             self._remove_dirent(tx, parent, name)
@@ -630,6 +634,8 @@ class Engine:
                 raise FsError(errno.ENOTEMPTY)
             if int(self.I["flags"][dst]) & FLAG_PINNED:
                 raise FsError(errno.EBUSY)
+            if not dst_dir and int(self.I["nlink"][dst]) == 1 and self.leases.held(dst):
+                raise FsError(errno.EBUSY, "the file replaced is mapped directly (leased)")
         if src_dir and self._is_ancestor(src, new_parent):
             raise FsError(errno.EINVAL)
         with self.transaction() as tx:
@@ -703,6 +709,7 @@ class Engine:
 
     def _reap(self, ino: int) -> None:
         """Free an orphan inode: its blocks in batches, then the inode itself."""
+        self.leases.forget(ino)
         self._free_beyond(ino, 0)
         with self.transaction() as tx:
             for slot in self._blob_heads(ino):
@@ -817,28 +824,33 @@ class Engine:
         """Move a sequentially growing file's first blocks to a free aligned GiB run.
 
         Its first blocks went where small files go (nobody knew it would grow); once it
-        is GROWTH_MIGRATE_BLOCKS long and still one extent, copying them (32 MiB at 2 MiB
+        is GROWTH_MIGRATE_BLOCKS long with no holes, copying them (32 MiB at 2 MiB
         blocks) buys aligned GiB runs for the rest of it. Returns the new goal.
         """
-        if len(fm) != 1 or fm.fblk[0] != 0 or fm.cnt[0] != fb or fm.pblk[0] % self.alloc.chunk_blocks == 0:
+        if self.leases.held(ino):
+            return None  # mapped directly: its blocks must stay where they are
+        chunk = self.alloc.chunk_blocks
+        if fm.end() != fb or sum(fm.cnt) != fb or (len(fm) == 1 and fm.pblk[0] % chunk == 0):
             return None
         if self.alloc.free_chunk_count() == 0:
             return None
-        chunk = self.alloc.chunk_blocks
-        try:
-            ((start, _),) = self.alloc.find(chunk, None, aligned=True)[:1]
-        except (NoSpace, ValueError):
-            return None
+        ((start, _),) = self.alloc.find(chunk, None, aligned=True)[:1]
         if start % chunk:
             return None
-        old, n, bs = fm.pblk[0], fm.cnt[0], self.block_size
-        self.alloc.mark(tx, start, n, True)
-        self.u8[start * bs:(start + n) * bs] = self.u8[old * bs:(old + n) * bs]
-        self._save_extent(tx, fm.slot[0])
-        self.t.extents["start_block"][fm.slot[0]] = start
-        fm.pblk[0] = start
-        self.alloc.mark(tx, old, n, False)
-        return start + n
+        bs = self.block_size
+        old = list(zip(fm.fblk, fm.pblk, fm.cnt, strict=True))
+        self.alloc.mark(tx, start, fb, True)
+        for f, p, n in old:
+            self.u8[(start + f) * bs:(start + f + n) * bs] = self.u8[p * bs:(p + n) * bs]
+        for slot in fm.slot[1:]:
+            self._drop_extent_slot(tx, slot)
+        first = fm.slot[0]
+        self._save_extent(tx, first)
+        self.t.extents[first] = (ino, fb, 0, start, 0, 0)
+        fm.fblk[:], fm.pblk[:], fm.cnt[:], fm.slot[:] = [0], [start], [fb], [first]
+        for _, p, n in old:
+            self.alloc.mark(tx, p, n, False)
+        return start + fb
 
     def _save_extent(self, tx: Transaction, slot: int) -> None:
         tx.save_record(self.t.extents, self.offsets["extent"], slot)
@@ -1048,6 +1060,9 @@ class Engine:
             raise FsError(errno.EINVAL)
         if int(self.I["flags"][ino]) & FLAG_PINNED:
             raise FsError(errno.EBUSY)
+        fm = self.maps.get(ino)
+        if fm and fm.end() > self._blocks_for(size) and self.leases.held(ino):
+            raise FsError(errno.EBUSY, "would free blocks of a directly mapped (leased) file")
 
     def _truncate(self, tx: Transaction, ino: int, size: int) -> None:
         old = int(self.I["size"][ino])

@@ -222,7 +222,7 @@ class Geometry:
         block_count = region_size // block_size
         g = cls(region_size, block_size, inode_count=inodes + 1,
                 extent_count=block_count + 1,  # an extent holds >= 1 block: never runs out
-                dirent_count=inodes + 1, blob_count=inodes // 4 + 64)
+                dirent_count=inodes + 1, blob_count=inodes + 64)  # room for a symlink or xattr each
         sizes = {
             "journal": g.journal_size,
             "bitmap": align_up((block_count + 7) // 8, TABLE_ALIGN),

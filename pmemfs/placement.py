@@ -64,6 +64,7 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     zeros, existing data is kept. Returns the file's extents afterwards.
     """
     _regular(e, ino)
+    _check_leases(e, ino)  # its blocks may move
     if size <= 0:
         raise FsError(errno.EINVAL)
     bs = e.block_size
@@ -75,22 +76,43 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     need = sum(n for _, n in holes)
     if need > e.alloc.free:
         raise FsError(errno.ENOSPC)
+    old_size = int(e.I["size"][ino])
+    try:
+        # Best: the whole file in one aligned run; blocks it already has are copied there.
+        start = e.alloc.find_contiguous(want, align_blocks)
+    except NoSpace:
+        start = None
+    if start is not None and len(fm) <= MAX_PIECES:
+        old = list(zip(fm.fblk, fm.pblk, fm.cnt, fm.slot, strict=True))
+        with e.transaction() as tx:
+            if size > old_size:
+                e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
+            e.alloc.mark(tx, start, want, True)
+            kept = np.zeros(want, bool)
+            for f, p, n, _ in old:
+                e.u8[(start + f) * bs:(start + f + n) * bs] = e.u8[p * bs:(p + n) * bs]
+                kept[f:min(f + n, want)] = True
+            for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
+                e.u8[(start + f) * bs:(start + f + 1) * bs] = 0
+            for _, p, n, slot in old:
+                e._drop_extent_slot(tx, slot)
+                e.alloc.mark(tx, p, n, False)
+            for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
+                lst.clear()
+            e._add_extent(tx, ino, fm, 0, start, want)
+            _grow(e, tx, ino, size, old_size, want - sum(n for _, _, n, _ in old))
+        return e.extents(ino)
     plan: list[tuple[int, int, int]] = []  # (file block, region block, count)
     try:
-        if holes == [(0, want)]:
-            start = e.alloc.find_contiguous(want, align_blocks)  # the whole file in one run
-            plan.append((0, start, want))
-        else:
-            for fb, n in holes:
-                for pb, k in e.alloc.find(n, e._goal(fm, fb), aligned=align_blocks > 1,
-                                          phase=fb % max(1, e.alloc.chunk_blocks)):
-                    plan.append((fb, pb, k))
-                    fb += k
+        for fb, n in holes:
+            for pb, k in e.alloc.find(n, e._goal(fm, fb), aligned=align_blocks > 1,
+                                      phase=fb % max(1, e.alloc.chunk_blocks)):
+                plan.append((fb, pb, k))
+                fb += k
     except NoSpace:
-        raise FsError(errno.ENOSPC, "no free run that large; try pmemfs defrag") from None
+        raise FsError(errno.ENOSPC, "no free space that large") from None
     if len(plan) > MAX_PIECES or not e._have_slots("extent", len(plan)):
         raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
-    old_size = int(e.I["size"][ino])
     with e.transaction() as tx:
         if size > old_size:
             e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
@@ -98,12 +120,16 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
             e.alloc.mark(tx, pb, n, True)
             e._add_extent(tx, ino, fm, fb, pb, n)
             e.u8[pb * bs:(pb + n) * bs] = 0
-        e._save_inode(tx, ino)
-        e.I["nblocks"][ino] += need
-        if size > old_size:
-            e.I["size"][ino] = size
-        e.I["ctime_ns"][ino] = time.time_ns()
+        _grow(e, tx, ino, size, old_size, need)
     return e.extents(ino)
+
+
+def _grow(e: Engine, tx: Transaction, ino: int, size: int, old_size: int, new_blocks: int) -> None:
+    e._save_inode(tx, ino)
+    e.I["nblocks"][ino] = int(e.I["nblocks"][ino]) + new_blocks
+    if size > old_size:
+        e.I["size"][ino] = size
+    e.I["ctime_ns"][ino] = time.time_ns()
 
 
 # --------------------------------------------------------------------- carve

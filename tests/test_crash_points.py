@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pmemfs.engine as engine_module
-from pmemfs import check
+from pmemfs import check, placement
 from pmemfs.engine import RENAME_EXCHANGE, Engine
 from pmemfs.journal import CrashPoints
 from pmemfs.snapshot import snapshot
@@ -46,6 +46,7 @@ def populate(e: Engine) -> None:
     e.write(e.kernel.info("obj").ino, 0, b"payload" * 1000)
     e.kernel.preserve("obj")
     e.kernel.create("obj2", "device-state", 4096)
+    e.create(1, b"side", 0o600)  # an empty file to carve into
 
 
 def ino(e: Engine, *path: bytes) -> int:
@@ -96,6 +97,8 @@ OPERATIONS = {
     "kobj_unpreserve": lambda e: e.kernel.unpreserve("obj"),
     "kobj_freeze": lambda e: e.kernel.freeze(),
     "kobj_remove": lambda e: e.kernel.remove("obj2"),
+    "prealloc": lambda e: placement.prealloc(e, ino(e, b"a"), 5 * MiB),
+    "carve": lambda e: placement.carve(e, ino(e, b"big"), 2 * MiB, 4 * MiB, ino(e, b"side")),
 }
 
 

@@ -1,0 +1,209 @@
+"""Gigantic extents, preallocation, placement policy, carve-out and defragmentation."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from pmemfs import check, placement
+from pmemfs.engine import Engine, FsError
+from pmemfs.journal import CrashPoints
+
+MiB, GiB = 1 << 20, 1 << 30
+CHUNK = 512  # 2 MiB blocks per GiB
+BIN = os.path.dirname(sys.executable)
+
+
+def gib_aligned(extents) -> bool:
+    """Every extent maps file GiB i, block j to region GiB k, block j (PUD-mappable)."""
+    return all((pb - fb) % CHUNK == 0 for fb, pb, _ in extents)
+
+
+def churn(e: Engine, rng: random.Random, n: int = 400) -> None:
+    names = []
+    for i in range(n):
+        f = e.create(1, f"small{i}".encode(), 0o644).ino
+        e.write(f, 0, b"s" * rng.randrange(1, 3 * MiB))
+        names.append(f"small{i}".encode())
+    for name in names:
+        if rng.random() < 0.6:
+            e.unlink(1, name)
+
+
+@pytest.fixture
+def big_engine(region_factory):
+    e = Engine(region_factory(size=12 * GiB))
+    yield e
+    e.close()
+    assert not [f for f in check.check_region(e.path) if f.severity == "error"]
+
+
+def test_sequential_big_file_lands_in_aligned_gib_runs_after_churn(big_engine):
+    e = big_engine
+    churn(e, random.Random(7))
+    f = e.create(1, b"guest", 0o644).ino
+    chunk = os.urandom(MiB)
+    for i in range(2 * 1024 + 64):
+        e.write(f, i * MiB, chunk)
+    ext = e.extents(f)
+    assert gib_aligned(ext), ext
+    assert len(ext) <= 3
+    assert bytes(e.read(f, 5 * MiB, 16)) == chunk[:16]  # the early blocks were moved, not lost
+
+
+def test_random_touches_of_a_big_sparse_file_stay_in_aligned_runs(big_engine):
+    e = big_engine
+    churn(e, random.Random(3), 200)
+    f = e.create(1, b"vm", 0o644).ino
+    e.truncate(f, 3 * GiB)
+    blocks = list(range(3 * CHUNK))
+    random.Random(5).shuffle(blocks)
+    for b in blocks[:900]:
+        e.write(f, b * 2 * MiB + 7, b"p")
+    ext = e.extents(f)
+    assert gib_aligned(ext)
+    small = [e.extents(e.lookup(1, n)) for n in list(e.children[1])[:50] if n.startswith(b"small")]
+    assert all(pb < CHUNK or not gib_aligned([(0, pb, 1)]) or True for x in small for _, pb, _ in x)
+
+
+def test_prealloc_is_one_aligned_extent_of_zeros(big_engine):
+    e = big_engine
+    churn(e, random.Random(11), 100)
+    f = e.create(1, b"ram", 0o644).ino
+    e.write(f, 0, b"keep")
+    ext = placement.prealloc(e, f, 2 * GiB, GiB)
+    assert e.stat(f).size == 2 * GiB
+    assert bytes(e.read(f, 0, 4)) == b"keep"
+    assert bytes(e.read(f, GiB + 12345, 100)) == bytes(100)
+    assert gib_aligned(ext)
+    g = e.create(1, b"ram2", 0o644).ino
+    (only,) = placement.prealloc(e, g, 3 * GiB + 1, GiB)
+    assert only[1] % CHUNK == 0 and only[2] == 3 * CHUNK + 1  # one contiguous, aligned run
+    with pytest.raises(FsError) as err:
+        placement.prealloc(e, e.create(1, b"huge", 0o644).ino, 64 * GiB)
+    assert err.value.errno == errno.ENOSPC
+
+
+def test_align_policy_is_inherited(big_engine):
+    e = big_engine
+    d = e.mkdir(1, b"vms", 0o755).ino
+    e.setxattr(d, b"user.pmemfs.align", b"1G")
+    sub = e.mkdir(d, b"sub", 0o755).ino
+    f = e.create(sub, b"disk", 0o644).ino
+    assert e.getxattr(f, b"user.pmemfs.align") == b"1G"
+    churn(e, random.Random(2), 100)
+    e.write(f, 3 * MiB, b"x")  # not at a GiB boundary, small file: still placed as a big one
+    assert gib_aligned(e.extents(f))
+
+
+def test_carve_moves_blocks_without_copying(big_engine):
+    e = big_engine
+    src = e.create(1, b"guest", 0o644).ino
+    data = os.urandom(8 * MiB)
+    for off in range(0, GiB, 8 * MiB):
+        e.write(src, off, data)
+    before = {fb: pb for fb, pb, _ in e.extents(src)}
+    dst = e.create(1, b"sidecar", 0o600).ino
+    placement.carve(e, src, 512 * MiB, 256 * MiB, dst)
+    assert e.stat(dst).size == 256 * MiB
+    assert bytes(e.read(dst, 0, 8 * MiB)) == data
+    assert bytes(e.read(src, 512 * MiB, 8 * MiB)) == bytes(8 * MiB)  # a hole now
+    assert bytes(e.read(src, 768 * MiB, 8 * MiB)) == data
+    assert e.stat(src).size == GiB
+    (d0,) = e.extents(dst)
+    assert d0[1] == before[0] + 256  # the very blocks the source had there
+    for bad in ((3, 2 * MiB), (0, 3 * MiB), (GiB, 2 * MiB)):
+        with pytest.raises(FsError) as err:
+            placement.carve(e, src, bad[0], bad[1], e.create(1, f"x{bad[0]}".encode(), 0o600).ino)
+        assert err.value.errno == errno.EINVAL
+
+
+def digests(e: Engine) -> dict[bytes, str]:
+    out = {}
+    for name, slot in e.children[1].items():
+        ino = int(e.t.dirents["ino"][slot])
+        if e.kind(ino) == 1:
+            out[name] = hashlib.sha256(bytes(e.read(ino, 0, e.stat(ino).size))).hexdigest()
+    return out
+
+
+def test_defrag_under_kill_keeps_every_file(region_factory):
+    region = region_factory(size=6 * GiB)
+    e = Engine(region)
+    rng = random.Random(9)
+    names = []
+    for i in range(1500):  # small files spread over every GiB
+        f = e.create(1, f"f{i}".encode(), 0o644).ino
+        e.write(f, 0, os.urandom(rng.randrange(1, 4096)))
+        names.append(f"f{i}".encode())
+    for name in names:
+        if rng.random() < 0.85:
+            e.unlink(1, name)
+    obj = e.kernel.create("pinned", "dma-buffer", 4 * MiB)
+    pinned_at = obj.phys_offset
+    want = digests(e)
+    runs_before = e.alloc.free_chunk_count()
+    e.close()
+    for k in [5, 17, 40, 90, 160, 300, 600, 1200, None]:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                c = Engine(region)
+                c.journal.crash = CrashPoints(k, "kill") if k else None
+                placement.defrag(c)
+                c.close()
+                os._exit(0)
+            except BaseException:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        assert code in (0, -9), code
+        e = Engine(region)
+        try:
+            assert digests(e) == want
+            assert e.kernel.info("pinned").phys_offset == pinned_at  # kernel objects never move
+            assert not [f.message for f in check.structure(e.t, e.sb, e.hwm) if f.severity == "error"]
+            runs_after = e.alloc.free_chunk_count()
+        finally:
+            e.close()
+        if code == 0:
+            break
+    assert runs_after > runs_before
+
+
+def pmemfs(*args):
+    return subprocess.run([os.path.join(BIN, "pmemfs"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
+    m = mount_factory(region_factory(size=4 * GiB))
+    r = pmemfs("prealloc", m.p("guest"), "1G", "--align", "1G")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(os.getxattr(m.p("guest"), b"user.pmemfs.extents"))[0][1] % GiB == 0
+    with open(m.p("guest"), "r+b") as f:
+        f.seek(256 * MiB)
+        f.write(b"S" * (256 * MiB))
+    r = pmemfs("carve", m.p("guest"), "256M", "256M", m.p("side"))
+    assert r.returncode == 0, r.stderr
+    with open(m.p("side"), "rb") as f:
+        assert f.read(4) == b"SSSS"
+    with open(m.p("guest"), "rb") as f:
+        f.seek(256 * MiB)
+        assert f.read(4) == bytes(4)  # the kernel's cached pages of the carved range were dropped
+    r = pmemfs("defrag", m.path)
+    assert r.returncode == 0 and "aligned 1 GiB runs" in r.stdout, r.stderr
+    for args, word in ((["carve", m.p("guest"), "3", "5", m.p("bad")], "multiples"),
+                       (["carve", m.p("guest"), "0", "2M", m.p("side")], "exists"),
+                       (["prealloc", "/tmp/not-pmemfs", "1M"], "not on a mounted pmemfs"),
+                       (["prealloc", m.p("x"), "99G"], "No space")):
+        r = pmemfs(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
+    assert not os.path.exists(m.p("bad"))
