@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("guest_keeps_writing.py", ["--restarts", "2", "--seconds", "0.5"]),
     ("clean_vs_unclean.py", []),
     ("iommu_dma.py", ["--guest", "16M", "--seconds", "0.4"]),
+    ("sidecar_carve.py", ["--guest", "256M", "--carve", "64M"]),
 ])
 def test_demo(script, args):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args],
