@@ -69,6 +69,10 @@ class BlockAllocator:
                 need -= taken
         if not need:
             return runs
+        if not aligned and not avoid and need < self._chunk and not runs:
+            hit = self._fragment_near_cursor(need)
+            if hit is not None:
+                return [(hit, need)]
         free = ~self._unavailable()
         free[: self.data_start] = False
         if avoid:
@@ -105,6 +109,37 @@ class BlockAllocator:
                     return runs
             # What the fragments could not give comes from the aligned chunks.
         raise NoSpace
+
+    WINDOW = 1 << 16  # blocks looked at per step of the small-allocation scan (8 KiB of bitmap)
+
+    def _fragment_near_cursor(self, need: int) -> int | None:
+        """A small allocation's fast path: a fragment that fits whole, found by scanning
+        the bitmap a window at a time from where the last one was found, so creating
+        many small files costs O(window) each, not O(bitmap).
+        """
+        window = max(self.WINDOW // self._chunk, 1) * self._chunk
+        first = self.data_start - self.data_start % window
+        span = self.block_count - first
+        if span <= 0:
+            return None
+        start = getattr(self, "_cursor", first)
+        for step in range(-(-span // window)):
+            lo = first + (start - first + step * window) % (-(-span // window) * window)
+            hi = min(lo + window, self.block_count)
+            if lo >= hi:
+                continue
+            free = ~self._unavailable(lo, hi)
+            free[: max(0, self.data_start - lo)] = False
+            if self._chunk > 1:
+                n = (hi - lo) // self._chunk
+                chunks = self._free_chunks(free)
+                free[: n * self._chunk].reshape(n, self._chunk)[chunks[:n]] = False
+            starts, lengths = _runs(free)
+            fit = np.flatnonzero(lengths >= need)
+            if len(fit):
+                self._cursor = lo
+                return lo + int(starts[fit[0]])
+        return None
 
     @property
     def chunk_blocks(self) -> int:

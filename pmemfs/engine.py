@@ -175,7 +175,7 @@ class Engine:
         self.recovered_records = 0
         if not readonly:
             try:
-                journal = Journal(buf, self.region.size)
+                journal = Journal(buf, _metadata_end(buf, self.region.size))
                 self.recovered_records = journal.recover()
             except FormatError as e:
                 raise MountError(f"{self.path}: {e}; run pmemfs-fsck") from None
@@ -1290,6 +1290,20 @@ class Engine:
 
     def dirent_kind(self, kind: int) -> int:
         return _DIRENT_KIND.get(kind, stat.S_IFREG)
+
+
+def _metadata_end(buf: memoryview, region_size: int) -> int:
+    """Where the data area starts, read before the superblock may be trusted.
+
+    Undo records may only restore metadata. The geometry fields never change after
+    mkfs, so they are good even while a transaction that changes the superblock's
+    other fields is being rolled back (its checksum may be stale until then).
+    """
+    block_size, = struct.unpack_from("<Q", buf, 128)
+    data_start_block, = struct.unpack_from("<Q", buf, 152)
+    if block_size in (2 << 20, 1 << 30) and 0 < data_start_block * block_size < region_size:
+        return data_start_block * block_size
+    return region_size
 
 
 def _free_stack(free_mask: np.ndarray) -> list[int]:
