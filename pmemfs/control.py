@@ -12,6 +12,8 @@ kernel's own xattr permission rules apply (trusted.* needs CAP_SYS_ADMIN):
   setxattr(FILE, "user.pmemfs.prealloc", "SIZE[:2M|1G]")   reserve contiguous, aligned space
   setxattr(FILE|DIR, "user.pmemfs.align", "2M"|"1G")       placement policy (stored, inherited)
   setxattr(DST, "user.pmemfs.carve", JSON {src, offset, length})   src: path from the mount root
+  setxattr(FILE, "user.pmemfs.lease", "rw"|"ro"|"release")  direct-access lease (pmemfs.direct)
+  getxattr(FILE, "user.pmemfs.lease")                     -> JSON [{pid, mode, count}, ...] of live holders
   setxattr(MOUNT, "trusted.pmemfs.defrag", "")             then getxattr(..."trusted.pmemfs.defrag") -> report
 
 Virtual attributes are never stored and never listed. pmemfs.kernel wraps this.
@@ -32,6 +34,7 @@ EXTENTS = b"user.pmemfs.extents"
 PREALLOC = b"user.pmemfs.prealloc"
 ALIGN = b"user.pmemfs.align"
 CARVE = b"user.pmemfs.carve"
+LEASE = b"user.pmemfs.lease"
 DEFRAG = b"trusted.pmemfs.defrag"
 
 
@@ -48,6 +51,9 @@ def query(engine: Engine, ino: int, name: bytes, ctx: Ctx) -> bytes:
         if report is None:
             raise FsError(errno.ENODATA)
         return json.dumps(report.as_dict()).encode()
+    if name == LEASE:
+        engine._check_ino(ino)
+        return json.dumps([h.as_dict() for h in engine.leases.holders(ino)]).encode()
     if name == EXTENTS:
         bs = engine.block_size
         return json.dumps([[fb * bs, pb * bs, n * bs] for fb, pb, n in engine.extents(ino)]).encode()
@@ -67,6 +73,8 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
     """Carry out a command; returns inodes whose cached pages the kernel must drop."""
     from . import placement
 
+    if name == LEASE:
+        return _lease(engine, ino, value.strip(), ctx)
     if name == ALIGN:
         placement.parse_align(value)
         engine.setxattr(ino, name, value.strip().upper(), 0, ctx)
@@ -120,6 +128,40 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
     else:
         raise FsError(errno.EOPNOTSUPP)
     return []
+
+
+def _lease(engine: Engine, ino: int, value: bytes, ctx: Ctx) -> list[int]:
+    """Take or give back a direct-access lease for the calling process.
+
+    The kernel has checked write permission (it does for every user.* setxattr); the
+    daemon checks what the mapping needs: read for "ro", read and write for "rw".
+    Either way the kernel's cached pages of the file are dropped: while leased, the
+    region is the only copy, and opens get direct_io (fuse_ops).
+    """
+    from .format import KIND_REG
+    from .leases import LeaseError, sup_groups
+
+    engine._check_ino(ino)
+    try:
+        if value == b"release":
+            engine.leases.release(ino, ctx.pid)
+            return [ino]
+        if value not in (b"ro", b"rw"):
+            raise FsError(errno.EINVAL, 'a lease is "ro", "rw" or "release"')
+        if engine.kind(ino) != KIND_REG:
+            raise FsError(errno.EINVAL, "only regular files can be mapped directly")
+        if int(engine.I["nlink"][ino]) == 0:
+            raise FsError(errno.ENOENT, "the file has been removed")
+        if value == b"rw" and engine.readonly:
+            raise FsError(errno.EROFS)
+        groups = sup_groups(ctx.pid)
+        engine.check_access(ino, ctx, write=False, groups=groups)
+        if value == b"rw":
+            engine.check_access(ino, ctx, write=True, groups=groups)
+        engine.leases.take(ino, ctx.pid, value.decode())
+    except LeaseError as e:
+        raise FsError(e.errno, str(e)) from None
+    return [ino]
 
 
 def _root(ctx: Ctx) -> None:

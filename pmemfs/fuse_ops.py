@@ -155,6 +155,10 @@ class Operations(pyfuse3.Operations):
         return self.entry(self.engine.link(inode, new_parent_inode, new_name))
 
     def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        if self.engine.leases.held(ino):
+            # Mapped directly (pmemfs.direct): the region is the only copy, so the
+            # kernel must not cache it. A shared mmap of such an open fails (ENODEV).
+            return pyfuse3.FileInfo(fh=ino, keep_cache=False, direct_io=True)
         return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=False)
 
     @handler
@@ -282,6 +286,8 @@ def _drop_cached_pages(ino: int) -> None:
     def run() -> None:
         try:
             pyfuse3.invalidate_inode(ino, attr_only=False)
+        except FileNotFoundError:
+            pass  # the kernel has forgotten the inode: nothing cached to drop
         except Exception:
             log.exception("invalidating the cache of inode %d failed", ino)
 
