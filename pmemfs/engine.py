@@ -175,7 +175,7 @@ class Engine:
         self.recovered_records = 0
         if not readonly:
             try:
-                journal = Journal(buf, self.region.size)
+                journal = Journal(buf, _metadata_end(buf, self.region.size))
                 self.recovered_records = journal.recover()
             except FormatError as e:
                 raise MountError(f"{self.path}: {e}; run pmemfs-fsck") from None
@@ -824,30 +824,33 @@ class Engine:
         """Move a sequentially growing file's first blocks to a free aligned GiB run.
 
         Its first blocks went where small files go (nobody knew it would grow); once it
-        is GROWTH_MIGRATE_BLOCKS long and still one extent, copying them (32 MiB at 2 MiB
+        is GROWTH_MIGRATE_BLOCKS long with no holes, copying them (32 MiB at 2 MiB
         blocks) buys aligned GiB runs for the rest of it. Returns the new goal.
         """
         if self.leases.held(ino):
             return None  # mapped directly: its blocks must stay where they are
-        if len(fm) != 1 or fm.fblk[0] != 0 or fm.cnt[0] != fb or fm.pblk[0] % self.alloc.chunk_blocks == 0:
+        chunk = self.alloc.chunk_blocks
+        if fm.end() != fb or sum(fm.cnt) != fb or (len(fm) == 1 and fm.pblk[0] % chunk == 0):
             return None
         if self.alloc.free_chunk_count() == 0:
             return None
-        chunk = self.alloc.chunk_blocks
-        try:
-            ((start, _),) = self.alloc.find(chunk, None, aligned=True)[:1]
-        except (NoSpace, ValueError):
-            return None
+        ((start, _),) = self.alloc.find(chunk, None, aligned=True)[:1]
         if start % chunk:
             return None
-        old, n, bs = fm.pblk[0], fm.cnt[0], self.block_size
-        self.alloc.mark(tx, start, n, True)
-        self.u8[start * bs:(start + n) * bs] = self.u8[old * bs:(old + n) * bs]
-        self._save_extent(tx, fm.slot[0])
-        self.t.extents["start_block"][fm.slot[0]] = start
-        fm.pblk[0] = start
-        self.alloc.mark(tx, old, n, False)
-        return start + n
+        bs = self.block_size
+        old = list(zip(fm.fblk, fm.pblk, fm.cnt, strict=True))
+        self.alloc.mark(tx, start, fb, True)
+        for f, p, n in old:
+            self.u8[(start + f) * bs:(start + f + n) * bs] = self.u8[p * bs:(p + n) * bs]
+        for slot in fm.slot[1:]:
+            self._drop_extent_slot(tx, slot)
+        first = fm.slot[0]
+        self._save_extent(tx, first)
+        self.t.extents[first] = (ino, fb, 0, start, 0, 0)
+        fm.fblk[:], fm.pblk[:], fm.cnt[:], fm.slot[:] = [0], [start], [fb], [first]
+        for _, p, n in old:
+            self.alloc.mark(tx, p, n, False)
+        return start + fb
 
     def _save_extent(self, tx: Transaction, slot: int) -> None:
         tx.save_record(self.t.extents, self.offsets["extent"], slot)
@@ -1287,6 +1290,20 @@ class Engine:
 
     def dirent_kind(self, kind: int) -> int:
         return _DIRENT_KIND.get(kind, stat.S_IFREG)
+
+
+def _metadata_end(buf: memoryview, region_size: int) -> int:
+    """Where the data area starts, read before the superblock may be trusted.
+
+    Undo records may only restore metadata. The geometry fields never change after
+    mkfs, so they are good even while a transaction that changes the superblock's
+    other fields is being rolled back (its checksum may be stale until then).
+    """
+    block_size, = struct.unpack_from("<Q", buf, 128)
+    data_start_block, = struct.unpack_from("<Q", buf, 152)
+    if block_size in (2 << 20, 1 << 30) and 0 < data_start_block * block_size < region_size:
+        return data_start_block * block_size
+    return region_size
 
 
 def _free_stack(free_mask: np.ndarray) -> list[int]:
