@@ -46,7 +46,8 @@ def test_bench_tiny_completes(tmp_path):
     assert rows[("metadata bytes per GiB, sequential", "pmemfs-shm")]["median"] > 0
     assert any(m.startswith("remount after kill -9") for m, _ in rows)
     assert any(m.startswith("daemon anon memory, after ls -lR") for m, _ in rows)
-    assert rows[("direct-access copy", "pmemfs")]["met"] is None
+    direct = rows[("direct-access copy", "pmemfs-shm")]
+    assert direct["runs"] or direct["note"].startswith(("not available", "failed"))
     assert "| metric |" in md.read_text()
     assert "x passthrough" in r.stdout
     assert not _mounts(), "the harness left a mount behind"
