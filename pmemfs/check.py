@@ -417,10 +417,11 @@ def name_problems(v: View, used: np.ndarray) -> np.ndarray:
     d = v.dirents
     nlen = d["name_len"][used].astype(np.int64)
     raw = d["name"][used].view(np.uint8).reshape(len(used), 256)
-    inside = np.arange(256)[None, :] < np.minimum(nlen, 256)[:, None]
     bad = (nlen == 0) | (nlen > NAME_MAX)
-    bad |= (((raw == ord("/")) | (raw == 0)) & inside).any(axis=1)
-    bad |= (raw[:, 255] != 0) | ((raw != 0) & ~inside).any(axis=1)  # bytes past name_len
+    # No NUL inside the name and only NULs after it: exactly name_len non-zero bytes.
+    bad |= np.count_nonzero(raw, axis=1) != nlen
+    longest = min(int(nlen.max()), 256) if len(nlen) else 0
+    bad |= (raw[:, :longest] == ord("/")).any(axis=1)
     dot = raw[:, 0] == ord(".")
     bad |= dot & (nlen == 1)
     bad |= dot & (raw[:, 1] == ord(".")) & (nlen == 2)
