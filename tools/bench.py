@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pmemfs.engine import Engine  # noqa: E402
-from pmemfs.format import BLOCK_2M, Geometry  # noqa: E402
-from pmemfs.mkfs import make_filesystem  # noqa: E402
+# pmemfs itself is imported late and Engine is used in child processes (`--internal`):
+# the package may change on disk while a run goes on, and every region the harness
+# makes must be made and read by the code that mounts it.
 
 BIN = Path(sys.executable).parent
 PMEMFS = str(BIN / "pmemfs")
@@ -664,19 +664,19 @@ class Bench:
             path = f"/dev/shm/{self.tag}-{label}.region"
             self.regions.append(path)
             log(f"building a {human_bytes(size)} region with {prof.many_files} files (Engine, no FUSE)")
-            make_filesystem(path, size=size, inodes=prof.many_inodes)
-            _populate(path, prof.many_files)
+            run([MKFS, "--size", str(size), "--inodes", str(prof.many_inodes), path])
+            run([sys.executable, __file__, "--internal", "populate", path, str(prof.many_files)], timeout=900)
             regions[label] = path
-            g = Geometry.plan(size, BLOCK_2M, prof.many_inodes)
+            g = _geometry(size, prof.many_inodes)
             self.res.add(f"metadata area share, {human_bytes(size)} region, {prof.many_inodes} inodes",
                          "pmemfs", 100 * g.data_start_block / g.block_count, "%", "lower")
         shm = self.targets[0]
         assert isinstance(shm, Pmemfs)
-        g = Geometry.plan(shm.size, BLOCK_2M, shm.inodes)
+        g = _geometry(shm.size, shm.inodes)
         self.res.add(f"metadata area share, {human_bytes(shm.size)} region, {shm.inodes} inodes", "pmemfs",
                      100 * g.data_start_block / g.block_count, "%", "lower")
         for size in (GiB, TiB):
-            g = Geometry.plan(size, BLOCK_2M)
+            g = _geometry(size, None)
             self.res.add(f"metadata area share, {human_bytes(size)} region, default inodes", "pmemfs",
                          100 * g.data_start_block / g.block_count, "%", "lower")
 
@@ -747,40 +747,28 @@ class Bench:
 
     def direct_access(self) -> None:
         log("direct-access copy vs numpy memcpy")
-        size = min(256 * MiB, self.prof.file_size)
-        src = np.full(size, 7, np.uint8)
-        dst = np.full(size, 1, np.uint8)  # touched: no page faults in the timed copies
-        runs = max(3, self.prof.runs)
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            np.copyto(dst, src)
-            self.res.add("numpy memcpy (reference)", "numpy", size / (time.perf_counter() - t0) / 1e6, "MB/s")
         row = self.res.row("direct-access copy", "pmemfs-shm", "MB/s")
-        row.baselines["numpy"] = self.res.get("numpy memcpy (reference)", "numpy")
+        ref = self.res.row("numpy memcpy (reference)", "numpy", "MB/s")
+        row.baselines["numpy"] = ref
         if not (ROOT / "pmemfs" / "direct.py").exists():
             row.note = "not available: pmemfs/direct.py does not exist"
             return
-        shm = self.targets[0]
-        path = shm.p("direct.dat")
+        size = _round(min(512 * MiB, self.prof.file_size // 2), MiB)
         try:
-            import pmemfs.direct as direct
+            sys.path.insert(0, str(ROOT / "tools"))
+            from direct_bench import copy_bandwidth  # file to file through the mappings
 
-            with open(path, "wb") as f:  # allocate the blocks through the mount
-                for _ in range(size // MiB):
-                    f.write(bytes(MiB))
-            with direct.open(path, writable=True) as d:
-                pieces = [(off, arr) for off, arr in d.arrays]
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    for off, arr in pieces:
-                        np.copyto(arr, src[off:off + len(arr)])
-                    row.values.append(size / (time.perf_counter() - t0) / 1e6)
-                del pieces
+            r = copy_bandwidth(self.targets[0].dir, size, max(5, self.prof.runs))
         except Exception as e:  # the module is new: report, do not fail the run
             row.note = f"failed: {type(e).__name__}: {e}"
+            return
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            with contextlib.suppress(ValueError):
+                sys.path.remove(str(ROOT / "tools"))
+        row.values.append(r["direct_copy_Bps"] / 1e6)
+        ref.values.append(r["memcpy_Bps"] / 1e6)
+        row.note = (f"{human_bytes(size)} file to file via pmemfs.direct, extents {r['extents']}, "
+                    f"paired ratio {r['ratio']:.2f}, best {r['ratio_best']:.2f}")
 
     # ---- goals and baselines
     def finish(self) -> None:
@@ -832,17 +820,36 @@ def _round(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
+def _geometry(size: int, inodes: int | None):
+    from pmemfs.format import BLOCK_2M, Geometry
+
+    return Geometry.plan(size, BLOCK_2M, inodes)
+
+
 def _meta_per_gib(t: Pmemfs, name: str) -> float:
     st = os.stat(t.p(name))
-    e = Engine(t.region, readonly=True, check_on_mount=False)
-    try:
-        extents = e.extents(st.st_ino)
-    finally:
-        e.close()
-    return (len(extents) * 32 + 128) / (st.st_size / GiB)
+    r = run([sys.executable, __file__, "--internal", "extents", t.region, str(st.st_ino)])
+    extents = int(r.stdout.split()[0])
+    return (extents * 32 + 128) / (st.st_size / GiB)
 
 
-def _populate(region: str, n: int) -> None:
+def _internal(argv: list[str]) -> int:
+    """Helpers run in a child process: `populate REGION N`, `extents REGION INO`."""
+    from pmemfs.engine import Engine
+
+    what, region, n = argv[0], argv[1], int(argv[2])
+    if what == "populate":
+        _populate(Engine, region, n)
+    elif what == "extents":
+        e = Engine(region, readonly=True, check_on_mount=False)
+        try:
+            print(len(e.extents(n)))
+        finally:
+            e.close()
+    return 0
+
+
+def _populate(Engine, region: str, n: int) -> None:
     e = Engine(region)
     try:
         per_dir = 1000
@@ -921,6 +928,10 @@ def table(res: Results) -> tuple[list[str], list[list[str]]]:
     return head, lines
 
 
+def notes(res: Results) -> list[str]:
+    return res.notes + [f"{r.metric} ({r.target}): {r.note}" for r in res.rows.values() if r.note and r.values]
+
+
 def print_table(res: Results) -> None:
     head, lines = table(res)
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
@@ -928,7 +939,7 @@ def print_table(res: Results) -> None:
     print("  ".join("-" * w for w in widths))
     for ln in lines:
         print("  ".join(c.ljust(w) for c, w in zip(ln, widths, strict=True)))
-    for n in res.notes:
+    for n in notes(res):
         print(f"note: {n}")
 
 
@@ -936,12 +947,15 @@ def markdown(res: Results) -> str:
     head, lines = table(res)
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(c.replace("|", "/") for c in ln) + " |" for ln in lines]
-    out += [f"\nNote: {n}" for n in res.notes]
+    out += [f"\nNote: {n}" for n in notes(res)]
     return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--internal"]:
+        return _internal(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, one run (smoke test)")
