@@ -881,9 +881,13 @@ def machine() -> dict:
 
     libfuse = run(["dpkg-query", "-W", "-f", "${Version}", "libfuse3-3"], check=False).stdout.strip()
     fio_v = run(["fio", "--version"], check=False).stdout.strip()
+    head = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                check=False).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem, "kernel": platform.release(),
             "python": platform.python_version(), "pyfuse3": pyfuse3.__version__, "trio": trio.__version__,
             "numpy": np.__version__, "libfuse": libfuse, "fio": fio_v,
+            "commit": head + (" (with uncommitted changes)" if dirty else ""),
             "loadavg": open("/proc/loadavg").read().split()[:3]}
 
 
