@@ -24,6 +24,7 @@ from .format import (
     BLOB_DATA,
     BLOB_SYMLINK,
     BLOB_XATTR,
+    EXTENT_PACKED,
     FEATURE_INCOMPAT_KNOWN,
     FEATURE_RO_COMPAT_KNOWN,
     FLAG_ORPHAN,
@@ -35,9 +36,11 @@ from .format import (
     KIND_SYMLINK,
     MAGIC,
     NAME_MAX,
+    PACK_CHUNKS,
     ROOT_INO,
     S_IFMT_OF_KIND,
     SB_STRUCT,
+    SMALL_CHUNKS,
     SUPERBLOCK_DTYPE,
     SYMLINK_MAX,
     TABLE_NAMES,
@@ -103,9 +106,20 @@ class View:
         self.e_count = e["count"][self.ext_used].astype(np.int64)
         self.e_fb = e["file_block"][self.ext_used].astype(np.int64)
         own_ok = self.idx_ok(self.e_owner)
+        flags = e["flags"][self.ext_used].astype(np.int64)
+        self.e_packed = (flags & EXTENT_PACKED) != 0
+        self.e_chunk0 = flags >> 16
+        # A packed extent is `count` chunks of one (shared) block; its block span is 1.
+        span = np.where(self.e_packed, 1, self.e_count)
+        packed_ok = ((self.e_fb == 0) & (self.e_count <= SMALL_CHUNKS)
+                     & (self.e_chunk0 + self.e_count <= PACK_CHUNKS) & ((flags & 0xFFFE) == 0))
         self.e_ok = (own_ok & self.has_data[np.where(own_ok, self.e_owner, 0)] & (self.e_count > 0)
-                     & (self.e_start >= g.data_start_block) & (self.e_start + self.e_count <= g.block_count)
-                     & (self.e_fb >= 0) & (self.e_fb < 1 << 40))
+                     & (self.e_start >= g.data_start_block) & (self.e_start + span <= g.block_count)
+                     & (self.e_fb >= 0) & (self.e_fb < 1 << 40) & (~self.e_packed | packed_ok))
+        self.e_ok &= ~self.e_packed | (self.kind[np.where(own_ok, self.e_owner, 0)] == KIND_REG)
+        self.e_blk = self.e_ok & ~self.e_packed  # extents that own whole blocks
+        self.packs = t.packs[: self.hwm["pack"]]
+        self.pack_used = _used(self.packs["block"])
         # Directory entries in use; "linked" ones join a live directory to a live inode.
         self.dir_used = _used(self.dirents["parent"])
         d = self.dirents
@@ -218,7 +232,8 @@ def compare_backup(primary: bytes, backup: bytes) -> list[str]:
 @check("checksums")
 def check_checksums(v: View) -> Iterator[Finding]:
     for name, table, used in (("inode", v.inodes, np.flatnonzero(v.live)), ("extent", v.extents, v.ext_used),
-                              ("dirent", v.dirents, v.dir_used), ("blob", v.blobs, v.blob_used)):
+                              ("dirent", v.dirents, v.dir_used), ("blob", v.blobs, v.blob_used),
+                              ("pack", v.packs, v.pack_used)):
         if not len(used):
             continue
         bad = used[record_checksums(table, used) != table["checksum"][used]]
@@ -263,7 +278,7 @@ def check_sizes(v: View) -> Iterator[Finding]:
     yield from _many("sizes", "size-nonzero", "p", "inode", bad,
                      lambda i: f"inode {i} ({int(v.kind[i])}) has size {int(size[i])}, expected 0", key="ino")
     bs = v.sb.geometry.block_size
-    ok = v.e_ok
+    ok = v.e_blk
     owner, end = v.e_owner[ok], (v.e_fb + v.e_count)[ok]
     last = np.zeros(v.n, np.int64)
     np.maximum.at(last, owner, end)
@@ -285,13 +300,20 @@ def check_extents(v: View) -> Iterator[Finding]:
                      lambda i: f"extent {i} belongs to inode {int(v.extents['owner'][i])}, which does not exist")
     yield from _many("extents", "bad-extent", "y", "extent", v.ext_used[bad & ~dangling],
                      lambda i: f"extent {i} has a bad owner kind, length or place")
-    sums = np.bincount(v.e_owner[v.e_ok], weights=v.e_count[v.e_ok], minlength=v.n).astype(np.int64)
+    sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
     wrong = np.flatnonzero(v.live & (v.inodes["nblocks"].astype(np.int64) != sums))
     yield from _many("extents", "nblocks", "p", "inode", wrong,
                      lambda i: f"inode {i} says it owns {int(v.inodes['nblocks'][i])} blocks "
                                f"but its extents hold {int(sums[i])}", key="ino")
+    # A packed file has that one extent and no other.
+    packed_owner = np.bincount(v.e_owner[v.e_ok & v.e_packed], minlength=v.n)
+    any_owner = np.bincount(v.e_owner[v.e_ok], minlength=v.n)
+    mixed = (packed_owner > 0) & (any_owner > 1)
+    drop = v.ext_used[v.e_ok & v.e_packed & mixed[np.where(v.e_ok, v.e_owner, 0)]]
+    yield from _many("extents", "packed-mixed", "y", "extent", drop,
+                     lambda i: f"packed extent {i}: its file has other extents too")
     # A file's extents must not overlap in file offsets.
-    used, owner, fb, cnt = v.ext_used[v.e_ok], v.e_owner[v.e_ok], v.e_fb[v.e_ok], v.e_count[v.e_ok]
+    used, owner, fb, cnt = v.ext_used[v.e_blk], v.e_owner[v.e_blk], v.e_fb[v.e_blk], v.e_count[v.e_blk]
     order = np.lexsort((fb, owner))
     o, s, c = owner[order], fb[order], cnt[order]
     overl = _overlaps(o, s, s + c)
@@ -318,8 +340,12 @@ def _overlaps(group: np.ndarray | None, start: np.ndarray, end: np.ndarray) -> n
 
 @check("extent-overlap")
 def check_extent_overlap(v: View) -> Iterator[Finding]:
-    """No two extents (of one file or of two) claim the same region block."""
-    used, s, c = v.ext_used[v.e_ok], v.e_start[v.e_ok], v.e_count[v.e_ok]
+    """No two extents (of one file or of two) claim the same region block; a pack block
+    counts as one claim, its chunks are the packs check's business."""
+    pb = v.packs["block"][v.pack_used].astype(np.int64)
+    used = np.concatenate((v.ext_used[v.e_blk], -v.pack_used.astype(np.int64)))
+    s = np.concatenate((v.e_start[v.e_blk], pb))
+    c = np.concatenate((v.e_count[v.e_blk], np.ones(len(pb), np.int64)))
     order = np.lexsort((used, s))
     overl = _overlaps(None, s[order], (s + c)[order])
     yield from _many("extent-overlap", "overlap", "y", "extent", used[order[overl]],
@@ -330,7 +356,10 @@ def check_extent_overlap(v: View) -> Iterator[Finding]:
 def block_owners(v: View) -> np.ndarray:
     """How many owners each block has: sound extents, plus 1 for metadata blocks."""
     g = v.sb.geometry
-    s, c = v.e_start[v.e_ok], v.e_count[v.e_ok]
+    pb = v.packs["block"][v.pack_used].astype(np.int64)
+    pb = pb[(pb >= g.data_start_block) & (pb < g.block_count)]
+    s = np.concatenate((v.e_start[v.e_blk], pb))
+    c = np.concatenate((v.e_count[v.e_blk], np.ones(len(pb), np.int64)))
     delta = np.zeros(g.block_count + 1, np.int64)
     np.add.at(delta, s, 1)
     np.add.at(delta, s + c, -1)
@@ -554,6 +583,45 @@ def check_orphans(v: View) -> Iterator[Finding]:
                      lambda i: f"orphan inode {i} is waiting to be freed", severity="warning", key="ino")
     yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & parents),
                      lambda i: f"orphan directory {i} still has entries", key="ino")
+
+
+@check("packs")
+def check_packs(v: View) -> Iterator[Finding]:
+    """Pack blocks: in the data area, listed once, and their chunk bitmaps equal the
+    union of the packed extents in them, with no chunk claimed twice."""
+    g = v.sb.geometry
+    slots = v.pack_used
+    block = v.packs["block"][slots].astype(np.int64)
+    bad = (block < g.data_start_block) | (block >= g.block_count)
+    yield from _many("packs", "pack-place", "y", "pack", slots[bad],
+                     lambda i: f"pack record {i} points outside the data area")
+    slots, block = slots[~bad], block[~bad]
+    order = np.argsort(block, kind="stable")
+    dup = slots[order][1:][block[order][1:] == block[order][:-1]]
+    yield from _many("packs", "pack-dup", "y", "pack", dup, lambda i: f"pack record {i} repeats a pack block")
+    bits = np.unpackbits(v.packs["bitmap"][slots].view(np.uint8).reshape(len(slots), 64), axis=1,
+                         bitorder="little").astype(np.int64) if len(slots) else np.zeros((0, PACK_CHUNKS), np.int64)
+    want = np.zeros_like(bits)
+    row_of = {b: r for r, b in enumerate(block.tolist())}
+    ok = v.e_ok & v.e_packed
+    orphan_ext, twice = [], []
+    for ext, b, c0, n in zip(v.ext_used[ok].tolist(), v.e_start[ok].tolist(), v.e_chunk0[ok].tolist(),
+                             v.e_count[ok].tolist(), strict=True):
+        r = row_of.get(b)
+        if r is None:
+            orphan_ext.append(ext)
+        elif want[r, c0:c0 + n].any():
+            twice.append(ext)  # the later claim is the one dropped
+        else:
+            want[r, c0:c0 + n] += 1
+    yield from _many("packs", "packed-nowhere", "y", "extent", np.array(orphan_ext, np.int64),
+                     lambda i: f"packed extent {i} lies in a block that is not a pack block")
+    yield from _many("packs", "chunk-twice", "y", "extent", np.array(twice, np.int64),
+                     lambda i: f"packed extent {i} claims chunks another file has")
+    wrong = slots[((want > 0) != (bits > 0)).any(axis=1) | (v.packs["used"][slots] != bits.sum(axis=1))
+                  | (bits.sum(axis=1) == 0)] if len(slots) else slots
+    yield from _many("packs", "pack-bitmap", "p", "pack", wrong,
+                     lambda i: f"pack record {i}: chunk bitmap or count does not match its files")
 
 
 def blob_chains(v: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -55,8 +55,7 @@ def query(engine: Engine, ino: int, name: bytes, ctx: Ctx) -> bytes:
         engine._check_ino(ino)
         return json.dumps([h.as_dict() for h in engine.leases.holders(ino)]).encode()
     if name == EXTENTS:
-        bs = engine.block_size
-        return json.dumps([[fb * bs, pb * bs, n * bs] for fb, pb, n in engine.extents(ino)]).encode()
+        return json.dumps([list(x) for x in engine.extent_map(ino)]).encode()
     if name == KERNEL:
         _root(ctx)
         return json.dumps(engine.kernel.info_ino(ino).as_dict()).encode()
@@ -158,6 +157,12 @@ def _lease(engine: Engine, ino: int, value: bytes, ctx: Ctx) -> list[int]:
         engine.check_access(ino, ctx, write=False, groups=groups)
         if value == b"rw":
             engine.check_access(ino, ctx, write=True, groups=groups)
+        if ino in engine.packer.packed:
+            # A small file's chunks move as it grows; a mapped file's blocks must not.
+            if not engine.alloc.free:
+                raise FsError(errno.ENOSPC)
+            with engine.transaction() as tx:
+                engine.packer.unpack(tx, ino)
         engine.leases.take(ino, ctx.pid, value.decode())
     except LeaseError as e:
         raise FsError(e.errno, str(e)) from None

@@ -29,6 +29,7 @@ from .format import (
     BLOB_DATA,
     BLOB_SYMLINK,
     BLOB_XATTR,
+    EXTENT_PACKED,
     FEATURE_RO_COMPAT_KNOWN,
     FLAG_ORPHAN,
     FLAG_PINNED,
@@ -232,13 +233,14 @@ class Engine:
         self.alloc = BlockAllocator(t.bitmap, t.badmap, self.geometry.offsets["bitmap"],
                                     self.geometry.block_count, self.geometry.data_start_block,
                                     self.geometry.block_size)
-        ih, eh, dh, bh = (self.hwm[n] for n in TABLE_NAMES)
+        ih, eh, dh, bh, ph = (self.hwm[n] for n in TABLE_NAMES)
         kinds = t.inodes["kind"][:ih]
         self.free_slots = {
             "inode": _free_stack(kinds == 0),
             "extent": _free_stack(t.extents["owner"][:eh] == 0),
             "dirent": _free_stack(t.dirents["parent"][:dh] == 0),
             "blob": _free_stack(t.blobs["owner"][:bh] == 0),
+            "pack": _free_stack(t.packs["block"][:ph] == 0),
         }
         # Directories: name -> dirent slot, in cookie order (dicts keep insertion order).
         self.children: dict[int, dict[bytes, int]] = {
@@ -254,6 +256,14 @@ class Engine:
         self.maps: dict[int, FileMap] = {}
         e = t.extents[:eh]
         used = np.flatnonzero(e["owner"] != 0)
+        packed = (e["flags"][used] & EXTENT_PACKED) != 0
+        from .packing import Packer
+
+        self.packer = Packer(self)
+        p = used[packed]
+        self.packer.load(p.tolist(), e["owner"][p].tolist(), e["start_block"][p].tolist(),
+                         e["count"][p].tolist(), e["flags"][p].tolist())
+        used = used[~packed]
         order = used[np.lexsort((e["file_block"][used], e["owner"][used]))]
         for slot, owner, fb, pb, n in zip(order.tolist(), e["owner"][order].tolist(),
                                           e["file_block"][order].tolist(),
@@ -361,8 +371,10 @@ class Engine:
         off = self.offsets["inode"] + ino * INODE_DTYPE.itemsize
         (kind, flags, mode, uid, gid, nlink, gen, size, nblocks,
          at, mt, ct, bt, rdev) = _STAT.unpack_from(self.region.buf, off)
-        return Stat(ino, gen, mode, nlink, uid, gid, rdev, size, nblocks * (self.block_size >> 9),
-                    at, mt, ct, bt, flags, kind)
+        blocks = nblocks * (self.block_size >> 9)
+        if ino in self.packer.packed:
+            blocks += self.packer.chunks(ino) * (self.packer.chunk >> 9)
+        return Stat(ino, gen, mode, nlink, uid, gid, rdev, size, blocks, at, mt, ct, bt, flags, kind)
 
     def kind(self, ino: int) -> int:
         return int(self.I["kind"][ino])
@@ -712,6 +724,7 @@ class Engine:
         self.leases.forget(ino)
         self._free_beyond(ino, 0)
         with self.transaction() as tx:
+            self.packer.free(tx, ino)
             for slot in self._blob_heads(ino):
                 self._free_blob(tx, slot)
             self.xattrs.pop(ino, None)
@@ -748,6 +761,15 @@ class Engine:
         if fm is None:
             return []
         return list(zip(fm.fblk, fm.pblk, fm.cnt, strict=True))
+
+    def extent_map(self, ino: int) -> list[tuple[int, int, int]]:
+        """(file offset, region offset, length) in bytes of each piece of the file, a
+        small file's chunks included."""
+        self._check_ino(ino)
+        if ino in self.packer.packed:
+            return [(0, self.packer.address(ino), self.packer.covered(ino))]
+        bs = self.block_size
+        return [(fb * bs, pb * bs, n * bs) for fb, pb, n in self.extents(ino)]
 
     def _unmapped(self, fm: FileMap, b0: int, b1: int) -> list[tuple[int, int]]:
         """Runs (file block, count) in [b0, b1) that have no block yet."""
@@ -945,6 +967,11 @@ class Engine:
             raise FsError(errno.EINVAL)
         if kind == KIND_KOBJ:
             self.kernel.check_write(ino, offset, n)  # fixed size, immutable while frozen
+        elif (ino in self.packer.packed or not self.maps.get(ino)) and self.packer.eligible(ino, offset + n):
+            return self._write_packed(ino, offset, data)
+        # A packed file this write makes too big moves to a block of its own, in the
+        # same transaction as the write.
+        unpack = ino in self.packer.packed
         bs = self.block_size
         fm = self._map(ino)
         old_size = int(self.I["size"][ino])
@@ -952,6 +979,10 @@ class Engine:
         new_size = max(old_size, end)
         holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
         need = sum(c for _, c in holes)
+        if unpack and offset >= bs:
+            need += 1  # block 0, for the bytes the packed file had
+            if need > self.alloc.free:
+                raise FsError(errno.ENOSPC)
         if need > self.alloc.free:
             # As tmpfs: store what fits, up to the first block that cannot be had, and
             # return a short count; only a write that can store nothing is ENOSPC.
@@ -971,6 +1002,9 @@ class Engine:
         if holes and not self._have_slots("extent", len(holes)):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
+            if unpack:
+                self.packer.unpack(tx, ino)
+                holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
             if offset > old_size:
                 # Bytes past the old end of file are undefined: expose only zeros.
                 self._zero_allocated(fm, old_size, offset)
@@ -989,6 +1023,33 @@ class Engine:
             self.I["mtime_ns"][ino] = now
             self.I["ctime_ns"][ino] = now
         return n
+
+    def _write_packed(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        """A small file's write: its bytes live in chunks of a shared pack block."""
+        packer = self.packer
+        n = len(data)
+        end = offset + n
+        old_size = int(self.I["size"][ino])
+        if packer.needs_space(ino, end) and not (self.alloc.free and self._have_slots("pack", 1)):
+            raise FsError(errno.ENOSPC)
+        if ino not in packer.packed and not self._have_slots("extent", 1):
+            raise FsError(errno.ENOSPC)
+        with self.transaction() as tx:
+            packer.cover(tx, ino, end)
+            base = packer.address(ino)
+            if offset > old_size:
+                self.u8[base + old_size:base + offset] = 0  # past the old end: zeros only
+            self.region.buf[base + offset:base + end] = memoryview(data).cast("B")
+            self._save_inode(tx, ino)
+            if end > old_size:
+                self.I["size"][ino] = end
+            now = time.time_ns()
+            self.I["mtime_ns"][ino] = now
+            self.I["ctime_ns"][ino] = now
+        return n
+
+    def _wants_aligned(self, ino: int) -> bool:
+        return ALIGN_POLICY in self.xattrs.get(ino, ())
 
     def _copy_in(self, fm: FileMap, offset: int, data: bytes | memoryview) -> None:
         bs = self.block_size
@@ -1014,6 +1075,14 @@ class Engine:
             return b""
         end = min(fsize, offset + size)
         self._relatime(ino)
+        if ino in self.packer.packed:
+            covered, base = self.packer.covered(ino), self.packer.address(ino)
+            if end <= covered:
+                return self.region.buf[base + offset:base + end]  # zero copy
+            out = bytearray(end - offset)
+            if offset < covered:
+                out[:covered - offset] = self.region.buf[base + offset:base + covered]
+            return bytes(out)
         fm = self.maps.get(ino)
         bs = self.block_size
         if fm:
@@ -1068,6 +1137,12 @@ class Engine:
         old = int(self.I["size"][ino])
         fm = self._map(ino)
         self._save_inode(tx, ino)
+        if ino in self.packer.packed:
+            covered, base = self.packer.covered(ino), self.packer.address(ino)
+            if size > old:
+                self.u8[base + min(old, covered):base + min(size, covered)] = 0
+            else:
+                self.packer.shrink(tx, ino, size)
         if size > old:
             self._zero_allocated(fm, old, size)
         elif fm.end() > self._blocks_for(size):
@@ -1283,8 +1358,12 @@ class Engine:
         g = self.geometry
         inodes_total = g.inode_count - 1
         inodes_free = len(self.free_slots["inode"]) + g.inode_count - self.hwm["inode"]
+        per = g.block_size // self.packer.chunk
         return {
             "block_size": g.block_size, "blocks": g.data_blocks, "blocks_free": self.alloc.free,
+            # In pack chunks too, so df shows what small files really use.
+            "fragment_size": self.packer.chunk, "fragments": g.data_blocks * per,
+            "fragments_free": self.alloc.free * per + self.packer.free_chunks(),
             "files": inodes_total, "files_free": inodes_free, "namemax": NAME_MAX,
         }
 

@@ -31,7 +31,7 @@ BLOCK_1G = 1 << 30
 BLOCK_SIZES = (BLOCK_2M, BLOCK_1G)
 
 ROOT_INO = 1
-TABLE_NAMES = ("inode", "extent", "dirent", "blob")
+TABLE_NAMES = ("inode", "extent", "dirent", "blob", "pack")
 HWM_STEP = 1024  # high-water marks grow in steps of this many records
 NAME_MAX = 255
 XATTR_VALUE_MAX = 65536
@@ -99,7 +99,9 @@ SUPERBLOCK_DTYPE = np.dtype([
     # High-water marks: no record at or past these indices has ever been used, so a
     # mount reads only [0, hwm) of each table however large the region is.
     ("inode_hwm", "<u8"), ("extent_hwm", "<u8"), ("dirent_hwm", "<u8"), ("blob_hwm", "<u8"),
-    ("reserved", "V148"),
+    ("pack_offset", "<u8"), ("pack_count", "<u8"), ("pack_size", "<u4"), ("reserved1", "<u4"),
+    ("pack_hwm", "<u8"),
+    ("reserved", "V116"),
     ("checksum", "<u4"),
 ])
 assert SUPERBLOCK_DTYPE.itemsize == SB_STRUCT, SUPERBLOCK_DTYPE.itemsize
@@ -152,6 +154,21 @@ BLOB_DTYPE = np.dtype([
 ])
 assert BLOB_DTYPE.itemsize == 512
 
+# Small files share "pack" blocks: a block cut into PACK_CHUNKS chunks, with one
+# record of this table per pack block holding its chunk bitmap (64 bytes a block).
+PACK_CHUNKS = 512
+SMALL_CHUNKS = 16  # a file whose data fits in this many chunks lives in a pack block
+PACK_DTYPE = np.dtype([
+    ("block", "<u8"),  # the region block; 0 = free slot
+    ("used", "<u4"),  # chunks in use (= bits set in bitmap)
+    ("reserved0", "<u4"),
+    ("bitmap", "V64"),  # bit c (little-endian) set: chunk c belongs to a file
+    ("reserved", "V44"),
+    ("checksum", "<u4"),
+])
+assert PACK_DTYPE.itemsize == 128
+EXTENT_PACKED = 0x1  # extent flag: `count` chunks of block `start_block`, from chunk (flags >> 16)
+
 JOURNAL_HEADER_DTYPE = np.dtype([
     ("magic", "S8"),
     ("size", "<u8"),  # bytes of the journal area, header included
@@ -189,6 +206,7 @@ class Geometry:
     extent_count: int
     dirent_count: int
     blob_count: int
+    pack_count: int = 2
     journal_size: int = JOURNAL_SIZE_DEFAULT
     offsets: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
@@ -221,8 +239,11 @@ class Geometry:
             raise FormatError(f"inode count {inodes} is outside 16..{(1 << 32) - 1}")
         block_count = region_size // block_size
         g = cls(region_size, block_size, inode_count=inodes + 1,
-                extent_count=block_count + 1,  # an extent holds >= 1 block: never runs out
-                dirent_count=inodes + 1, blob_count=inodes + 64)  # room for a symlink or xattr each
+                # Whole-block extents hold >= 1 block and a file has at most one packed
+                # extent, so the extent table can never run out.
+                extent_count=block_count + inodes + 1,
+                dirent_count=inodes + 1, blob_count=inodes + 64,  # room for a symlink or xattr each
+                pack_count=min(inodes, block_count) + 1)  # a pack block holds >= 1 small file
         sizes = {
             "journal": g.journal_size,
             "bitmap": align_up((block_count + 7) // 8, TABLE_ALIGN),
@@ -231,6 +252,7 @@ class Geometry:
             "extent": align_up(g.extent_count * EXTENT_DTYPE.itemsize, TABLE_ALIGN),
             "dirent": align_up(g.dirent_count * DIRENT_DTYPE.itemsize, TABLE_ALIGN),
             "blob": align_up(g.blob_count * BLOB_DTYPE.itemsize, TABLE_ALIGN),
+            "pack": align_up(g.pack_count * PACK_DTYPE.itemsize, TABLE_ALIGN),
         }
         pos = JOURNAL_OFFSET
         for name, size in sizes.items():
@@ -294,6 +316,7 @@ class Superblock:
             "dirent_size": DIRENT_DTYPE.itemsize,
             "blob_offset": g.offsets["blob"], "blob_count": g.blob_count,
             "blob_size": BLOB_DTYPE.itemsize,
+            "pack_offset": g.offsets["pack"], "pack_count": g.pack_count, "pack_size": PACK_DTYPE.itemsize,
             "backup_offset": g.backup_offset, "root_ino": ROOT_INO,
             "state": self.state, "mount_generation": self.mount_generation,
             "last_mount_ns": self.last_mount_ns, "last_umount_ns": self.last_umount_ns,
@@ -326,14 +349,16 @@ class Superblock:
             region_size=int(rec["region_size"]), block_size=int(rec["block_size"]),
             inode_count=int(rec["inode_count"]), extent_count=int(rec["extent_count"]),
             dirent_count=int(rec["dirent_count"]), blob_count=int(rec["blob_count"]),
+            pack_count=int(rec["pack_count"]),
             journal_size=int(rec["journal_size"]),
             data_start_block=int(rec["data_start_block"]), backup_offset=int(rec["backup_offset"]))
-        for name in ("journal", "bitmap", "badmap", "inode", "extent", "dirent", "blob"):
+        for name in ("journal", "bitmap", "badmap", "inode", "extent", "dirent", "blob", "pack"):
             g.offsets[name] = int(rec[f"{name}_offset"])
         g.sizes = {
             "journal": g.journal_size, "bitmap": int(rec["bitmap_size"]), "badmap": int(rec["bitmap_size"]),
             "inode": g.inode_count * INODE_DTYPE.itemsize, "extent": g.extent_count * EXTENT_DTYPE.itemsize,
             "dirent": g.dirent_count * DIRENT_DTYPE.itemsize, "blob": g.blob_count * BLOB_DTYPE.itemsize,
+            "pack": g.pack_count * PACK_DTYPE.itemsize,
         }
         sb = cls(g, bytes(rec["uuid"]), bytes(rec["label"]).decode(errors="replace"),
                  int(rec["create_time_ns"]), int(rec["feature_compat"]), int(rec["feature_incompat"]),
@@ -354,7 +379,8 @@ class Superblock:
             raise FormatError("superblock region size does not fit its block size")
         if int(rec["block_count"]) != g.block_count:
             raise FormatError("superblock block count does not match region size")
-        sizes = {"inode": INODE_DTYPE, "extent": EXTENT_DTYPE, "dirent": DIRENT_DTYPE, "blob": BLOB_DTYPE}
+        sizes = {"inode": INODE_DTYPE, "extent": EXTENT_DTYPE, "dirent": DIRENT_DTYPE, "blob": BLOB_DTYPE,
+                 "pack": PACK_DTYPE}
         for name, dt in sizes.items():
             if int(rec[f"{name}_size"]) != dt.itemsize:
                 raise FormatError(f"superblock {name} record size {int(rec[f'{name}_size'])} is not {dt.itemsize}")
@@ -375,7 +401,8 @@ class Superblock:
             prev_end, prev_name = end, name
         if prev_end > g.backup_offset:
             raise FormatError(f"superblock table {prev_name} runs into the data area")
-        for name, limit in (("inode", 1 << 32), ("dirent", 1 << 32), ("extent", 1 << 32), ("blob", 1 << 32)):
+        for name, limit in (("inode", 1 << 32), ("dirent", 1 << 32), ("extent", 1 << 32), ("blob", 1 << 32),
+                            ("pack", 1 << 32)):
             count = getattr(g, f"{name}_count")
             if not 2 <= count < limit:
                 raise FormatError(f"superblock {name} count {count} is out of range")
@@ -478,6 +505,7 @@ class Tables:
         self.extents = view("extent", EXTENT_DTYPE, g.extent_count)
         self.dirents = view("dirent", DIRENT_DTYPE, g.dirent_count)
         self.blobs = view("blob", BLOB_DTYPE, g.blob_count)
+        self.packs = view("pack", PACK_DTYPE, g.pack_count)
         nbytes = (g.block_count + 7) // 8
         self.bitmap = view("bitmap", np.dtype("u1"), nbytes)
         self.badmap = view("badmap", np.dtype("u1"), nbytes)

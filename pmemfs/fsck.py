@@ -40,6 +40,7 @@ from .format import (
     KIND_DIR,
     MAGIC,
     NAME_MAX,
+    PACK_CHUNKS,
     ROOT_INO,
     S_IFMT_OF_KIND,
     SB_SLOT,
@@ -249,7 +250,7 @@ class Repair:
         self.tx = None
         self.hwm = dict(hwm)
         self.tables = {"inode": self.t.inodes, "extent": self.t.extents, "dirent": self.t.dirents,
-                       "blob": self.t.blobs}
+                       "blob": self.t.blobs, "pack": self.t.packs}
         self.offsets = {n: g.offsets[n] for n in TABLE_NAMES}
         self.changed = False
 
@@ -287,7 +288,7 @@ class Repair:
     def alloc(self, table: str) -> int:
         """A free slot of a table (below the high-water mark, or by raising it)."""
         arr = self.tables[table]
-        key = {"inode": "kind", "extent": "owner", "dirent": "parent", "blob": "owner"}[table]
+        key = {"inode": "kind", "extent": "owner", "dirent": "parent", "blob": "owner", "pack": "block"}[table]
         h = self.hwm[table]
         free = np.flatnonzero(arr[key][1:h] == 0)
         if len(free):
@@ -451,7 +452,7 @@ def fix_trim(r: Repair, fs: list[Finding]) -> None:
     for ino in _items(fs, "ino"):
         size = int(r.t.inodes["size"][ino])
         keep = -(-size // bs)
-        for k in np.flatnonzero((v.e_owner == ino) & v.e_ok).tolist():
+        for k in np.flatnonzero((v.e_owner == ino) & v.e_blk).tolist():
             slot, fb, cnt = int(v.ext_used[k]), int(v.e_fb[k]), int(v.e_count[k])
             if fb >= keep:
                 r.zero("extent", slot)
@@ -462,7 +463,7 @@ def fix_trim(r: Repair, fs: list[Finding]) -> None:
 
 def fix_nblocks(r: Repair, fs: list[Finding]) -> None:
     v = r.view()
-    sums = np.bincount(v.e_owner[v.e_ok], weights=v.e_count[v.e_ok], minlength=v.n).astype(np.int64)
+    sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
     for ino in _items(fs, "ino"):
         if v.live[ino]:
             r.set("inode", ino, nblocks=int(sums[ino]))
@@ -638,6 +639,32 @@ def fix_bitmap(r: Repair, fs: list[Finding]) -> None:
             have[lo:hi] = want[lo:hi]
 
 
+def fix_drop_packs(r: Repair, fs: list[Finding]) -> None:
+    """Pack records that point nowhere or repeat a block: drop them (their files' packed
+    extents are then dropped as lying nowhere, and the block bitmap is rebuilt)."""
+    for slot in _items(fs, "index"):
+        if r.t.packs["block"][slot]:
+            r.zero("pack", slot)
+
+
+def fix_pack_bitmaps(r: Repair, fs: list[Finding]) -> None:
+    """Rebuild each pack block's chunk bitmap from the packed extents in it; a pack
+    block left with no chunks is given up (fix_bitmap then frees its block)."""
+    v = r.view()
+    ok = v.e_ok & v.e_packed
+    want: dict[int, np.ndarray] = {int(b): np.zeros(PACK_CHUNKS, bool)
+                                   for b in v.packs["block"][v.pack_used].tolist()}
+    for b, c0, n in zip(v.e_start[ok].tolist(), v.e_chunk0[ok].tolist(), v.e_count[ok].tolist(), strict=True):
+        if b in want:
+            want[b][c0:c0 + n] = True
+    for slot in v.pack_used.tolist():
+        bits = want[int(r.t.packs["block"][slot])]
+        if not bits.any():
+            r.zero("pack", slot)
+        else:
+            r.set("pack", slot, bitmap=np.packbits(bits, bitorder="little").tobytes(), used=int(bits.sum()))
+
+
 # Repairs in the order they run within a pass: code -> fixer.
 FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("checksum", fix_checksums),
@@ -655,6 +682,12 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("double", fix_double),
     ("file-overlap", fix_drop_extents),
     ("bad-owned", fix_drop_extents),
+    ("pack-place", fix_drop_packs),
+    ("pack-dup", fix_drop_packs),
+    ("packed-nowhere", fix_drop_extents),
+    ("packed-mixed", fix_drop_extents),
+    ("chunk-twice", fix_drop_extents),
+    ("pack-bitmap", fix_pack_bitmaps),
     ("past-eof", fix_trim),
     ("truncating", fix_trim),
     ("nblocks", fix_nblocks),
@@ -889,7 +922,7 @@ def _table_checks(t: Tables, sb: Superblock, hwm: dict[str, int]) -> dict[str, l
 def _true_hwm(t: Tables, full: dict[str, int]) -> dict[str, int]:
     """High-water marks recomputed from the tables (used when the backup's may be stale)."""
     keys = {"inode": t.inodes["kind"], "extent": t.extents["owner"], "dirent": t.dirents["parent"],
-            "blob": t.blobs["owner"]}
+            "blob": t.blobs["owner"], "pack": t.packs["block"]}
     out = {}
     for n, arr in keys.items():
         used = np.flatnonzero(arr[: full[n]] != 0)

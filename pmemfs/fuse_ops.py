@@ -241,10 +241,10 @@ class Operations(pyfuse3.Operations):
         s = self.engine.statfs()
         st = pyfuse3.StatvfsData()
         st.f_bsize = s["block_size"]
-        st.f_frsize = s["block_size"]
-        st.f_blocks = s["blocks"]
-        st.f_bfree = s["blocks_free"]
-        st.f_bavail = s["blocks_free"]
+        st.f_frsize = s["fragment_size"]  # counted in pack chunks: df shows real usage
+        st.f_blocks = s["fragments"]
+        st.f_bfree = s["fragments_free"]
+        st.f_bavail = s["fragments_free"]
         st.f_files = s["files"]
         st.f_ffree = s["files_free"]
         st.f_favail = s["files_free"]

@@ -61,7 +61,8 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     """Give [0, size) of the file blocks, contiguous and aligned, in one step.
 
     Like fallocate(2) mode 0: the file grows to `size` if shorter, new blocks read as
-    zeros, existing data is kept. Returns the file's extents afterwards.
+    zeros, existing data is kept. One transaction (a packed small file first moves to
+    a block of its own inside it). Returns the file's extents afterwards.
     """
     _regular(e, ino)
     _check_leases(e, ino)  # its blocks may move
@@ -72,21 +73,25 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     align_blocks = max(1, align // bs)
     fm = e._map(ino)
     want = -(-size // bs)
-    holes = e._unmapped(fm, 0, want)
-    need = sum(n for _, n in holes)
+    packed = ino in e.packer.packed
+    need = sum(n for _, n in e._unmapped(fm, 0, want))
     if need > e.alloc.free:
         raise FsError(errno.ENOSPC)
+    if len(fm) > MAX_PIECES or not e._have_slots("extent", 2):
+        raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
     old_size = int(e.I["size"][ino])
-    try:
-        # Best: the whole file in one aligned run; blocks it already has are copied there.
-        start = e.alloc.find_contiguous(want, align_blocks)
-    except NoSpace:
-        start = None
-    if start is not None and len(fm) <= MAX_PIECES:
-        old = list(zip(fm.fblk, fm.pblk, fm.cnt, fm.slot, strict=True))
-        with e.transaction() as tx:
-            if size > old_size:
-                e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
+    with e.transaction() as tx:
+        if packed:
+            e.packer.unpack(tx, ino)
+        if size > old_size:
+            e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
+        try:
+            # Best: the whole file in one aligned run; blocks it already has are copied there.
+            start = e.alloc.find_contiguous(want, align_blocks)
+        except NoSpace:
+            start = None
+        if start is not None:
+            old = list(zip(fm.fblk, fm.pblk, fm.cnt, fm.slot, strict=True))
             e.alloc.mark(tx, start, want, True)
             kept = np.zeros(want, bool)
             for f, p, n, _ in old:
@@ -101,26 +106,24 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
                 lst.clear()
             e._add_extent(tx, ino, fm, 0, start, want)
             _grow(e, tx, ino, size, old_size, want - sum(n for _, _, n, _ in old))
-        return e.extents(ino)
-    plan: list[tuple[int, int, int]] = []  # (file block, region block, count)
-    try:
-        for fb, n in holes:
-            for pb, k in e.alloc.find(n, e._goal(fm, fb), aligned=align_blocks > 1,
-                                      phase=fb % max(1, e.alloc.chunk_blocks)):
-                plan.append((fb, pb, k))
-                fb += k
-    except NoSpace:
-        raise FsError(errno.ENOSPC, "no free space that large") from None
-    if len(plan) > MAX_PIECES or not e._have_slots("extent", len(plan)):
-        raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
-    with e.transaction() as tx:
-        if size > old_size:
-            e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
-        for fb, pb, n in plan:
-            e.alloc.mark(tx, pb, n, True)
-            e._add_extent(tx, ino, fm, fb, pb, n)
-            e.u8[pb * bs:(pb + n) * bs] = 0
-        _grow(e, tx, ino, size, old_size, need)
+        else:
+            holes = e._unmapped(fm, 0, want)
+            plan: list[tuple[int, int, int]] = []  # (file block, region block, count)
+            try:
+                for fb, n in holes:
+                    for pb, k in e.alloc.find(n, e._goal(fm, fb), aligned=align_blocks > 1,
+                                              phase=fb % max(1, e.alloc.chunk_blocks)):
+                        plan.append((fb, pb, k))
+                        fb += k
+            except NoSpace:
+                raise FsError(errno.ENOSPC, "no free space that large") from None
+            if len(plan) > MAX_PIECES or not e._have_slots("extent", len(plan)):
+                raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
+            for fb, pb, n in plan:
+                e.alloc.mark(tx, pb, n, True)
+                e._add_extent(tx, ino, fm, fb, pb, n)
+                e.u8[pb * bs:(pb + n) * bs] = 0
+            _grow(e, tx, ino, size, old_size, sum(n for _, _, n in plan))
     return e.extents(ino)
 
 
@@ -147,6 +150,8 @@ def carve(e: Engine, src: int, offset: int, length: int, dst: int) -> None:
         raise FsError(errno.EINVAL, f"offset and length must be multiples of the block size {bs}")
     if src == dst:
         raise FsError(errno.EINVAL, "source and destination are the same file")
+    if src in e.packer.packed:
+        raise FsError(errno.EINVAL, "a small file packed with others has no whole blocks to carve")
     if int(e.I["size"][dst]) or int(e.I["nblocks"][dst]):
         raise FsError(errno.ENOTEMPTY, "the destination must be an empty file")
     if offset + length > int(e.I["size"][src]):

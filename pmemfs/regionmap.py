@@ -25,6 +25,7 @@ import numpy as np
 
 from .format import (
     BLOCK_1G,
+    EXTENT_PACKED,
     KIND_FREE,
     KIND_KOBJ,
     KIND_REG,
@@ -98,6 +99,8 @@ def load(path: str) -> RegionMap:
         owner = ext["owner"].astype(np.int64)
         start = ext["start_block"].astype(np.int64)
         count = ext["count"].astype(np.int64)
+        # A packed extent is chunks of one shared pack block: it covers that one block.
+        count = np.where((ext["flags"] & EXTENT_PACKED) != 0, 1, count)
         # Keep what lies in the region; a torn or damaged record must not crash a reader.
         live = (owner > 0) & (owner < g.inode_count) & (count > 0) & (start >= 0) & (start < n)
         owner, start, count = owner[live], start[live], count[live]
@@ -479,7 +482,7 @@ def file_extents(path: str) -> dict:
             raise RegionError(f"{path}: the pmemfs at {m.mountpoint} does not report extents") from None
         raise
     ext = json.loads(raw)
-    block_size = os.statvfs(path).f_frsize
+    block_size = os.statvfs(path).f_bsize  # the allocation block (f_frsize counts pack chunks)
     out = []
     for i, (fo, ro, n) in enumerate(ext):
         flags = []

@@ -51,6 +51,9 @@ def fs(region_factory):
     e.write(ino["f"], 0, b"a" * (BS + 10))
     ino["g"] = e.create(1, b"g", 0o644).ino
     e.write(ino["g"], 0, b"g" * 100)
+    e.write(ino["g"], 64 << 10, b"!")  # past the small-file threshold: a block of its own
+    ino["p"] = e.create(1, b"p", 0o644).ino  # a small file, packed with others
+    e.write(ino["p"], 0, b"p" * 5000)
     ino["s"] = e.symlink(1, b"s", b"d/f").ino
     e.setxattr(ino["f"], b"user.big", b"x" * 1200)
     e.close()

@@ -47,6 +47,8 @@ def populate(e: Engine) -> None:
     e.kernel.preserve("obj")
     e.kernel.create("obj2", "device-state", 4096)
     e.create(1, b"side", 0o600)  # an empty file to carve into
+    for name in (b"s1", b"s2"):  # small files, packed in one block
+        e.write(e.create(1, name, 0o644).ino, 0, name * 3000)
 
 
 def ino(e: Engine, *path: bytes) -> int:
@@ -99,6 +101,13 @@ OPERATIONS = {
     "kobj_remove": lambda e: e.kernel.remove("obj2"),
     "prealloc": lambda e: placement.prealloc(e, ino(e, b"a"), 5 * MiB),
     "carve": lambda e: placement.carve(e, ino(e, b"big"), 2 * MiB, 4 * MiB, ino(e, b"side")),
+    "small_new": lambda e: e.write(e.lookup(1, b"side"), 0, b"tiny" * 100),
+    "small_grow_in_place": lambda e: e.write(ino(e, b"s2"), 6000, b"g" * 9000),
+    "small_grow_moves": lambda e: e.write(ino(e, b"s1"), 6000, b"m" * 20000),
+    "small_outgrows": lambda e: e.write(ino(e, b"s1"), 60000, b"o" * 10000),
+    "small_write_far": lambda e: e.write(ino(e, b"s2"), 5 * MiB, b"f"),
+    "small_truncate": lambda e: e.truncate(ino(e, b"s1"), 10),
+    "small_unlink": lambda e: e.unlink(1, b"s1"),
 }
 
 

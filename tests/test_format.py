@@ -54,7 +54,7 @@ def sample_superblock() -> Superblock:
     sb.last_mount_ns = 1_700_000_000_123_456_789
     sb.last_umount_ns = 1_700_000_000_987_654_321
     sb.version_minor = 3
-    sb.hwm = {"inode": 2048, "extent": 100, "dirent": 4096, "blob": 1025}
+    sb.hwm = {"inode": 2048, "extent": 100, "dirent": 4096, "blob": 1025, "pack": 7}
     return sb
 
 

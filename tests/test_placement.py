@@ -139,9 +139,9 @@ def test_defrag_under_kill_keeps_every_file(region_factory):
     e = Engine(region)
     rng = random.Random(9)
     names = []
-    for i in range(1500):  # small files spread over every GiB
+    for i in range(1500):  # one-block files (too big to be packed) spread over every GiB
         f = e.create(1, f"f{i}".encode(), 0o644).ino
-        e.write(f, 0, os.urandom(rng.randrange(1, 4096)))
+        e.write(f, 0, os.urandom(rng.randrange(70_000, 100_000)))
         names.append(f"f{i}".encode())
     for name in names:
         if rng.random() < 0.85:

@@ -62,7 +62,9 @@ def read_file(path: str) -> bytes:
 
 
 def free_blocks(path: str) -> int:
-    return os.statvfs(path).f_bfree
+    """Free space in whole 2 MiB blocks (statfs counts 4 KiB pack chunks)."""
+    s = os.statvfs(path)
+    return s.f_bfree * s.f_frsize // MB2
 
 
 @pytest.fixture
@@ -243,7 +245,7 @@ def test_truncate_to_a_petabyte_allocates_nothing(mounted):
     free0 = free_blocks(mounted.path)
     os.truncate(p, 1 << 50)
     st = os.stat(p)
-    assert st.st_size == 1 << 50 and st.st_blocks == BLK512
+    assert st.st_size == 1 << 50 and st.st_blocks == 4096 // 512  # 3 bytes: one packed 4 KiB chunk
     assert free_blocks(mounted.path) == free0
     with open(p, "rb") as f:
         assert f.read(5) == b"abc\0\0"
@@ -619,13 +621,19 @@ def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
 def test_statfs(mounted):
     s = os.statvfs(mounted.path)
     assert s.f_namemax == 255
-    assert s.f_bsize == s.f_frsize == MB2
+    # f_bsize is the allocation block; space is counted in 4 KiB chunks, the unit small
+    # files are packed in, so df shows what they really use
+    assert s.f_bsize == MB2 and s.f_frsize == MB2 // 512
     assert s.f_blocks > 0 and s.f_bfree == s.f_bavail == s.f_blocks
     assert s.f_files > s.f_ffree > 0
     write_file(mounted.p("f"), b"x" * (MB2 + 1))
     s2 = os.statvfs(mounted.path)
-    assert s2.f_bfree == s.f_bfree - 2 and s2.f_ffree == s.f_ffree - 1
+    assert s2.f_bfree == s.f_bfree - 2 * 512 and s2.f_ffree == s.f_ffree - 1
+    write_file(mounted.p("small"), b"y" * 5000)  # two chunks of a pack block
+    s3 = os.statvfs(mounted.path)
+    assert s3.f_bfree == s2.f_bfree - 2
     os.unlink(mounted.p("f"))
+    os.unlink(mounted.p("small"))  # its pack block, empty now, goes back too
     assert wait_for(lambda: os.statvfs(mounted.path).f_bfree == s.f_bfree)
     assert wait_for(lambda: os.statvfs(mounted.path).f_ffree == s.f_ffree)
 
@@ -672,7 +680,7 @@ def test_xattrs(mounted, shm):
 
 # ------------------------------------------------------------- space
 def test_enospc_and_recovery(mounted):
-    total = os.statvfs(mounted.path).f_bfree
+    total = free_blocks(mounted.path)
     p = mounted.p("fill")
     chunk = b"F" * (1 << 20)
     written = 0
@@ -681,7 +689,7 @@ def test_enospc_and_recovery(mounted):
             written += f.write(chunk)
     assert ei.value.errno == errno.ENOSPC
     assert written == total * MB2
-    assert os.statvfs(mounted.path).f_bfree == 0
+    assert free_blocks(mounted.path) == 0
     assert os.stat(p).st_size == total * MB2
     assert outcome(write_file, mounted.p("other"), b"x") == "ENOSPC"
     # a write running past the last allocated block stores what fits (short count),
@@ -704,7 +712,7 @@ def test_enospc_and_recovery(mounted):
         f.seek(total * MB2 - 4100)
         assert f.read() == b"FFFF" + b"E" * 4096
     os.unlink(p)
-    assert wait_for(lambda: os.statvfs(mounted.path).f_bfree == total)
+    assert wait_for(lambda: free_blocks(mounted.path) == total)
     write_file(mounted.p("other"), b"y" * (3 * MB2))
     assert read_file(mounted.p("other")) == b"y" * (3 * MB2)
 
@@ -852,13 +860,13 @@ def test_mmap_shared_read_and_write(mounted):
 def test_gib_file_is_one_extent_and_unlink_returns_every_block(region_factory, mount_factory):
     region = region_factory(size=(1 << 30) + (64 << 20))
     m = mount_factory(region)
-    total = os.statvfs(m.path).f_bfree
+    total = free_blocks(m.path)
     chunk = bytes(range(256)) * 4096  # 1 MiB
     with open(m.p("g"), "wb", buffering=0) as f:
         for _ in range(1024):
             f.write(chunk)
     ino = os.stat(m.p("g")).st_ino
-    assert os.statvfs(m.path).f_bfree == total - 512
+    assert free_blocks(m.path) == total - 512
     m.unmount()
     e = Engine(region, readonly=True)
     try:
@@ -871,5 +879,5 @@ def test_gib_file_is_one_extent_and_unlink_returns_every_block(region_factory, m
         f.seek((1 << 30) - (1 << 20))
         assert f.read() == chunk
     os.unlink(m.p("g"))
-    assert wait_for(lambda: os.statvfs(m.path).f_bfree == total)
+    assert wait_for(lambda: free_blocks(m.path) == total)
     assert os.statvfs(m.path).f_bfree == os.statvfs(m.path).f_blocks
