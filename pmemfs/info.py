@@ -12,6 +12,7 @@ from .format import (
     KIND_REG,
     STATE_CLEAN,
     TABLE_NAMES,
+    FormatError,
     Tables,
     read_superblock,
 )
@@ -24,9 +25,21 @@ def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9)) if ns else "never"
 
 
+def _read_live_superblock(region: Region):
+    """The primary superblock, read without the lock: a running daemon may be in the
+    middle of updating it (state, generation, high-water marks), so a checksum
+    mismatch is retried for a moment before the backup is believed."""
+    for _ in range(50):
+        try:
+            return read_superblock(region.buf, region.size, fd=region.fd)
+        except FormatError:
+            time.sleep(0.002)
+    return read_superblock(region.buf, region.size, allow_backup=True, fd=region.fd)
+
+
 def describe(path: str) -> dict:
     with Region(path, writable=False, lock=False) as region:
-        sb, which = read_superblock(region.buf, region.size, allow_backup=True, fd=region.fd)
+        sb, which = _read_live_superblock(region)
         g = sb.geometry
         t = Tables(region.buf, sb)
         hwm = {n: min(sb.hwm[n], getattr(g, f"{n}_count")) for n in TABLE_NAMES}

@@ -24,9 +24,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pmemfs import check, mounting, stress  # noqa: E402
-from pmemfs.cli import parse_size  # noqa: E402
-from pmemfs.mkfs import make_filesystem  # noqa: E402
+from pmemfs import check, mounting, stress
+from pmemfs.cli import parse_size
+from pmemfs.mkfs import make_filesystem
 
 
 def main() -> int:
@@ -62,7 +62,10 @@ def main() -> int:
             proc = m.proc
             downtime = (time.monotonic() - killed_at) * 1000
             problems = stress.verify(mp, logs)
-            acked = sum(1 for path in logs.values() for _ in open(path))
+            acked = 0
+            for path in logs.values():
+                with open(path) as f:
+                    acked += sum(1 for _ in f)
             print(f"iteration {it}: {acked} acknowledged ops so far, remount {m.downtime_ms:.0f} ms, "
                   f"kill-to-serving {downtime:.0f} ms, {len(problems)} problems", flush=True)
             if problems:
