@@ -601,23 +601,27 @@ def check_packs(v: View) -> Iterator[Finding]:
     yield from _many("packs", "pack-dup", "y", "pack", dup, lambda i: f"pack record {i} repeats a pack block")
     bits = np.unpackbits(v.packs["bitmap"][slots].view(np.uint8).reshape(len(slots), 64), axis=1,
                          bitorder="little").astype(np.int64) if len(slots) else np.zeros((0, PACK_CHUNKS), np.int64)
-    want = np.zeros_like(bits)
-    row_of = {b: r for r, b in enumerate(block.tolist())}
+    # Chunk claims of the packed extents, all at once: row of the pack block * 512 + chunk.
     ok = v.e_ok & v.e_packed
-    orphan_ext, twice = [], []
-    for ext, b, c0, n in zip(v.ext_used[ok].tolist(), v.e_start[ok].tolist(), v.e_chunk0[ok].tolist(),
-                             v.e_count[ok].tolist(), strict=True):
-        r = row_of.get(b)
-        if r is None:
-            orphan_ext.append(ext)
-        elif want[r, c0:c0 + n].any():
-            twice.append(ext)  # the later claim is the one dropped
-        else:
-            want[r, c0:c0 + n] += 1
-    yield from _many("packs", "packed-nowhere", "y", "extent", np.array(orphan_ext, np.int64),
+    ext, b, c0, n = v.ext_used[ok], v.e_start[ok], v.e_chunk0[ok], v.e_count[ok]
+    srt = np.argsort(block, kind="stable")
+    pos = np.searchsorted(block[srt], b)
+    found = (pos < len(block)) & (block[srt][np.minimum(pos, max(len(block) - 1, 0))] == b) if len(block) \
+        else np.zeros(len(b), bool)
+    yield from _many("packs", "packed-nowhere", "y", "extent", ext[~found],
                      lambda i: f"packed extent {i} lies in a block that is not a pack block")
-    yield from _many("packs", "chunk-twice", "y", "extent", np.array(twice, np.int64),
+    ext, c0, n = ext[found], c0[found], n[found]
+    row = srt[pos[found]] if len(block) else pos[found]
+    first = row * PACK_CHUNKS + c0
+    owner_ext = np.repeat(ext, n)
+    chunk = np.repeat(first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+    claims = np.bincount(chunk, minlength=len(slots) * PACK_CHUNKS)
+    earliest = np.full(len(slots) * PACK_CHUNKS, np.iinfo(np.int64).max)
+    np.minimum.at(earliest, chunk, owner_ext)
+    later = np.unique(owner_ext[earliest[chunk] != owner_ext])  # the later claim is the one dropped
+    yield from _many("packs", "chunk-twice", "y", "extent", later,
                      lambda i: f"packed extent {i} claims chunks another file has")
+    want = claims.reshape(len(slots), PACK_CHUNKS) if len(slots) else np.zeros((0, PACK_CHUNKS), np.int64)
     wrong = slots[((want > 0) != (bits > 0)).any(axis=1) | (v.packs["used"][slots] != bits.sum(axis=1))
                   | (bits.sum(axis=1) == 0)] if len(slots) else slots
     yield from _many("packs", "pack-bitmap", "p", "pack", wrong,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import click
 
-from .format import BLOCK_1G, BLOCK_2M, FormatError
+from .errors import FormatError, MountError
 from .region import RegionError
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -51,7 +51,6 @@ def human(n: float) -> str:
 def run(command: click.Command, prog: str, usage_status: int = 2,
         errors: tuple[type[Exception], ...] = (), error_status: int = 1) -> Callable[[], None]:
     """Entry point that turns every expected failure into one line and an exit code."""
-    from .engine import MountError
     from .mounting import MountFailed
 
     expected = (RegionError, FormatError, MountError, MountFailed, *errors)
@@ -121,6 +120,7 @@ def progress_bar(label: str, total: int) -> Callable[[int], None]:
 @click.argument("region")
 def mkfs_command(region, size, block_size, inodes, label, prefault, force, as_json):
     """Make a pmemfs filesystem in REGION (a file or a /dev/dax device)."""
+    from .format import BLOCK_1G, BLOCK_2M
     from .mkfs import make_filesystem
 
     bs = BLOCK_2M if block_size.upper() == "2M" else BLOCK_1G
@@ -165,8 +165,7 @@ def cli():
 @click.argument("mountpoint")
 def mount_command(foreground, options, force, log, debug, region, mountpoint):
     """Mount REGION on MOUNTPOINT (returns once the mount answers)."""
-    from .daemon import MOUNT_OPTIONS_ALLOWED
-    from .mounting import spawn
+    from .mounting import MOUNT_OPTIONS_ALLOWED, spawn
 
     opts = {o.strip() for group in options for o in group.split(",") if o.strip()}
     opts -= {"rw", "defaults", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "auto", "noauto",

@@ -20,10 +20,10 @@ import trio
 from .engine import Engine
 from .fuse_ops import Operations
 from .journal import CrashPoints
+from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
 
 log = logging.getLogger("pmemfs.daemon")
 
-MOUNT_OPTIONS_ALLOWED = {"allow_other", "allow_root", "ro", "noatime", "debug", "sync", "prefault"}
 
 
 def fuse_options(region: str, options: set[str]) -> set[str]:

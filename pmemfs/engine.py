@@ -88,8 +88,7 @@ class FsError(Exception):
         self.errno = err
 
 
-class MountError(Exception):
-    """The region cannot be served; the message is one line for a person."""
+from .errors import MountError  # noqa: E402  (re-exported: engine.MountError)
 
 
 @dataclass(frozen=True)

@@ -184,8 +184,7 @@ JOURNAL_MAGIC = b"PMEMFSJ1"
 JOURNAL_RECORD_HEADER = 16  # offset u64, length u32, checksum u32; then data padded to 8
 
 
-class FormatError(Exception):
-    """The region does not hold a usable pmemfs; the message says why, on one line."""
+from .errors import FormatError  # noqa: E402  (re-exported: format.FormatError)
 
 
 def crc(data) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .region import lock_holder
 
 READAHEAD_KB = 1024  # sequential reads then arrive as 1 MiB requests
+MOUNT_OPTIONS_ALLOWED = {"allow_other", "allow_root", "ro", "noatime", "debug", "sync", "prefault"}
 
 
 class MountFailed(Exception):

@@ -119,3 +119,40 @@ def test_df_through_the_mount_counts_chunks(mounted):
     assert os.stat(mounted.p("n7")).st_blocks == 2 * 4096 // 512
     with open(mounted.p("n7"), "rb") as f:
         assert f.read() == b"n" * 5000
+
+
+def test_fsck_finds_two_files_in_one_chunk_and_a_pack_that_is_gone(region_factory):
+    import zlib
+
+    from pmemfs import check
+
+    region = region_factory()
+    e = Engine(region)
+    a = e.create(1, b"a", 0o644).ino
+    b = e.create(1, b"b", 0o644).ino
+    e.write(a, 0, b"A" * 100)
+    e.write(b, 0, b"B" * 100)
+    slot_a, slot_b = e.packer.packed[a][0], e.packer.packed[b][0]
+    ext_off = e.geometry.offsets["extent"]
+    e.close()
+
+    def reseal(r, off, size):
+        raw = np.frombuffer(r.buf, np.uint8, size, off)
+        raw[size - 4:] = np.frombuffer(zlib.crc32(bytes(raw[: size - 4])).to_bytes(4, "little"), np.uint8)
+
+    with Region(region) as r:  # b's extent now claims a's chunk
+        ext = np.frombuffer(r.buf, np.uint32, 8, ext_off + slot_b * 32)
+        ext[6] = ext[6] & 0xFFFF  # flags: chunk 0
+        del ext
+        reseal(r, ext_off + slot_b * 32, 32)
+    codes = {f.code for f in check.check_region(region) if f.severity == "error"}
+    assert "chunk-twice" in codes
+    assert fsck_mod.fsck(region, "y").exit_code == 1
+    assert fsck_mod.fsck(region, "n").exit_code == 0
+    e = Engine(region)
+    try:
+        assert bytes(e.read(a, 0, 100)) == b"A" * 100  # the first owner keeps the chunk
+        assert b not in e.packer.packed
+    finally:
+        e.close()
+    assert slot_a != slot_b
