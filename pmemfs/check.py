@@ -28,6 +28,7 @@ from .format import (
     FEATURE_INCOMPAT_KNOWN,
     FEATURE_RO_COMPAT_KNOWN,
     FLAG_ORPHAN,
+    FLAG_PINNED,
     FLAG_TRUNCATING,
     FLAGS_KNOWN,
     KIND_DIR,
@@ -689,6 +690,35 @@ def check_blobs(v: View) -> Iterator[Finding]:
     stray = used[cont & ~dead & ~bad & ~visited[used]]
     yield from _many("blobs", "stray-cont", "p", "blob", stray,
                      lambda i: f"continuation record {i} is not part of any value")
+
+
+@check("kernel-objects")
+def check_kernel_objects(v: View) -> Iterator[Finding]:
+    """Kernel objects: pinned, a known lifecycle state, a type tag, one contiguous run
+    that holds the payload, and named only in the root-owned 0700 /.kernel directory."""
+    ko = np.flatnonzero(v.live & (v.kind == KIND_KOBJ) & ~v.orphan)  # a removed one is unpinned
+    ino = v.inodes
+    bad = ko[((v.flags[ko] & FLAG_PINNED) == 0) | (ino["ktype"][ko] == 0) | (ino["kstate"][ko] > 5)
+             | (ino["uid"][ko] != 0)]
+    yield from _many("kernel-objects", "kobj-fields", None, "inode", bad,
+                     lambda i: f"kernel object {i} is not pinned, has no type tag, an unknown state "
+                               "or an owner other than root", key="ino")
+    ok = v.e_blk
+    runs = np.bincount(v.e_owner[ok], minlength=v.n)
+    blocks = np.bincount(v.e_owner[ok], weights=v.e_count[ok], minlength=v.n).astype(np.int64)
+    bs = v.sb.geometry.block_size
+    short = ko[(runs[ko] != 1) | (blocks[ko] * bs < ino["size"][ko].astype(np.int64))]
+    yield from _many("kernel-objects", "kobj-contiguity", None, "inode", short,
+                     lambda i: f"kernel object {i} is not one contiguous run holding its payload", key="ino")
+    named = v.d_linked & (v.kind[np.where(v.d_linked, v.d_ino, 0)] == KIND_KOBJ)
+    parents = v.d_parent[named]
+    wrong_home = v.d_ino[named][(v.flags[parents] & FLAG_PINNED) == 0]
+    yield from _many("kernel-objects", "kobj-namespace", None, "inode", np.unique(wrong_home),
+                     lambda i: f"kernel object {i} is named outside /.kernel", key="ino")
+    spaces = np.flatnonzero(v.is_dir & ((v.flags & FLAG_PINNED) != 0))
+    loose = spaces[(ino["uid"][spaces] != 0) | ((ino["mode"][spaces] & 0o7777) != 0o700)]
+    yield from _many("kernel-objects", "kobj-namespace", None, "inode", loose,
+                     lambda i: f"the kernel namespace {i} is not root's with mode 0700", key="ino")
 
 
 @check("symlinks")

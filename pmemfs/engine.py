@@ -804,8 +804,8 @@ class Engine:
         # aligned GiB run of the region, block i of the GiB at offset i of the run.
         big = chunk > 1 and (int(self.I["size"][ino]) >= chunk * self.block_size or fb >= chunk
                              or self._wants_gigantic(ino))
-        if big and goal is None:
-            goal = self._home(fm, fb)
+        if goal is None:
+            goal = self._home(fm, fb) if big else self._beside(ino, fm, fb)
         try:
             runs = self.alloc.find(count, goal, aligned=big, phase=fb % chunk)
         except NoSpace:
@@ -823,6 +823,26 @@ class Engine:
     def _wants_gigantic(self, ino: int) -> bool:
         slot = self.xattrs.get(ino, {}).get(ALIGN_POLICY)
         return slot is not None and self._read_blob(slot)[1] == b"1G"
+
+    def _beside(self, ino: int, fm: FileMap, fb: int) -> int | None:
+        """Keep a file written in random order in few extents: a block filling a hole
+        goes in line with its nearest neighbour in the file, and a file's first block,
+        if it is not file block 0, leaves room before it for the blocks that precede it.
+        Blocks appended past the end take the ordinary path."""
+        if not fm.fblk:
+            if fb == 0:
+                return None
+            try:
+                return self.alloc.find_contiguous(fb + 1) + fb
+            except NoSpace:
+                return None
+        if fb >= self._blocks_for(int(self.I["size"][ino])):
+            return None
+        i = bisect_right(fm.fblk, fb) - 1
+        if i >= 0:
+            return fm.pblk[i] + (fb - fm.fblk[i])
+        candidate = fm.pblk[0] - (fm.fblk[0] - fb)
+        return candidate if candidate >= self.geometry.data_start_block else None
 
     def _home(self, fm: FileMap, fb: int) -> int | None:
         """Where fb goes if its GiB of the file already has blocks in an aligned run."""

@@ -200,3 +200,29 @@ def test_cli_errors_are_one_line(region, mount_factory, cmd):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_fsck_checks_kernel_objects(region_factory):
+    import numpy as np
+
+    from pmemfs import fsck as fsck_mod
+    from pmemfs.format import seal
+
+    region = region_factory(size=64 * MiB)
+    e = Engine(region)
+    o = e.kernel.create("tables", "iommu-page-table", 4096)
+    e.close()
+    assert fsck_mod.fsck(region, "n").exit_code == 0
+    with Region(region) as r:  # unpin it behind the filesystem's back
+        from pmemfs.format import Superblock, Tables
+
+        t = Tables(r.buf, Superblock.decode(r.buf, r.size))
+        t.inodes["flags"][o.ino] = 0
+        seal(t.inodes, o.ino)
+        del t
+    rep = fsck_mod.fsck(region, "n")
+    assert rep.exit_code == 4
+    assert any(f.check == "kernel-objects" for f in rep.errors), [f.message for f in rep.errors]
+    with pytest.raises(Exception, match="kernel object"):
+        Engine(region)  # mount refuses it
+    assert np.uint16(0) == 0

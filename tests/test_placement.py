@@ -207,3 +207,19 @@ def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
     assert not os.path.exists(m.p("bad"))
+
+
+def test_a_sized_file_written_in_random_order_stays_one_extent(region_factory):
+    e = Engine(region_factory(size=2 * GiB))
+    try:
+        churn(e, random.Random(4), 40)
+        f = e.create(1, b"guest", 0o644).ino
+        e.truncate(f, 300 * 2 * MiB)  # sized first, as a VMM sizes guest RAM
+        blocks = list(range(300))
+        random.Random(8).shuffle(blocks)
+        for b in blocks:  # pages touched in random order (mmap writeback)
+            e.write(f, b * 2 * MiB, b"%d" % b)
+        assert len(e.extents(f)) == 1
+        assert bytes(e.read(f, 77 * 2 * MiB, 2)) == b"77"
+    finally:
+        e.close()
