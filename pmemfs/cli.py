@@ -161,9 +161,11 @@ def cli():
 @click.option("--force", is_flag=True, help="Clear a dead FUSE mount at MOUNTPOINT first.")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write the daemon's log here.")
 @click.option("--debug", is_flag=True, help="Log every request.")
+@click.option("--respawn", is_flag=True,
+              help="Keep a supervisor that replaces a daemon that dies at once (a fork, not a new process).")
 @click.argument("region")
 @click.argument("mountpoint")
-def mount_command(foreground, options, force, log, debug, region, mountpoint):
+def mount_command(foreground, options, force, log, debug, respawn, region, mountpoint):
     """Mount REGION on MOUNTPOINT (returns once the mount answers)."""
     from .mounting import MOUNT_OPTIONS_ALLOWED, spawn
 
@@ -185,9 +187,10 @@ def mount_command(foreground, options, force, log, debug, region, mountpoint):
         prepare_mountpoint(region, mountpoint, "force" in opts)
         return serve(region, mountpoint, opts - {"force"},
                      ready=lambda msg: click.echo(f"mounted {region} on {mountpoint} ({msg})", err=True))
-    m = spawn(region, mountpoint, opts, log=log, debug=debug)
+    m = spawn(region, mountpoint, opts, log=log, debug=debug, respawn=respawn)
     note = " (cleared a dead mount first)" if m.recovered_stale else ""
-    click.echo(f"mounted {region} on {mountpoint}: daemon pid {m.proc.pid}, {m.status[3:]}, "
+    who = "supervisor" if respawn else "daemon"
+    click.echo(f"mounted {region} on {mountpoint}: {who} pid {m.proc.pid}, {m.status[3:]}, "
                f"{m.downtime_ms:.0f} ms{note}")
     return 0
 

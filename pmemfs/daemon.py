@@ -92,6 +92,61 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     return status
 
 
+def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[str], None]) -> int:
+    """Keep a daemon serving: fork one, and when it dies (a crash, kill -9) clear the dead
+    mount and fork the next at once. The supervisor has imported everything already, so
+    a replacement costs a fork and a mount, not an interpreter start. It stops when a
+    daemon exits cleanly (unmounted, SIGTERM) or cannot start."""
+    from .mounting import prepare_mountpoint
+
+    child = 0
+
+    def forward(sig, _frame) -> None:
+        if child:
+            os.kill(child, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    first = True
+    while True:
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # the daemon
+            os.close(r)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            try:
+                code = serve(region, mountpoint, options,
+                             ready=lambda msg, w=w: (os.write(w, (msg + "\n").encode()), os.close(w)))
+            except Exception as e:
+                log.error("cannot serve %s: %s", region, e)
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                os.write(w, f"error {msg}\n".encode())
+                code = 1
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            line = f.readline().strip()
+        if first:
+            ready(line or "error the daemon exited without a word")
+            first = False
+        if not line.startswith("ok"):
+            os.waitpid(child, 0)
+            return 1
+        _, status = os.waitpid(child, 0)
+        if os.WIFEXITED(status):
+            log.info("daemon %d exited with %d: supervisor done", child, os.WEXITSTATUS(status))
+            return os.WEXITSTATUS(status)
+        died = time.monotonic()
+        log.warning("daemon %d died (signal %d): starting another", child, os.WTERMSIG(status))
+        try:
+            prepare_mountpoint(region, mountpoint, force=True)
+        except Exception as e:
+            log.error("cannot clear %s for a new daemon: %s", mountpoint, e)
+            return 1
+        log.info("replacement forked %.1f ms after the death", (time.monotonic() - died) * 1000)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pmemfs-daemon")
     p.add_argument("region")
@@ -100,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--log")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--respawn", action="store_true")
     a = p.parse_args(argv)
     setup_logging(a.log, a.debug)
     options = {o for o in a.options.split(",") if o}
@@ -110,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             os.close(a.ready_fd)
 
     try:
+        if a.respawn:
+            return supervise(a.region, a.mountpoint, options, ready)
         return serve(a.region, a.mountpoint, options, ready=ready)
     except Exception as e:
         log.error("cannot serve %s: %s", a.region, e)

@@ -124,7 +124,8 @@ def prepare_mountpoint(region: str, mountpoint: str, force: bool) -> bool:
 
 
 def spawn(region: str, mountpoint: str, options: set[str], *, log: str | None = None,
-          debug: bool = False, timeout: float = 300.0, env: dict | None = None) -> Mounted:
+          debug: bool = False, timeout: float = 300.0, env: dict | None = None,
+          respawn: bool = False) -> Mounted:
     """Start a background daemon and return once the mount answers."""
     started = time.monotonic()
     cleared = prepare_mountpoint(region, mountpoint, "force" in options)
@@ -136,6 +137,8 @@ def spawn(region: str, mountpoint: str, options: set[str], *, log: str | None = 
         cmd += ["--log", os.path.abspath(log)]
     if debug:
         cmd.append("--debug")
+    if respawn:
+        cmd.append("--respawn")
     try:
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True, cwd="/", env=env)
