@@ -329,7 +329,9 @@ class Engine:
             yield tx
         except BaseException:
             tx.rollback()
+            refs = self.refs  # the kernel's references are not in the region: keep them
             self._load()  # in-memory state may have run ahead of the region
+            self.refs = refs
             raise
         tx.commit()
 

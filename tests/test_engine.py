@@ -520,3 +520,30 @@ def test_write_short_at_enospc(engine):
     assert engine.stat(ino).size == MB2
     engine.unlink(R, b"filler")
     assert engine.write(ino, MB2, b"x") == 1
+
+
+def test_a_rolled_back_transaction_keeps_the_kernels_references(engine, monkeypatch):
+    """A failure inside a transaction rolls the region back and rebuilds the in-memory
+    state from it; the lookup counts the kernel holds are not in the region and must
+    survive that, or an open, unlinked file would be freed under its reader."""
+    f = engine.create(R, b"open", 0o644).ino
+    engine.write(f, 0, b"still open")
+    engine.ref(f, 2)  # the kernel holds two references (a lookup and an open, say)
+    engine.unlink(R, b"open")  # an orphan now: kept while referenced
+    g = engine.create(R, b"g", 0o644).ino
+    free = engine.statfs()["blocks_free"]
+
+    def broken(*args, **kwargs):  # fault injection: the allocator fails mid-transaction
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine.alloc, "mark", broken)
+    with pytest.raises(RuntimeError):
+        engine.write(g, 0, b"x" * (3 << 20))
+    assert engine.statfs()["blocks_free"] == free and engine.stat(g).size == 0  # rolled back
+    assert bytes(engine.read(f, 0, 10)) == b"still open"
+    engine.write(g, 0, b"y" * (3 << 20))  # the rebuilt state works
+    engine.forget(f)  # one reference is left: the file must stay
+    assert bytes(engine.read(f, 0, 10)) == b"still open"
+    engine.forget(f)  # the last one: now it goes
+    with pytest.raises(FsError):
+        engine.stat(f)
