@@ -57,9 +57,9 @@ class Demo:
         self.mount()
         return self
 
-    def mount(self, env: dict | None = None) -> float:
+    def mount(self, env: dict | None = None, respawn: bool = False) -> float:
         started = time.monotonic()
-        r = cli("pmemfs", "mount", self.region, self.mp, env=env)
+        r = cli("pmemfs", "mount", *(["--respawn"] if respawn else []), self.region, self.mp, env=env)
         self.last_mount_line = r.stdout.strip()
         return (time.monotonic() - started) * 1000
 
@@ -71,7 +71,7 @@ class Demo:
 
     def kill9(self) -> float:
         """SIGKILL the daemon, as a kexec would end it; returns the moment of death."""
-        pid = self.daemon_pid()
+        pid = self.last_killed = self.daemon_pid()
         os.kill(pid, 9)
         while True:
             try:
@@ -83,6 +83,20 @@ class Demo:
                     break
             time.sleep(0.001)
         return time.monotonic()
+
+    def wait_for_replacement(self, dead_pid: int, timeout: float = 30.0) -> None:
+        """Until another daemon serves the mountpoint (a --respawn supervisor's)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            holder = mounting.region_holder(self.region)
+            if holder and holder != dead_pid and mounting.pmemfs_mount_at(self.mp):
+                try:
+                    os.statvfs(self.mp)
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.001)
+        fail("no replacement daemon came up")
 
     def p(self, *parts: str) -> str:
         return os.path.join(self.mp, *parts)
