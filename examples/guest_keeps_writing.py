@@ -44,6 +44,18 @@ def parse(data: bytes) -> list[int]:
     return seqs
 
 
+def on_pmemfs(fd: int) -> bool:
+    """Is the open file on a pmemfs mount (and not in the directory under one)?"""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == dev and fields[fields.index("-") + 1] == "fuse.pmemfs":
+                return True
+    return False
+
+
 def writer(path: str, ack_path: str, stop_at: float) -> None:
     from pmemfs.mounting import pmemfs_mount_at
 
@@ -60,6 +72,13 @@ def writer(path: str, ack_path: str, stop_at: float) -> None:
             try:
                 # (Re)open: keep only whole records; the next one continues the sequence.
                 with open(path, "r+b" if os.path.exists(path) else "w+b") as f:
+                    if not on_pmemfs(f.fileno()):
+                        # The dead mount went away between the check above and the open:
+                        # this file is in the bare directory underneath. Not ours.
+                        f.close()
+                        os.unlink(path)
+                        time.sleep(0.002)
+                        continue
                     data = f.read()
                     good = parse(data)
                     f.truncate(len(good) * RECORD.size)
