@@ -55,6 +55,9 @@ def worker(mountpoint: str, log_path: str, wid: int, seed: int, deadline: float,
     # Only files made in this run are changed: one cut short by an earlier crash may be
     # in either of two states, and the log must stay the whole truth about each file.
     owned: dict[str, int] = {}  # name -> acknowledged size
+    # Files of earlier runs whose last word in the log is an acknowledgement: their state
+    # is known, so they may be removed (never changed) to make room.
+    old = _settled(log_path)
     n = 0
     acked = 0
     try:
@@ -62,58 +65,86 @@ def worker(mountpoint: str, log_path: str, wid: int, seed: int, deadline: float,
         while time.monotonic() < deadline:
             n += 1
             op = rng.random()
-            if op < 0.35 or not owned:
-                name = f"f{seed}_{n}"
-                data = payload(f"{wid}:{name}:0", rng.randrange(0, max_file))
-                path = os.path.join(root, name)
-                with open(path, "wb") as f:
-                    for pos in range(0, len(data), MiB):
-                        f.write(data[pos:pos + MiB])
-                    f.flush()
-                    os.fsync(f.fileno())
-                log.write(op="create", name=name, size=len(data), seed=f"{wid}:{name}:0")
-                owned[name] = len(data)
-            elif op < 0.5:
-                name = f"r{seed}_{n}"
-                tmp = os.path.join(root, f"tmp{n}")
-                data = payload(f"{wid}:{name}:0", rng.randrange(0, max_file // 4))
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    os.fsync(f.fileno())
-                os.rename(tmp, os.path.join(root, name))
-                log.write(op="create", name=name, size=len(data), seed=f"{wid}:{name}:0")
-                owned[name] = len(data)
-            elif op < 0.7:
-                name = rng.choice(sorted(owned))
-                size = owned[name]
-                extra = rng.randrange(1, MiB)
-                log.write(op="intent-append", name=name, old=size, new=size + extra)
-                with open(os.path.join(root, name), "ab") as f:
-                    f.write(payload(f"{wid}:{name}:append:{size}", extra))
-                    os.fsync(f.fileno())
-                log.write(op="append", name=name, old=size, new=size + extra)
-                owned[name] = size + extra
-            elif op < 0.85:
-                name = rng.choice(sorted(owned))
-                new = rng.randrange(0, owned[name] + 1)
-                log.write(op="intent-truncate", name=name, old=owned[name], new=new)
-                os.truncate(os.path.join(root, name), new)
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-                log.write(op="truncate", name=name, old=owned[name], new=new)
-                owned[name] = new
-            else:
-                name = rng.choice(sorted(owned))
-                log.write(op="intent-unlink", name=name)
-                os.unlink(os.path.join(root, name))
-                log.write(op="unlink", name=name)
-                del owned[name]
+            name = None
+            try:
+                if op < 0.35 or not owned:
+                    name = f"f{seed}_{n}"
+                    data = payload(f"{wid}:{name}:0", rng.randrange(0, max_file))
+                    path = os.path.join(root, name)
+                    with open(path, "wb") as f:
+                        for pos in range(0, len(data), MiB):
+                            f.write(data[pos:pos + MiB])
+                        f.flush()
+                        os.fsync(f.fileno())
+                    log.write(op="create", name=name, size=len(data), seed=f"{wid}:{name}:0")
+                    owned[name] = len(data)
+                elif op < 0.5:
+                    name = f"r{seed}_{n}"
+                    tmp = os.path.join(root, f"tmp{n}")
+                    data = payload(f"{wid}:{name}:0", rng.randrange(0, max_file // 4))
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        os.fsync(f.fileno())
+                    os.rename(tmp, os.path.join(root, name))
+                    log.write(op="create", name=name, size=len(data), seed=f"{wid}:{name}:0")
+                    owned[name] = len(data)
+                elif op < 0.7:
+                    name = rng.choice(sorted(owned))
+                    size = owned[name]
+                    extra = rng.randrange(1, MiB)
+                    log.write(op="intent-append", name=name, old=size, new=size + extra)
+                    with open(os.path.join(root, name), "ab") as f:
+                        f.write(payload(f"{wid}:{name}:append:{size}", extra))
+                        os.fsync(f.fileno())
+                    log.write(op="append", name=name, old=size, new=size + extra)
+                    owned[name] = size + extra
+                elif op < 0.85:
+                    name = rng.choice(sorted(owned))
+                    new = rng.randrange(0, owned[name] + 1)
+                    log.write(op="intent-truncate", name=name, old=owned[name], new=new)
+                    os.truncate(os.path.join(root, name), new)
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+                    log.write(op="truncate", name=name, old=owned[name], new=new)
+                    owned[name] = new
+                else:
+                    name = rng.choice(sorted(owned))
+                    log.write(op="intent-unlink", name=name)
+                    os.unlink(os.path.join(root, name))
+                    log.write(op="unlink", name=name)
+                    del owned[name]
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # Full. The file this call was changing is in an unknown state now: leave
+                # it alone from here on, and make room by removing one of the others.
+                owned.pop(name, None)
+                if not owned and not old:
+                    time.sleep(0.01)
+                    continue
+                victim = old.pop() if old else rng.choice(sorted(owned))
+                log.write(op="intent-unlink", name=victim)
+                os.unlink(os.path.join(root, victim))
+                log.write(op="unlink", name=victim)
+                owned.pop(victim, None)
+                continue
             acked += 1
     except OSError as e:
-        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT, errno.EIO, errno.ENOSPC):
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT, errno.EIO):
             raise
     return acked
+
+
+def _settled(log_path: str) -> list[str]:
+    """Names whose last record in the log is an acknowledged create/append/truncate."""
+    last: dict[str, str] = {}
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                rec = json.loads(line)
+                last[rec["name"]] = rec["op"]
+    return sorted(n for n, op in last.items() if op in ("create", "append", "truncate"))
 
 
 @dataclass

@@ -42,6 +42,7 @@ def main() -> int:
     mp = os.path.join(work, "mnt")
     os.mkdir(mp)
     logs = {w: os.path.join(work, f"ack{w}.log") for w in range(a.workers)}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the cleanup below runs
     make_filesystem(region, size=parse_size(a.size))
     proc = mounting.spawn(region, mp, set()).proc
     ctx = multiprocessing.get_context("fork")
