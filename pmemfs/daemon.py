@@ -1,7 +1,15 @@
 """The FUSE daemon: owns one region and serves it on a mountpoint until unmounted.
 
-`serve()` runs in the foreground. `python -m pmemfs.daemon` is what `pmemfs mount`
-starts in the background; it reports "ok" or the reason it failed on a pipe.
+`python -m pmemfs.daemon` is what `pmemfs mount` starts in the background; it reports
+"ok" or the reason it failed on a pipe. Three ways to run:
+
+- supervised (the default): a light supervisor (pmemfs.supervisor) holds the FUSE
+  connection and runs daemons in `--standby` mode, which serve the connection it
+  holds and can die or be replaced without the mount going away;
+- `--single`: one process that mounts and serves (`serve()`; `pmemfs mount -f` runs
+  it in the foreground); a restart is a remount;
+- `--remount-on-death`: the fallback where live takeover is impossible: a supervisor
+  that clears the dead mount and starts a `--single` daemon again.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -17,12 +26,15 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import session, supervisor
 from .engine import Engine
 from .fuse_ops import Operations
 from .journal import CrashPoints
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
+from .supervisor import one_line, ready_pipe, setup_logging
 
 log = logging.getLogger("pmemfs.daemon")
+RESEND_WINDOW = 10.0  # seconds after a takeover in which a resent request can arrive
 
 
 
@@ -31,14 +43,6 @@ def fuse_options(region: str, options: set[str]) -> set[str]:
     opts |= {"default_permissions", f"fsname={os.path.abspath(region)}", "subtype=pmemfs"}
     opts |= options & {"allow_other", "allow_root", "ro", "noatime", "debug"}
     return opts
-
-
-def setup_logging(log_file: str | None, debug: bool) -> None:
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 async def _run_until_signalled() -> None:
@@ -92,59 +96,118 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     return status
 
 
-def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[str], None]) -> int:
-    """Keep a daemon serving: fork one, and when it dies (a crash, kill -9) clear the dead
-    mount and fork the next at once. The supervisor has imported everything already, so
-    a replacement costs a fork and a mount, not an interpreter start. It stops when a
-    daemon exits cleanly (unmounted, SIGTERM) or cannot start."""
-    from .mounting import prepare_mountpoint
+def check_can_serve(region: str) -> None:
+    """What a standby checks before it says "ready": the region is one this code can
+    serve (magic, version, feature masks), read without the lock the daemon holds."""
+    from .format import FEATURE_INCOMPAT_KNOWN, read_superblock
+    from .region import Region
 
-    child = 0
+    with Region(region, writable=False, lock=False) as r:
+        sb, _ = read_superblock(r.buf, r.size, allow_backup=True, fd=r.fd)
+    unknown = sb.feature_incompat & ~FEATURE_INCOMPAT_KNOWN
+    if unknown:
+        raise RuntimeError(f"{region}: unknown incompatible features 0x{unknown:x} "
+                           "(made by a newer pmemfs)")
 
-    def forward(sig, _frame) -> None:
-        if child:
-            os.kill(child, sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    first = True
-    while True:
-        r, w = os.pipe()
-        child = os.fork()
-        if child == 0:  # the daemon
-            os.close(r)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            try:
-                code = serve(region, mountpoint, options,
-                             ready=lambda msg, w=w: (os.write(w, (msg + "\n").encode()), os.close(w)))
-            except Exception as e:
-                log.error("cannot serve %s: %s", region, e)
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                os.write(w, f"error {msg}\n".encode())
-                code = 1
-            os._exit(code)
-        os.close(w)
-        with os.fdopen(r) as f:
-            line = f.readline().strip()
-        if first:
-            ready(line or "error the daemon exited without a word")
-            first = False
-        if not line.startswith("ok"):
-            os.waitpid(child, 0)
-            return 1
-        _, status = os.waitpid(child, 0)
-        if os.WIFEXITED(status):
-            log.info("daemon %d exited with %d: supervisor done", child, os.WEXITSTATUS(status))
-            return os.WEXITSTATUS(status)
-        died = time.monotonic()
-        log.warning("daemon %d died (signal %d): starting another", child, os.WTERMSIG(status))
+
+
+def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_fd: int) -> int:
+    """Wait, imported and checked, until the supervisor says "go"; then serve its
+    connection. Exit status: 0 unmounted or stopped, EXIT_HANDED_OVER drained."""
+    ctl = socket.socket(fileno=ctl_fd)
+    reader = ctl.makefile("rb")
+
+    def say(line: str) -> None:
+        ctl.sendall(line.encode() + b"\n")
+
+    try:
+        check_can_serve(region)
+    except Exception as e:
+        say(f"error {one_line(e)}")
+        return 1
+    say("ready")
+    words = (reader.readline() or b"").decode().split()
+    if not words or words[0] not in ("go", "go-first"):
+        return 0  # the supervisor let us go, or is gone
+    first, init = words[0] == "go-first", bytes.fromhex(words[1])
+    started = time.monotonic()
+    try:
+        engine = Engine(region, readonly="ro" in options, sync="sync" in options,
+                        crash=CrashPoints.from_env(), takeover=not first)
+    except Exception as e:
+        say(f"error {one_line(e)}")
+        return 1
+    try:
+        if first and "prefault" in options and not engine.readonly:
+            engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
+        ops = Operations(engine)
+        pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
+        session.replay_init(fuse_fd, init)
+        if not first:
+            session.notify_resend(fuse_fd)
+    except Exception as e:
+        log.error("cannot serve the connection of %s: %s", mountpoint, e)
+        say(f"error {one_line(e)}")
+        engine.close(handover=True)
+        return 1
+    log.info("serving %s on %s (generation %d, %s) after %.1f ms", region, mountpoint,
+             engine.generation, "mounted" if first else "took over the connection",
+             (time.monotonic() - started) * 1000)
+    say(f"ok generation={engine.generation} clean={int(engine.was_clean)} "
+        f"recovered={engine.recovered_records} orphans={engine.reclaimed} "
+        f"mode={'mounted' if first else 'takeover'}")
+    drained = False
+
+    async def run() -> None:
+        nonlocal drained
+        async with trio.open_nursery() as nursery:
+            async def watch_supervisor() -> None:
+                nonlocal drained
+                while True:
+                    await trio.lowlevel.wait_readable(ctl)
+                    data = ctl.recv(4096)
+                    if not data:
+                        return  # the supervisor is gone: serve on while the mount lives
+                    if b"drain" in data:
+                        drained = True
+                        pyfuse3.terminate()
+                        return
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for sig in signals:
+                        log.info("signal %d: stopping", sig)
+                        pyfuse3.terminate()
+                        return
+
+            async def expire_resends() -> None:
+                await trio.sleep(RESEND_WINDOW)
+                engine.replies.expire()
+
+            nursery.start_soon(watch_supervisor)
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(expire_resends)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    status = 0
+    try:
+        trio.run(run)
+    except BaseException:
+        log.exception("FUSE main loop failed")
+        status = 1
+    finally:
         try:
-            prepare_mountpoint(region, mountpoint, force=True)
-        except Exception as e:
-            log.error("cannot clear %s for a new daemon: %s", mountpoint, e)
-            return 1
-        log.info("replacement forked %.1f ms after the death", (time.monotonic() - died) * 1000)
+            pyfuse3.close(unmount=False)
+        except Exception:
+            log.exception("closing the FUSE session failed")
+        engine.close(handover=drained or status != 0)
+    if drained:
+        log.info("drained: handing %s over", mountpoint)
+        return supervisor.EXIT_HANDED_OVER
+    log.info("stopped serving %s; region marked clean", mountpoint)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,25 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--log")
     p.add_argument("--debug", action="store_true")
-    p.add_argument("--respawn", action="store_true")
+    p.add_argument("--single", action="store_true", help="mount and serve in this process (default)")
+    p.add_argument("--standby", action="store_true", help="serve the supervisor's connection")
+    p.add_argument("--fuse-fd", type=int)
+    p.add_argument("--ctl-fd", type=int)
     a = p.parse_args(argv)
     setup_logging(a.log, a.debug)
     options = {o for o in a.options.split(",") if o}
-
-    def ready(msg: str) -> None:
-        if a.ready_fd is not None:
-            os.write(a.ready_fd, (msg + "\n").encode())
-            os.close(a.ready_fd)
-
     try:
-        if a.respawn:
-            return supervise(a.region, a.mountpoint, options, ready)
-        return serve(a.region, a.mountpoint, options, ready=ready)
+        if a.standby:
+            return standby(a.region, a.mountpoint, options, a.fuse_fd, a.ctl_fd)
+        return serve(a.region, a.mountpoint, options, ready=ready_pipe(a.ready_fd))
     except Exception as e:
         log.error("cannot serve %s: %s", a.region, e)
-        if a.ready_fd is not None:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            os.write(a.ready_fd, f"error {msg}\n".encode())
+        ready_pipe(a.ready_fd)(f"error {one_line(e)}")
         return 1
 
 

@@ -61,6 +61,18 @@ from .format import (
 from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
 from .leases import Leases
 from .region import Region
+from .replies import (
+    OP_LINK,
+    OP_MKDIR,
+    OP_MKNOD,
+    OP_REMOVEXATTR,
+    OP_RENAME,
+    OP_RMDIR,
+    OP_SETXATTR,
+    OP_SYMLINK,
+    OP_UNLINK,
+    Replies,
+)
 
 log = logging.getLogger("pmemfs.engine")
 
@@ -150,9 +162,15 @@ class Engine:
     """One mounted region. Not thread-safe: the daemon calls it from one trio thread."""
 
     def __init__(self, path: str, *, readonly: bool = False, sync: bool = False,
-                 crash: CrashPoints | None = None, check_on_mount: bool = True):
+                 crash: CrashPoints | None = None, check_on_mount: bool = True,
+                 takeover: bool = False):
+        """takeover: serve a FUSE connection an earlier instance served (live update):
+        the kernel may still hold any inode that exists now, with counts this instance
+        never saw, so none of them is freed before the next fresh mount."""
         self.path = path
         self.sync = sync
+        self.takeover = takeover
+        self.unsettled: int | None = None
         try:
             self.region = Region(path, writable=not readonly, lock=not readonly)
         except Exception:
@@ -208,13 +226,20 @@ class Engine:
                 raise MountError(f"{self.path}: {findings[0].message} "
                                  f"({len(findings)} problem(s)); run pmemfs-fsck")
         self._load()
+        kinds = self.I["kind"][: self.hwm["inode"]]
+        self.inherited = (kinds != 0) if self.takeover else np.zeros(0, bool)
+        self.replies = Replies(buf, int(self.sbv["mount_generation"][0]) + (0 if readonly else 1))
         if not readonly:
-            self.reclaimed = self._recover_orphans()
+            self.reclaimed = self._recover_orphans(keep_orphans=self.takeover)
             with self.transaction() as tx:
                 self._save_sb(tx)
                 self.sbv["state"] = STATE_DIRTY
                 self.sbv["mount_generation"] = int(self.sbv["mount_generation"][0]) + 1
                 self.sbv["last_mount_ns"] = time.time_ns()
+                if self.takeover:
+                    self.replies.take_over(tx)
+                else:
+                    self.replies.expire()  # a fresh connection resends nothing
         else:
             self.reclaimed = 0
         self.generation = int(self.sbv["mount_generation"][0])
@@ -290,28 +315,37 @@ class Engine:
                 self.xattrs.setdefault(owner, {})[name] = slot
         self.refs: dict[int, int] = {}
 
-    def _recover_orphans(self) -> int:
-        """Free what an earlier instance left half-released. Returns inodes freed."""
+    def _recover_orphans(self, keep_orphans: bool = False) -> int:
+        """Free what an earlier instance left half-released. Returns inodes freed.
+
+        keep_orphans: finish interrupted truncations only; unlinked inodes stay, as the
+        kernel may still have them open (a takeover of a live connection)."""
         flags = self.I["flags"][: self.hwm["inode"]]
         kinds = self.I["kind"][: self.hwm["inode"]]
         freed = 0
         for ino in np.flatnonzero((kinds != 0) & ((flags & (FLAG_ORPHAN | FLAG_TRUNCATING)) != 0)).tolist():
             if int(self.I["flags"][ino]) & FLAG_ORPHAN:
+                if keep_orphans:
+                    continue
                 self._reap(ino)
                 freed += 1
             else:
                 self._free_beyond(ino, self._blocks_for(int(self.I["size"][ino])))
         return freed
 
-    def close(self) -> None:
-        """Clean unmount: free orphans, mark the superblock clean, release the region."""
+    def close(self, handover: bool = False) -> None:
+        """Clean unmount: free orphans, mark the superblock clean, release the region.
+
+        handover: the connection lives on under a successor, so the kernel's references
+        do too: free nothing."""
         if self.region.fd < 0:
             return
         if not self.readonly:
-            for ino in [i for i, n in self.refs.items() if n > 0]:
-                self.refs.pop(ino, None)
-                if self._exists(ino) and int(self.I["flags"][ino]) & FLAG_ORPHAN:
-                    self._reap(ino)
+            if not handover:
+                # Unmounted: the kernel holds nothing any more, whoever it got it from.
+                self.refs.clear()
+                self.inherited = np.zeros(0, bool)
+                self._recover_orphans()
             with self.transaction() as tx:
                 self._save_sb(tx)
                 self.sbv["state"] = STATE_CLEAN
@@ -471,6 +505,9 @@ class Engine:
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT_CTX) -> Stat:
         """Create a regular file, FIFO, socket or device node (mode carries the type)."""
+        made = self._made_before(OP_MKNOD, ctx, parent, name)
+        if made:
+            return made
         self._prepare_create(parent, name)
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
         kind = KIND_OF_S_IFMT.get(fmt)
@@ -482,21 +519,29 @@ class Engine:
             ino = self._new_inode(tx, kind, fmt | (mode & 0o7777), ctx, parent, rdev)
             self._add_dirent(tx, parent, name, ino, kind)
             self._touch(tx, parent, m=True)
+            self._note(tx, OP_MKNOD, ctx, parent, name, ino=ino)
         return self.stat(ino)
 
     def create(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT_CTX) -> Stat:
         return self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, ctx)
 
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT_CTX) -> Stat:
+        made = self._made_before(OP_MKDIR, ctx, parent, name)
+        if made:
+            return made
         self._prepare_create(parent, name)
         with self.transaction() as tx:
             ino = self._new_inode(tx, KIND_DIR, stat.S_IFDIR | (mode & 0o7777), ctx, parent)
             self._add_dirent(tx, parent, name, ino, KIND_DIR)
             self._touch(tx, parent, m=True)
             self.I["nlink"][parent] += 1
+            self._note(tx, OP_MKDIR, ctx, parent, name, ino=ino)
         return self.stat(ino)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx = ROOT_CTX) -> Stat:
+        made = self._made_before(OP_SYMLINK, ctx, parent, name)
+        if made:
+            return made
         self._prepare_create(parent, name)
         if len(target) > SYMLINK_MAX:
             raise FsError(errno.ENAMETOOLONG)
@@ -510,6 +555,7 @@ class Engine:
             self.symlinks[ino] = self._write_blob(tx, ino, BLOB_SYMLINK, b"", target)
             self._add_dirent(tx, parent, name, ino, KIND_SYMLINK)
             self._touch(tx, parent, m=True)
+            self._note(tx, OP_SYMLINK, ctx, parent, name, ino=ino)
         return self.stat(ino)
 
     def readlink(self, ino: int) -> bytes:
@@ -519,7 +565,10 @@ class Engine:
             raise FsError(errno.EINVAL)
         return self._read_blob(slot)[1]
 
-    def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
+    def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Ctx = ROOT_CTX) -> Stat:
+        made = self._made_before(OP_LINK, ctx, new_parent, new_name, b=ino)
+        if made:
+            return made
         self._check_ino(ino)
         if self.kind(ino) in (KIND_DIR, KIND_KOBJ):
             raise FsError(errno.EPERM)
@@ -534,9 +583,12 @@ class Engine:
             self._touch(tx, new_parent, m=True, now=now)
             self._touch(tx, ino, now=now)
             self.I["nlink"][ino] += 1
+            self._note(tx, OP_LINK, ctx, new_parent, new_name, b=ino, ino=ino)
         return self.stat(ino)
 
-    def unlink(self, parent: int, name: bytes) -> None:
+    def unlink(self, parent: int, name: bytes, ctx: Ctx = ROOT_CTX) -> None:
+        if self._done_before(OP_UNLINK, ctx, parent, name):
+            return
         d = self._dir(parent)
         slot = d.get(name)
         if slot is None:
@@ -553,9 +605,12 @@ class Engine:
             self._remove_dirent(tx, parent, name)
             self._touch(tx, parent, m=True, now=now)
             self._drop_link(tx, ino, now)
+            self._note(tx, OP_UNLINK, ctx, parent, name, ino=ino)
         self._maybe_reap(ino)
 
-    def rmdir(self, parent: int, name: bytes) -> None:
+    def rmdir(self, parent: int, name: bytes, ctx: Ctx = ROOT_CTX) -> None:
+        if self._done_before(OP_RMDIR, ctx, parent, name):
+            return
         d = self._dir(parent)
         if name == b".":
             raise FsError(errno.EINVAL)
@@ -577,6 +632,7 @@ class Engine:
             self._touch(tx, parent, m=True, now=now)
             self.I["nlink"][parent] -= 1
             self._drop_dir(tx, ino, now)
+            self._note(tx, OP_RMDIR, ctx, parent, name, ino=ino)
         self._maybe_reap(ino)
 
     def _drop_link(self, tx: Transaction, ino: int, now: int) -> None:
@@ -605,7 +661,9 @@ class Engine:
                 raise FsError(errno.EIO, "directory cycle")
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None:
+               flags: int = 0, ctx: Ctx = ROOT_CTX) -> None:
+        if self._done_before(OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags):
+            return
         od, nd = self._dir(old_parent), self._dir(new_parent)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise FsError(errno.EINVAL)
@@ -633,6 +691,7 @@ class Engine:
                 raise FsError(errno.EINVAL)
             with self.transaction() as tx:
                 self._exchange(tx, old_parent, old_name, src, new_parent, new_name, dst)
+                self._note(tx, OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags=flags)
             return
         if dst:
             if flags & RENAME_NOREPLACE:
@@ -669,6 +728,7 @@ class Engine:
                 self.I["nlink"][old_parent] -= 1
                 self.I["nlink"][new_parent] += 1
                 self.I["parent"][src] = new_parent
+            self._note(tx, OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags=flags)
         if dst:
             self._maybe_reap(dst)
 
@@ -702,6 +762,34 @@ class Engine:
                     self.I["nlink"][old] -= 1
                     self.I["nlink"][new] += 1
 
+    # ------------------------------------------------- exactly-once replies
+    def _note(self, tx: Transaction, op: int, ctx: Ctx, a: int, name: bytes, b: int = 0,
+              name2: bytes = b"", ino: int = 0, flags: int = 0) -> None:
+        """Record, in the operation's own transaction, what it did (see replies.py)."""
+        self.unsettled = self.replies.record(tx, op, ctx.pid, a, name, b, name2, ino, flags)
+
+    def settle(self) -> None:
+        """The answer to the last recorded operation has been sent."""
+        if self.unsettled is not None:
+            self.replies.settle(self.unsettled)
+            self.unsettled = None
+
+    def _done_before(self, op: int, ctx: Ctx, a: int, name: bytes, b: int = 0,
+                     name2: bytes = b"", flags: int = 0) -> bool:
+        """This request is the resend of one the dead predecessor carried out."""
+        return self.replies.inherited and self.replies.replayed(
+            op, ctx.pid, a, name, b, name2, flags) is not None
+
+    def _made_before(self, op: int, ctx: Ctx, parent: int, name: bytes, b: int = 0) -> Stat | None:
+        """The entry a resent create-like request made before, if it is still there."""
+        if not self.replies.inherited:
+            return None
+        ino = self.replies.replayed(op, ctx.pid, parent, name, b)
+        if ino and self.children.get(parent, {}).get(name) is not None \
+                and int(self.t.dirents["ino"][self.children[parent][name]]) == ino:
+            return self.stat(ino)
+        return None
+
     # ------------------------------------------------------- reference counts
     def ref(self, ino: int, n: int = 1) -> None:
         """The kernel (or another user) holds n more references to ino."""
@@ -716,6 +804,8 @@ class Engine:
         self._maybe_reap(ino)
 
     def _maybe_reap(self, ino: int) -> None:
+        if ino < len(self.inherited) and self.inherited[ino]:
+            return  # the kernel may hold it with a count we never saw: the next fresh mount frees it
         if (not self.refs.get(ino) and self._exists(ino)
                 and int(self.I["flags"][ino]) & FLAG_ORPHAN and int(self.I["nlink"][ino]) == 0):
             self._reap(ino)
@@ -1332,6 +1422,8 @@ class Engine:
             raise FsError(errno.EPERM)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: Ctx = ROOT_CTX) -> None:
+        if flags & XATTR_CREATE and self._done_before(OP_SETXATTR, ctx, ino, name):
+            return
         self._check_ino(ino)
         self._check_xattr_name(name, ctx, self.kind(ino))
         if len(value) > XATTR_VALUE_MAX:
@@ -1349,6 +1441,8 @@ class Engine:
                 self._free_blob(tx, old)
             self.xattrs.setdefault(ino, {})[name] = self._write_blob(tx, ino, BLOB_XATTR, name, value)
             self._touch(tx, ino)
+            if flags & XATTR_CREATE:
+                self._note(tx, OP_SETXATTR, ctx, ino, name)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._check_ino(ino)
@@ -1363,6 +1457,8 @@ class Engine:
         return list(self.xattrs.get(ino, {}))
 
     def removexattr(self, ino: int, name: bytes, ctx: Ctx = ROOT_CTX) -> None:
+        if self._done_before(OP_REMOVEXATTR, ctx, ino, name):
+            return
         self._check_ino(ino)
         self._check_xattr_name(name, ctx, self.kind(ino))
         attrs = self.xattrs.get(ino, {})
@@ -1373,6 +1469,7 @@ class Engine:
             self._free_blob(tx, slot)
             del attrs[name]
             self._touch(tx, ino)
+            self._note(tx, OP_REMOVEXATTR, ctx, ino, name)
 
     # --------------------------------------------------------------- statfs
     def statfs(self) -> dict[str, int]:

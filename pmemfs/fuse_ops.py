@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 import pyfuse3
+import trio
 
 from . import control
 from .engine import Ctx, Engine, FsError, Stat
@@ -53,6 +54,25 @@ def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
     return Ctx(ctx.uid, ctx.gid, ctx.pid)
 
 
+def _settle_after_reply(engine: Engine) -> None:
+    """pyfuse3 sends a handler's answer as soon as it returns, before the trio loop
+    runs anything else: settle the operation's reply record then (see replies.py)."""
+    if engine.unsettled is not None:
+        trio.lowlevel.current_trio_token().run_sync_soon(engine.settle)
+
+
+def replying(fn: Callable) -> Callable:
+    """For handlers whose operation is recorded for exactly-once answers."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        finally:
+            _settle_after_reply(self.engine)
+
+    return wrapper
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -61,8 +81,11 @@ class Operations(pyfuse3.Operations):
     def __init__(self, engine: Engine):
         super().__init__()
         self.engine = engine
+        # Directory handles carry their inode in the low 32 bits, so a handle that an
+        # earlier daemon gave the kernel still works here (live update); the listing
+        # snapshot is only a cache, rebuilt on demand, and cookies live in the region.
         self.dir_handles: dict[int, tuple[int, list | None]] = {}
-        self.next_dir_handle = 1
+        self.next_dir_handle = (os.getpid() & 0xFFFF) << 16
 
     def attrs(self, st: Stat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -126,33 +149,40 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode, ctx):
         return self.engine.readlink(inode)
 
+    @replying
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         return self.entry(self.engine.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
 
+    @replying
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
         return self.entry(self.engine.mkdir(parent_inode, name, mode, _ctx(ctx)))
 
+    @replying
     @handler
     async def unlink(self, parent_inode, name, ctx):
-        self.engine.unlink(parent_inode, name)
+        self.engine.unlink(parent_inode, name, _ctx(ctx))
 
+    @replying
     @handler
     async def rmdir(self, parent_inode, name, ctx):
-        self.engine.rmdir(parent_inode, name)
+        self.engine.rmdir(parent_inode, name, _ctx(ctx))
 
+    @replying
     @handler
     async def symlink(self, parent_inode, name, target, ctx):
         return self.entry(self.engine.symlink(parent_inode, name, target, _ctx(ctx)))
 
+    @replying
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.engine.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.engine.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, _ctx(ctx))
 
+    @replying
     @handler
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self.entry(self.engine.link(inode, new_parent_inode, new_name))
+        return self.entry(self.engine.link(inode, new_parent_inode, new_name, _ctx(ctx)))
 
     def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         if self.engine.leases.held(ino):
@@ -170,6 +200,7 @@ class Operations(pyfuse3.Operations):
             self.engine.stat(inode)  # ENOENT for an inode that is gone
         return self._file_info(inode, flags)
 
+    @replying
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         st = self.engine.create(parent_inode, name, mode, _ctx(ctx))
@@ -196,14 +227,14 @@ class Operations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode, ctx):
         self.engine.opendir(inode)
-        fh = self.next_dir_handle
-        self.next_dir_handle += 1
+        self.next_dir_handle = (self.next_dir_handle + 1) & 0xFFFFFFFF
+        fh = (self.next_dir_handle << 32) | inode
         self.dir_handles[fh] = (inode, None)
         return fh
 
     @handler
     async def readdir(self, fh, start_id, token):
-        ino, snapshot = self.dir_handles[fh]
+        ino, snapshot = self.dir_handles.get(fh) or (fh & 0xFFFFFFFF, None)
         if snapshot is None or start_id == 0:
             # One listing per pass over the directory; later calls resume by cookie.
             snapshot = self.engine.readdir(ino)
@@ -232,9 +263,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh, datasync):
-        ino, _ = self.dir_handles.get(fh, (None, None))
-        if ino is not None:
-            self.engine.fsync(ino)
+        self.engine.fsync(fh & 0xFFFFFFFF)
 
     @handler
     async def statfs(self, ctx):
@@ -251,6 +280,7 @@ class Operations(pyfuse3.Operations):
         st.f_namemax = s["namemax"]
         return st
 
+    @replying
     @handler
     async def setxattr(self, inode, name, value, ctx):
         if control.is_control(name):
@@ -272,6 +302,7 @@ class Operations(pyfuse3.Operations):
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
 
+    @replying
     @handler
     async def removexattr(self, inode, name, ctx):
         self.engine.removexattr(inode, name, _ctx(ctx))

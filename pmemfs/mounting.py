@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from .region import lock_holder
 
 READAHEAD_KB = 1024  # sequential reads then arrive as 1 MiB requests
-MOUNT_OPTIONS_ALLOWED = {"allow_other", "allow_root", "ro", "noatime", "debug", "sync", "prefault"}
+MOUNT_OPTIONS_ALLOWED = {"allow_other", "allow_root", "ro", "noatime", "debug", "sync", "prefault",
+                         "live"}
 
 
 class MountFailed(Exception):
@@ -125,20 +126,26 @@ def prepare_mountpoint(region: str, mountpoint: str, force: bool) -> bool:
 
 def spawn(region: str, mountpoint: str, options: set[str], *, log: str | None = None,
           debug: bool = False, timeout: float = 300.0, env: dict | None = None,
-          respawn: bool = False) -> Mounted:
-    """Start a background daemon and return once the mount answers."""
+          respawn: bool = True, single: bool = False) -> Mounted:
+    """Start a background daemon and return once the mount answers.
+
+    By default a supervisor holds the connection, so a daemon that dies or is
+    upgraded is replaced without unmounting (respawn is that default, kept for old
+    callers); single: one process that mounts and serves, restarted only by a remount.
+    """
     started = time.monotonic()
     cleared = prepare_mountpoint(region, mountpoint, "force" in options)
     options = options - {"force"}
     rfd, wfd = os.pipe()
-    cmd = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(region), os.path.abspath(mountpoint),
+    module = "pmemfs.daemon" if single else "pmemfs.supervisor"
+    cmd = [sys.executable, "-m", module, os.path.abspath(region), os.path.abspath(mountpoint),
            "--options", ",".join(sorted(options)), "--ready-fd", str(wfd)]
+    if single:
+        cmd.append("--single")
     if log:
         cmd += ["--log", os.path.abspath(log)]
     if debug:
         cmd.append("--debug")
-    if respawn:
-        cmd.append("--respawn")
     try:
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True, cwd="/", env=env)

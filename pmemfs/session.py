@@ -1,0 +1,169 @@
+"""Access to the libfuse session behind pyfuse3, for what pyfuse3 does not expose.
+
+pyfuse3 keeps its `struct fuse_session *` in a module-level C variable and offers no
+way to reach it. pmemfs needs it for one thing: to serve a FUSE connection that an
+earlier daemon already initialised (live update, docs/DESIGN.md "Live update").
+
+The kernel sends FUSE_INIT once per connection, and a fresh libfuse session answers
+every request with EIO until it has seen an INIT. The supervisor keeps the INIT
+request the kernel sent at mount time, and each new daemon feeds those exact bytes to
+its own session with libfuse's public `fuse_session_process_buf`. libfuse then
+negotiates exactly what it negotiated the first time (same kernel flags, same
+options, same code), sets its private state (got_init, conn, bufsize) itself, and
+writes an INIT reply whose request id the kernel no longer knows; the kernel answers
+that write with ENOENT, which libfuse ignores by design (it is what an interrupted
+request gets). No private structure is read or written, so nothing here depends on
+libfuse's internal layout. What it depends on is found and checked before use:
+
+- the address of pyfuse3's `session` variable, from the symbol table of pyfuse3's
+  shared object (it is built from source and not stripped), checked by asking
+  libfuse for the session's fd and comparing it with the fd pyfuse3 was given;
+- FUSE_NOTIFY_RESEND (kernel 6.9+), which moves the requests a dead daemon had read
+  but not answered back to the queue; refused with EINVAL by older kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+
+FUSE_NOTIFY_RESEND = 7
+FUSE_INIT = 26
+IN_HEADER = struct.Struct("<IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
+SESSION_SYMBOL = b"__pyx_v_7pyfuse3_session"
+
+
+class SessionError(Exception):
+    """The running libfuse/pyfuse3 cannot take over a connection; one line for a person."""
+
+
+class _FuseBuf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_long)]
+
+
+def elf_symbol(path: str, name: bytes) -> int:
+    """Value (offset from the load base) of a symbol in an ELF64 object's .symtab."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise SessionError(f"{path}: not a little-endian ELF64 object")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    for sh in sections:
+        if sh[1] != 2:  # SHT_SYMTAB
+            continue
+        strtab = sections[sh[6]]
+        str_off = strtab[4]
+        for pos in range(sh[4], sh[4] + sh[5], 24):
+            st_name, _info, _other, _shndx, st_value, _size = struct.unpack_from("<IBBHQQ", data, pos)
+            end = data.index(b"\0", str_off + st_name)
+            if data[str_off + st_name:end] == name:
+                return st_value
+    raise SessionError(f"{path}: no symbol {name.decode()} (stripped, or another pyfuse3 version)")
+
+
+def _load_base(path: str) -> int:
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
+                return int(parts[0].split("-")[0], 16)
+    raise SessionError(f"{path} is not mapped into this process")
+
+
+def _libfuse() -> ctypes.PyDLL:
+    # PyDLL keeps the GIL across the call: process_buf calls back into pyfuse3's
+    # handlers, which run Python code.
+    name = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
+    lib = ctypes.PyDLL(name)
+    lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+    lib.fuse_session_fd.restype = ctypes.c_int
+    lib.fuse_session_process_buf.argtypes = [ctypes.c_void_p, ctypes.POINTER(_FuseBuf)]
+    lib.fuse_session_process_buf.restype = None
+    return lib
+
+
+def locate() -> int:
+    """Address of pyfuse3's `session` variable (the pointer's home, not the pointer)."""
+    import pyfuse3
+
+    so = pyfuse3.__file__
+    return _load_base(so) + elf_symbol(so, SESSION_SYMBOL)
+
+
+def session_pointer() -> int:
+    """The current `struct fuse_session *` of pyfuse3 (0 before pyfuse3.init)."""
+    return ctypes.c_void_p.from_address(locate()).value or 0
+
+
+def check_init_request(data: bytes) -> None:
+    if len(data) < IN_HEADER.size + 8:
+        raise SessionError("the saved FUSE_INIT request is truncated")
+    length, opcode = struct.unpack_from("<II", data)
+    if opcode != FUSE_INIT or length != len(data):
+        raise SessionError(f"the saved request is not a FUSE_INIT (opcode {opcode}, {length} bytes)")
+
+
+def replay_init(fd: int, init_request: bytes) -> None:
+    """Initialise pyfuse3's fresh session on `fd` with the connection's original INIT.
+
+    Call after pyfuse3.init(ops, f"/dev/fd/{fd}") and before pyfuse3.main(). It runs
+    the filesystem's init() handler, as a first INIT would.
+    """
+    check_init_request(init_request)
+    lib = _libfuse()
+    se = session_pointer()
+    if not se:
+        raise SessionError("pyfuse3 has no session (pyfuse3.init not called)")
+    have = lib.fuse_session_fd(se)
+    if have != fd:  # the symbol is not what we think it is: write nothing
+        raise SessionError(f"pyfuse3's session reports fd {have}, expected {fd}: unknown layout")
+    mem = ctypes.create_string_buffer(init_request, len(init_request))
+    buf = _FuseBuf(len(init_request), 0, ctypes.cast(mem, ctypes.c_void_p), -1, 0)
+    lib.fuse_session_process_buf(se, ctypes.byref(buf))
+
+
+def notify_resend(fd: int) -> None:
+    """Ask the kernel to queue again every request read from `fd`'s connection but not
+    answered (those a dead daemon had taken). Raises SessionError when unsupported."""
+    try:
+        os.write(fd, struct.pack("<IiQ", 16, FUSE_NOTIFY_RESEND, 0))
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS):
+            raise SessionError("this kernel has no FUSE_NOTIFY_RESEND (needs Linux 6.9 or later)") from None
+        raise
+
+
+def kernel_has_resend(release: str | None = None) -> bool:
+    """FUSE_NOTIFY_RESEND exists from Linux 6.9 on (commit 760eac73f9f6)."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 9)
+
+
+def takeover_unavailable() -> str | None:
+    """Why a connection could not be handed to a new daemon here, or None if it can.
+
+    Cheap and import-free where possible: the supervisor asks before it mounts.
+    """
+    if not kernel_has_resend():
+        return f"kernel {os.uname().release} has no FUSE_NOTIFY_RESEND (needs 6.9 or later)"
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyfuse3")
+    if spec is None or not spec.origin:
+        return "pyfuse3 is not installed"
+    try:
+        elf_symbol(spec.origin, SESSION_SYMBOL)
+    except (OSError, SessionError) as e:
+        return str(e)
+    return None

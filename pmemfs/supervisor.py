@@ -1,0 +1,564 @@
+"""The supervisor: holds the FUSE connection, so a daemon can die or be replaced
+while the mount, and every client's descriptors and mappings, stay alive.
+
+It does no filesystem work and imports nothing heavy. It opens /dev/fuse, mounts,
+reads the kernel's FUSE_INIT request and keeps it, then runs daemons as children:
+
+- a *standby*: a fresh interpreter with the installed code, fully imported, that has
+  checked it can serve the region, waiting for "go";
+- the *daemon*: the standby it told "go". It opens the region (journal recovery, the
+  mount-time check), initialises its libfuse session with the saved INIT
+  (pmemfs.session), asks the kernel to resend what a dead predecessor had taken, and
+  serves the same connection.
+
+When the daemon dies, the standby takes over at once and a new standby is started.
+`pmemfs upgrade` (or SIGHUP) starts a standby with the code installed now, drains the
+daemon and hands over. SIGTERM/SIGINT unmount. See docs/DESIGN.md, "Live update".
+
+Where the kernel or pyfuse3 cannot hand a connection over, the supervisor falls back to
+remounting: a new daemon mounts afresh after the dead mount is cleared (clients see
+ENOTCONN meanwhile). It says so once in the log, and `pmemfs info` shows the mode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from . import session
+
+log = logging.getLogger("pmemfs.supervisor")
+
+EXIT_HANDED_OVER = 75  # a daemon that drained for a successor exits with this
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1, 2, 4, 1024, 2048, 1 << 21
+MNT_DETACH = 2
+START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
+FAILURES_BEFORE_ABORT = 3  # replacements that die young in a row
+YOUNG = 5.0  # a daemon that dies sooner than this after starting counts as a failure
+
+
+class SupervisorError(Exception):
+    """One line for a person."""
+
+
+def control_address(mountpoint: str, resolved: bool = False) -> str:
+    """The supervisor's control socket (abstract namespace), named by the mountpoint."""
+    real = mountpoint if resolved else os.path.realpath(mountpoint)
+    digest = hashlib.sha256(real.encode()).hexdigest()[:32]
+    return f"\0pmemfs-supervisor-{digest}"
+
+
+def ask(mountpoint: str, request: dict, timeout: float = 300.0) -> dict:
+    """Send one request to the supervisor of `mountpoint`; its JSON answer."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(control_address(mountpoint))
+    except OSError:
+        s.close()
+        raise SupervisorError(f"{mountpoint}: no pmemfs supervisor holds this mount "
+                              "(mounted with --single or -f?)") from None
+    with s:
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise SupervisorError(f"{mountpoint}: the supervisor closed the connection without an answer")
+    return json.loads(data)
+
+
+# ------------------------------------------------------------------ mounting
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def kernel_mount_options(options: set[str], fuse_fd: int, rootmode: int) -> tuple[int, str]:
+    flags = MS_NOSUID | MS_NODEV
+    if "ro" in options:
+        flags |= MS_RDONLY
+    if "noatime" in options:
+        flags |= MS_NOATIME
+    data = [f"fd={fuse_fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
+            f"group_id={os.getgid()}", "default_permissions"]
+    if "allow_other" in options:
+        data.append("allow_other")
+    return flags, ",".join(data)
+
+
+def fuse_mount(source: str, mountpoint: str, options: set[str]) -> int:
+    """Mount a FUSE filesystem of type fuse.pmemfs; returns the /dev/fuse descriptor."""
+    st = os.stat(mountpoint)
+    if os.geteuid() != 0:
+        return _fusermount(source, mountpoint, options)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    flags, data = kernel_mount_options(options, fd, st.st_mode & 0o170000)
+    if _libc.mount(source.encode(), mountpoint.encode(), b"fuse.pmemfs", flags, data.encode()) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise SupervisorError(f"{mountpoint}: mount failed: {os.strerror(err)}")
+    return fd
+
+
+def _fusermount(source: str, mountpoint: str, options: set[str]) -> int:
+    """Unprivileged mount through fusermount3, which passes back the /dev/fuse fd."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    opts = ["nosuid", "nodev", "default_permissions", f"fsname={source}", "subtype=pmemfs"]
+    opts += sorted(options & {"allow_other", "ro", "noatime"})
+    with ours, theirs:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        r = subprocess.run(["fusermount3", "-o", ",".join(opts), "--", mountpoint], env=env,
+                           pass_fds=(theirs.fileno(),), capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+            raise SupervisorError(f"{mountpoint}: mount failed: {msg}")
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    if not fds:
+        raise SupervisorError(f"{mountpoint}: fusermount3 passed back no descriptor")
+    os.set_inheritable(fds[0], False)
+    return fds[0]
+
+
+def fuse_unmount(mountpoint: str) -> None:
+    """Unmount; lazily when busy (the connection then ends as the last user leaves)."""
+    if os.geteuid() == 0:
+        if _libc.umount2(mountpoint.encode(), 0) == 0:
+            return
+        if ctypes.get_errno() == errno.EBUSY:
+            _libc.umount2(mountpoint.encode(), MNT_DETACH)
+        return
+    r = subprocess.run(["fusermount3", "-u", "-q", mountpoint], capture_output=True)
+    if r.returncode != 0:
+        subprocess.run(["fusermount3", "-u", "-q", "-z", mountpoint], capture_output=True)
+
+
+def connection_id(real: str) -> str | None:
+    """The connection's number in /sys/fs/fuse/connections (the mount's device minor),
+    from mountinfo. `real` is the resolved mountpoint: resolving it again would stat
+    the mount, which blocks while nobody serves it."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 8 and parts[4] == real:
+                found = parts[2].split(":")[1] if parts[parts.index("-") + 1] == "fuse.pmemfs" else None
+    return found
+
+
+def abort_connection(conn: str | None) -> None:
+    if conn is None:
+        return
+    try:
+        with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.error("cannot abort FUSE connection %s: %s", conn, e)
+
+
+def read_init(fd: int, timeout: float = 30.0) -> bytes:
+    """The kernel's first request on a new connection: FUSE_INIT."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        raise SupervisorError(f"the kernel sent no FUSE_INIT within {timeout:.0f} s")
+    data = os.read(fd, (1 << 20) + 4096)
+    session.check_init_request(data)
+    return data
+
+
+# ---------------------------------------------------------------- children
+class Child:
+    """A daemon process (standby or serving) and the socket we talk to it over."""
+
+    def __init__(self, cmd: list[str], fuse_fd: int, env: dict | None = None):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        os.set_inheritable(theirs.fileno(), True)
+        self.proc = subprocess.Popen(
+            [*cmd, "--fuse-fd", str(fuse_fd), "--ctl-fd", str(theirs.fileno())],
+            pass_fds=(fuse_fd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/", env=env,
+            start_new_session=False)
+        theirs.close()
+        self.sock = ours
+        self.buf = b""
+        self.started = time.monotonic()
+        self.serving_since: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, line: str) -> None:
+        try:
+            self.sock.sendall(line.encode() + b"\n")
+        except OSError:
+            pass  # it died; its exit is noticed by the caller
+
+    def read_line(self, timeout: float) -> str:
+        """Next line from the child, or "" when it closed the socket or timed out."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ""
+            r, _, _ = select.select([self.sock], [], [], left)
+            if not r:
+                return ""
+            try:
+                chunk = self.sock.recv(4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return ""
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode(errors="replace").strip()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.sock.close()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class Supervisor:
+    def __init__(self, region: str, mountpoint: str, options: set[str], daemon_cmd: list[str],
+                 ready: Callable[[str], None]):
+        self.region = region
+        self.mountpoint = mountpoint
+        self.real = os.path.realpath(mountpoint)  # before mounting: after, a stat may block
+        self.options = options
+        self.daemon_cmd = daemon_cmd
+        self.ready = ready
+        self.fuse_fd = -1
+        self.init = b""
+        self.conn: str | None = None
+        self.daemon: Child | None = None
+        self.standby: Child | None = None
+        self.restarts = 0
+        self.upgrades = 0
+        self.failures = 0
+        self.last_gap_ms: float | None = None
+        self.stopping = False
+        self.mode = "live"
+
+    # ---------------------------------------------------------------- start
+    def run(self) -> int:
+        self.fuse_fd = fuse_mount(self.region, self.mountpoint, self.options)
+        self.conn = connection_id(self.real)
+        try:
+            self.init = read_init(self.fuse_fd)
+            self.standby = self._start_standby()
+            line = self._activate(first=True)
+        except BaseException as e:
+            self._give_up(f"{e}")
+            raise
+        if not line.startswith("ok"):
+            self._give_up(line)
+            self.ready(line or "error the daemon exited without a word")
+            return 1
+        self.ready(line)
+        self.standby = self._start_standby_quietly()
+        return self._loop()
+
+    def _start_standby(self) -> Child:
+        child = Child([*self.daemon_cmd, "--standby"], self.fuse_fd)
+        line = child.read_line(START_TIMEOUT)
+        if line != "ready":
+            child.kill()
+            raise SupervisorError(line[len("error "):] if line.startswith("error ") else
+                                  (line or "the new daemon exited before it was ready"))
+        return child
+
+    def _start_standby_quietly(self) -> Child | None:
+        try:
+            return self._start_standby()
+        except SupervisorError as e:
+            log.error("no standby daemon: %s", e)
+            return None
+
+    def _activate(self, first: bool) -> str:
+        """Tell the standby to serve; its "ok ..." line, or why not."""
+        child, self.standby = self.standby, None
+        assert child is not None
+        child.send(("go-first " if first else "go ") + self.init.hex())
+        line = child.read_line(START_TIMEOUT)
+        if line.startswith("ok"):
+            child.serving_since = time.monotonic()
+            self.daemon = child
+        else:
+            child.kill()
+        return line
+
+    # ----------------------------------------------------------------- loop
+    def _loop(self) -> int:
+        sigr, sigw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sigw)
+        pending: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda s, _f: pending.append(s))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener.bind(control_address(self.real, resolved=True))
+        listener.listen(8)
+        try:
+            while True:
+                watch = [sigr, listener] + ([self.daemon.sock] if self.daemon else [])
+                r, _, _ = select.select(watch, [], [], 1.0)
+                if sigr in r:
+                    try:
+                        os.read(sigr, 512)
+                    except BlockingIOError:
+                        pass
+                for sig in pending[:]:
+                    pending.remove(sig)
+                    if sig in (signal.SIGTERM, signal.SIGINT):
+                        log.info("signal %d: unmounting %s", sig, self.mountpoint)
+                        self.stopping = True
+                        fuse_unmount(self.real)
+                    elif sig == signal.SIGHUP:
+                        log.info("SIGHUP: upgrading the daemon")
+                        log.info("upgrade: %s", self.upgrade())
+                if listener in r:
+                    self._serve_client(listener)
+                if self.daemon and (self.daemon.sock in r or self.daemon.proc.poll() is not None):
+                    line = self.daemon.read_line(0.0) if self.daemon.sock in r else ""
+                    if line:
+                        self._note(line)
+                    elif self.daemon.proc.poll() is not None or self.daemon.sock in r:
+                        status = self._daemon_ended()
+                        if status is not None:
+                            return status
+        finally:
+            signal.set_wakeup_fd(-1)
+            listener.close()
+            if self.standby:
+                self.standby.kill()
+            os.close(self.fuse_fd)
+
+    def _note(self, line: str) -> None:
+        log.info("daemon %d: %s", self.daemon.pid if self.daemon else 0, line)
+
+    def _daemon_ended(self) -> int | None:
+        """The daemon closed its socket: it exited or died. Returns an exit status to
+        end the supervisor with, or None to go on (a replacement serves)."""
+        dead = self.daemon
+        assert dead is not None
+        code = dead.wait(30.0)
+        if code is None:
+            dead.kill()
+            code = -signal.SIGKILL
+        dead.sock.close()
+        self.daemon = None
+        mounted = connection_id(self.real) == self.conn
+        if code == 0 or self.stopping or not mounted:
+            log.info("daemon %d exited with %d: supervisor done", dead.pid, code)
+            if mounted:
+                fuse_unmount(self.real)
+            return 0 if code == 0 else 1
+        died = time.monotonic()
+        young = dead.serving_since is None or died - dead.serving_since < YOUNG
+        self.failures = self.failures + 1 if young else 1
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        log.warning("daemon %d died (%s): the standby takes over", dead.pid, how)
+        if self.failures > FAILURES_BEFORE_ABORT:
+            self._give_up(f"{self.failures} daemons in a row died within {YOUNG:.0f} s of starting")
+            return 1
+        line = self._take_over()
+        if not line.startswith("ok"):
+            self._give_up(f"no daemon can serve {self.region}: {line or 'it exited'}")
+            return 1
+        self.restarts += 1
+        self.last_gap_ms = (time.monotonic() - died) * 1000
+        log.info("replacement %d serving %.1f ms after the death (%s)", self.daemon.pid,
+                 self.last_gap_ms, line)
+        self.standby = self._start_standby_quietly()
+        return None
+
+    def _take_over(self) -> str:
+        if self.standby is None or self.standby.proc.poll() is not None:
+            try:
+                self.standby = self._start_standby()
+            except SupervisorError as e:
+                return f"error {e}"
+        return self._activate(first=False)
+
+    def _give_up(self, why: str) -> None:
+        """Nobody can serve the connection: fail its clients instead of leaving them blocked."""
+        log.error("giving up the mount of %s: %s; clients now get ENOTCONN", self.region, why)
+        abort_connection(self.conn)
+        fuse_unmount(self.real)
+
+    # -------------------------------------------------------------- upgrade
+    def upgrade(self) -> dict:
+        """Replace the daemon with one running the code installed now."""
+        if self.standby:
+            self.standby.kill()
+            self.standby = None
+        try:
+            self.standby = self._start_standby()
+        except SupervisorError as e:
+            return {"ok": False, "error": f"the new daemon cannot serve {self.region}: {e}; "
+                    "the old one goes on serving"}
+        old = self.daemon
+        started = time.monotonic()
+        if old is not None:
+            old.send("drain")
+            code = old.wait(60.0)
+            if code is None:
+                old.kill()
+            old.sock.close()
+            self.daemon = None
+        line = self._activate(first=False)
+        gap = (time.monotonic() - started) * 1000
+        if not line.startswith("ok"):
+            self._give_up(f"the new daemon failed after the old one had handed over: {line}")
+            return {"ok": False, "error": f"the new daemon failed after the handover: {line}"}
+        self.upgrades += 1
+        self.last_gap_ms = gap
+        self.standby = self._start_standby_quietly()
+        return {"ok": True, "daemon_pid": self.daemon.pid, "gap_ms": round(gap, 1),
+                "old_pid": old.pid if old else None}
+
+    def status(self) -> dict:
+        return {"mode": self.mode, "supervisor_pid": os.getpid(),
+                "daemon_pid": self.daemon.pid if self.daemon else None,
+                "standby_pid": self.standby.pid if self.standby else None,
+                "restarts": self.restarts, "upgrades": self.upgrades,
+                "last_gap_ms": self.last_gap_ms, "connection": self.conn}
+
+    def _serve_client(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5.0)
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            try:
+                request = json.loads(conn.makefile("rb").readline() or b"{}")
+                verb = request.get("verb")
+            except (ValueError, AttributeError, OSError):
+                verb = None
+            if verb == "status":
+                answer = self.status()
+            elif uid not in (0, os.geteuid()):
+                answer = {"ok": False, "error": "only root or the mount's owner may do that"}
+            elif verb == "upgrade":
+                conn.settimeout(None)
+                answer = self.upgrade()
+            else:
+                answer = {"ok": False, "error": f"unknown request {verb!r}"}
+            try:
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+            except OSError:
+                pass
+
+
+def setup_logging(log_file: str | None, debug: bool) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def ready_pipe(fd: int | None) -> Callable[[str], None]:
+    """Report "ok ..." or "error ..." once on the pipe `pmemfs mount` waits on."""
+    def ready(msg: str) -> None:
+        if fd is not None:
+            try:
+                os.write(fd, (msg + "\n").encode())
+                os.close(fd)
+            except OSError:
+                pass
+
+    return ready
+
+
+def remount_on_death(region: str, mountpoint: str, options: set[str], single_cmd: list[str],
+                     ready: Callable[[str], None]) -> int:
+    """The fallback supervisor: when the daemon dies, clear the dead mount and mount
+    again with a new one. Clients see ENOTCONN in between."""
+    from .mounting import prepare_mountpoint
+
+    first = True
+    while True:
+        r, w = os.pipe()
+        proc = subprocess.Popen([*single_cmd, "--ready-fd", str(w)], pass_fds=(w,), cwd="/",
+                                stdin=subprocess.DEVNULL)
+        os.close(w)
+        with os.fdopen(r) as f:
+            line = f.readline().strip()
+        if first:
+            ready(line or "error the daemon exited without a word")
+            first = False
+        if not line.startswith("ok"):
+            proc.wait()
+            return 1
+        code = proc.wait()
+        if code >= 0:
+            log.info("daemon %d exited with %d: supervisor done", proc.pid, code)
+            return code
+        log.warning("daemon %d died (signal %d): remounting", proc.pid, -code)
+        try:
+            prepare_mountpoint(region, mountpoint, force=True)
+        except Exception as e:
+            log.error("cannot clear %s for a new daemon: %s", mountpoint, e)
+            return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pmemfs-supervisor")
+    p.add_argument("region")
+    p.add_argument("mountpoint")
+    p.add_argument("--options", default="")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--log")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    setup_logging(a.log, a.debug)
+    options = {o for o in a.options.split(",") if o}
+    daemon = [sys.executable, "-m", "pmemfs.daemon", a.region, a.mountpoint]
+    tail = ["--log", a.log] if a.log else []
+    if a.debug:
+        tail.append("--debug")
+    ready = ready_pipe(a.ready_fd)
+    why = "live=off was asked for" if "live=off" in options else session.takeover_unavailable()
+    options -= {"live=off", "live=on"}
+    opts = ["--options", ",".join(sorted(options))]
+    try:
+        if why:
+            log.warning("live update unavailable (%s): a daemon that dies is replaced by a remount", why)
+            return remount_on_death(a.region, a.mountpoint, options, [*daemon, "--single", *opts, *tail],
+                                    ready)
+        return Supervisor(a.region, a.mountpoint, options, [*daemon, *opts, *tail], ready).run()
+    except Exception as e:
+        log.error("cannot serve %s: %s", a.region, e)
+        ready(f"error {one_line(e)}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
