@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from . import session, supervisor
-from .engine import Engine
+from .engine import Engine, check_magic
 from .fuse_ops import Operations
 from .journal import CrashPoints
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
@@ -103,6 +103,7 @@ def check_can_serve(region: str) -> None:
     from .region import Region
 
     with Region(region, writable=False, lock=False) as r:
+        check_magic(region, r.buf)
         sb, _ = read_superblock(r.buf, r.size, allow_backup=True, fd=r.fd)
     unknown = sb.feature_incompat & ~FEATURE_INCOMPAT_KNOWN
     if unknown:

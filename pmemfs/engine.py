@@ -185,9 +185,7 @@ class Engine:
     def _open(self, readonly: bool, crash: CrashPoints | None, check_on_mount: bool) -> None:
         self.leases = Leases()  # directly mapped files (in memory only: see leases.py)
         buf = self.region.buf
-        if bytes(buf[:8]) != MAGIC:  # the magic never changes, even mid-transaction
-            raise MountError(f"{self.path}: not a pmemfs region (no superblock magic); "
-                             "make one with pmemfs-mkfs, or run pmemfs-fsck to restore a damaged one")
+        check_magic(self.path, buf)
         # The journal sits at a fixed offset: roll back an interrupted transaction
         # before believing anything else, the superblock included.
         self.recovered_records = 0
@@ -1487,6 +1485,12 @@ class Engine:
 
     def dirent_kind(self, kind: int) -> int:
         return _DIRENT_KIND.get(kind, stat.S_IFREG)
+
+
+def check_magic(path: str, buf: memoryview) -> None:
+    if bytes(buf[:8]) != MAGIC:  # the magic never changes, even mid-transaction
+        raise MountError(f"{path}: not a pmemfs region (no superblock magic); "
+                         "make one with pmemfs-mkfs, or run pmemfs-fsck to restore a damaged one")
 
 
 def _metadata_end(buf: memoryview, region_size: int) -> int:

@@ -75,15 +75,35 @@ class Mount:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """The serving daemon (the region's lock holder); self.proc is its supervisor."""
+        return mounting.region_holder(self.region) or self.proc.pid
 
     def p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
     def kill(self) -> None:
-        """kill -9 the daemon: the mountpoint is left dead (ENOTCONN)."""
+        """kill -9 the supervisor and the daemon: the connection ends and the
+        mountpoint is left dead (ENOTCONN), as after a reboot."""
+        kids = children(self.proc.pid)  # the daemon and the standby hold the connection too
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not any(os.path.exists(f"/proc/{p}/fd") for p in kids), 30)
+        wait_for(lambda: mounting.region_holder(self.region) is None, 30)
+
+    def crash(self) -> int:
+        """kill -9 the daemon only: the supervisor's standby takes the connection over
+        (live update). Returns once a new daemon serves; the mount never goes away."""
+        old = mounting.region_holder(self.region)
+        assert old and old != self.proc.pid
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: mounting.region_holder(self.region) not in (None, old), 60), \
+            "no daemon took over:\n" + self.log()[-3000:]
+        return mounting.region_holder(self.region)
 
     def unmount(self) -> None:
         mounting.unmount(self.path)
@@ -141,6 +161,21 @@ def mount_factory(tmp_path):
 @pytest.fixture
 def mounted(region, mount_factory) -> Mount:
     return mount_factory(region)
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if int(data[data.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(entry))
+    return out
 
 
 def drop_caches() -> None:
