@@ -52,8 +52,9 @@ def run(command: click.Command, prog: str, usage_status: int = 2,
         errors: tuple[type[Exception], ...] = (), error_status: int = 1) -> Callable[[], None]:
     """Entry point that turns every expected failure into one line and an exit code."""
     from .mounting import MountFailed
+    from .supervisor import SupervisorError
 
-    expected = (RegionError, FormatError, MountError, MountFailed, *errors)
+    expected = (RegionError, FormatError, MountError, MountFailed, SupervisorError, *errors)
 
     def main(argv: list[str] | None = None) -> None:
         try:
@@ -156,16 +157,20 @@ def cli():
 
 
 @cli.command("mount")
-@click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground.")
+@click.option("-f", "--foreground", is_flag=True,
+              help="Serve in the foreground, one process (a restart is a remount).")
+@click.option("--single", is_flag=True,
+              help="One background process that mounts and serves, without a supervisor "
+                   "(a daemon that dies leaves the mount dead).")
 @click.option("-o", "options", multiple=True, help="Mount options: allow_other, ro, sync, prefault, force.")
 @click.option("--force", is_flag=True, help="Clear a dead FUSE mount at MOUNTPOINT first.")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write the daemon's log here.")
 @click.option("--debug", is_flag=True, help="Log every request.")
-@click.option("--respawn", is_flag=True,
-              help="Keep a supervisor that replaces a daemon that dies at once (a fork, not a new process).")
+@click.option("--respawn", is_flag=True, hidden=True,
+              help="The default now: a supervisor replaces a daemon that dies.")
 @click.argument("region")
 @click.argument("mountpoint")
-def mount_command(foreground, options, force, log, debug, respawn, region, mountpoint):
+def mount_command(foreground, single, options, force, log, debug, respawn, region, mountpoint):
     """Mount REGION on MOUNTPOINT (returns once the mount answers)."""
     from .mounting import MOUNT_OPTIONS_ALLOWED, spawn
 
@@ -187,9 +192,9 @@ def mount_command(foreground, options, force, log, debug, respawn, region, mount
         prepare_mountpoint(region, mountpoint, "force" in opts)
         return serve(region, mountpoint, opts - {"force"},
                      ready=lambda msg: click.echo(f"mounted {region} on {mountpoint} ({msg})", err=True))
-    m = spawn(region, mountpoint, opts, log=log, debug=debug, respawn=respawn)
+    m = spawn(region, mountpoint, opts, log=log, debug=debug, single=single)
     note = " (cleared a dead mount first)" if m.recovered_stale else ""
-    who = "supervisor" if respawn else "daemon"
+    who = "daemon" if single else "supervisor"
     click.echo(f"mounted {region} on {mountpoint}: {who} pid {m.proc.pid}, {m.status[3:]}, "
                f"{m.downtime_ms:.0f} ms{note}")
     return 0
@@ -205,6 +210,20 @@ def umount_command(mountpoint):
     click.echo(f"unmounted {mountpoint}; {region} is clean")
 
 
+@cli.command("upgrade")
+@click.argument("mountpoint")
+def upgrade_command(mountpoint):
+    """Replace MOUNTPOINT's daemon by one running the code installed now, without
+    unmounting: in-flight requests drain, clients see a pause."""
+    from .supervisor import SupervisorError, ask
+
+    answer = ask(mountpoint, {"verb": "upgrade"})
+    if not answer.get("ok"):
+        raise SupervisorError(f"{mountpoint}: {answer.get('error', 'upgrade failed')}")
+    click.echo(f"upgraded {mountpoint}: daemon {answer['old_pid']} -> {answer['daemon_pid']}, "
+               f"gap {answer['gap_ms']} ms")
+
+
 @cli.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--frag", is_flag=True, help="Free space by run size (free aligned 1 GiB runs, fragments) "
@@ -217,14 +236,17 @@ def info_command(as_json, frag, show_map, png, region):
     from .info import describe
     from .mounting import pmemfs_mount_at
 
+    mountpoint = None
     if os.path.isdir(region):
         entry = pmemfs_mount_at(region)
         if entry is None:
             raise RegionError(f"{region}: a directory, and no pmemfs is mounted there")
-        region = entry.source
+        mountpoint, region = region, entry.source
     if frag or show_map or png:
         return _region_layout(region, as_json, frag, show_map, png)
     data = describe(region)
+    if mountpoint:
+        data.update(_restart_mode(mountpoint))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -233,6 +255,18 @@ def info_command(as_json, frag, show_map, png, region):
         if isinstance(v, int) and k.endswith(("size", "bytes")):
             v = f"{v} ({human(v)})"
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
+
+
+def _restart_mode(mountpoint: str) -> dict:
+    """How a daemon restart looks to this mount's clients."""
+    from .supervisor import SupervisorError, ask
+
+    try:
+        s = ask(mountpoint, {"verb": "status"}, timeout=5.0)
+    except (SupervisorError, OSError, ValueError):
+        return {"restart_mode": "remount (clients see ENOTCONN while the daemon restarts)"}
+    return {"restart_mode": s["mode"], "supervisor_pid": s["supervisor_pid"],
+            "daemon_restarts": s["restarts"], "daemon_upgrades": s["upgrades"]}
 
 
 def _region_layout(region: str, as_json: bool, frag: bool, show_map: bool, png: str | None) -> None:

@@ -46,8 +46,8 @@ EXIT_HANDED_OVER = 75  # a daemon that drained for a successor exits with this
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1, 2, 4, 1024, 2048, 1 << 21
 MNT_DETACH = 2
 START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
-FAILURES_BEFORE_ABORT = 3  # replacements that die young in a row
-YOUNG = 5.0  # a daemon that dies sooner than this after starting counts as a failure
+FAILURES_BEFORE_ABORT = 5  # replacements in a row that die young: a crash loop
+YOUNG = 1.0  # a daemon that dies sooner than this after it began serving counts as one
 
 
 class SupervisorError(Exception):
@@ -263,6 +263,12 @@ class Supervisor:
 
     # ---------------------------------------------------------------- start
     def run(self) -> int:
+        # Signals are noted from the start and acted on in the loop.
+        self.pending: list[int] = []
+        self.sigr, sigw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sigw)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda s, _f: self.pending.append(s))
         self.fuse_fd = fuse_mount(self.region, self.mountpoint, self.options)
         self.conn = connection_id(self.real)
         try:
@@ -276,6 +282,9 @@ class Supervisor:
             self._give_up(line)
             self.ready(line or "error the daemon exited without a word")
             return 1
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.bind(control_address(self.real, resolved=True))
+        self.listener.listen(8)
         self.ready(line)
         self.standby = self._start_standby_quietly()
         return self._loop()
@@ -311,14 +320,7 @@ class Supervisor:
 
     # ----------------------------------------------------------------- loop
     def _loop(self) -> int:
-        sigr, sigw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(sigw)
-        pending: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, lambda s, _f: pending.append(s))
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        listener.bind(control_address(self.real, resolved=True))
-        listener.listen(8)
+        sigr, pending, listener = self.sigr, self.pending, self.listener
         try:
             while True:
                 watch = [sigr, listener] + ([self.daemon.sock] if self.daemon else [])

@@ -265,15 +265,45 @@ class Passthrough(Target):
 
 
 def pmemfs_mount(region: str, mp: str, options: list[str]) -> tuple[int, float]:
-    """`pmemfs mount`; returns (daemon pid, seconds until the command returned)."""
+    """`pmemfs mount`; returns (supervisor pid, seconds until the command returned).
+    The serving daemon is serving_pid(region)."""
     cmd = [PMEMFS, "mount", *(["-o", ",".join(options)] if options else []), region, mp]
     t0 = time.perf_counter()
     r = run(cmd, timeout=600)
     dt = time.perf_counter() - t0
-    m = re.search(r"daemon pid (\d+)", r.stdout + r.stderr)
+    m = re.search(r"(?:daemon|supervisor) pid (\d+)", r.stdout + r.stderr)
     if not m:
         raise RuntimeError(f"pmemfs mount said: {r.stdout.strip()} {r.stderr.strip()}")
     return int(m.group(1)), dt
+
+
+def serving_pid(region: str) -> int | None:
+    from pmemfs.mounting import region_holder
+
+    return region_holder(region)
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                data = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(data[data.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def kill_mount(supervisor: int) -> None:
+    """kill -9 a mount's supervisor and its daemons: the connection ends (a cold restart)."""
+    kids = child_pids(supervisor)
+    for pid in (supervisor, *kids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in (supervisor, *kids):
+        wait_dead(pid, 30)
 
 
 def pmemfs_unmount(mp: str, pid: int | None) -> None:
@@ -302,10 +332,11 @@ class Pmemfs(Target):
     def start(self) -> None:
         os.makedirs(self.dir)
         run([MKFS, "--size", str(self.size), "--inodes", str(self.inodes), self.region])
-        self.pid, self.mount_s = pmemfs_mount(self.region, self.dir, self.options)
+        self.supervisor, self.mount_s = pmemfs_mount(self.region, self.dir, self.options)
+        self.pid = serving_pid(self.region)
 
     def stop(self) -> None:
-        pmemfs_unmount(self.dir, self.pid)
+        pmemfs_unmount(self.dir, self.supervisor)
         self.pid = None
         with contextlib.suppress(OSError):
             os.unlink(self.region)
@@ -696,8 +727,7 @@ class Bench:
                     pid, dt = pmemfs_mount(region, mp, [])
                     pids.append(pid)
                     self.res.add(f"mount, {n} files, {human_bytes(size)} region", "pmemfs", dt, "s", "lower")
-                    os.kill(pid, signal.SIGKILL)
-                    wait_dead(pid, 30)
+                    kill_mount(pid)
                     pid, dt = pmemfs_mount(region, mp, [])
                     pids[:] = [pid]
                     self.res.add(f"remount after kill -9, {n} files, {human_bytes(size)} region", "pmemfs",
@@ -712,8 +742,9 @@ class Bench:
             pids = []
             self.extra_mps.append((mp, pids))
             try:
-                pid, _ = pmemfs_mount(region, mp, [])
-                pids.append(pid)
+                sup, _ = pmemfs_mount(region, mp, [])
+                pids.append(sup)
+                pid = serving_pid(region)
                 where = f"{n} files, {human_bytes(size)} region"
                 self.res.add(f"daemon anon memory, idle, {where}", "pmemfs", anon_rss(pid) / MiB, "MiB", "lower")
                 t0 = time.perf_counter()
