@@ -75,8 +75,9 @@ class _Lease:
     """The lease and the descriptor it was taken through; given back when the last
     mapping is unmapped (by close() or by garbage collection of kept arrays)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, path: str):
         self.fd = fd
+        self.path = path
         self.maps = 1  # the Direct object's own reference, plus one per mapping
         self.lock = threading.Lock()
 
@@ -89,7 +90,12 @@ class _Lease:
         try:
             os.setxattr(fd, LEASE, b"release")
         except OSError:
-            pass  # the daemon restarted (no lease to give back) or the mount is gone
+            # The mount was remounted under us (the descriptor is dead): the new daemon
+            # kept the lease (leases.py), so give it back by name.
+            try:
+                os.setxattr(self.path, LEASE, b"release")
+            except OSError:
+                pass  # the mount is gone, or the file: nothing left to give back
         try:
             os.close(fd)
         except OSError:
@@ -112,7 +118,7 @@ class Direct:
         except BaseException:
             os.close(fd)
             raise
-        self._lease = _Lease(fd)
+        self._lease = _Lease(fd, os.path.abspath(path))
         self._maps: list[tuple[mmap.mmap, weakref.finalize]] = []
         try:
             # Taken after the lease: from now on the extents can grow, never move.

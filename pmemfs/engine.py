@@ -183,7 +183,7 @@ class Engine:
 
     # ------------------------------------------------------------------ mount
     def _open(self, readonly: bool, crash: CrashPoints | None, check_on_mount: bool) -> None:
-        self.leases = Leases()  # directly mapped files (in memory only: see leases.py)
+        self.leases = Leases(None if readonly else self.path)  # directly mapped files (leases.py)
         buf = self.region.buf
         check_magic(self.path, buf)
         # The journal sits at a fixed offset: roll back an interrupted transaction

@@ -5,18 +5,29 @@ file. While any lease on a file is held its blocks stay where they are and stay 
 file's: truncate that would free blocks and the unlink that would free the inode fail
 with EBUSY, carve refuses the file, defrag and the growth migration step around it.
 
-The table lives in the daemon's memory only, keyed by inode; a lease records the
-holder (the process, by thread-group id and start time, so a recycled pid is not
-mistaken for the holder), its mode ("ro" or "rw") and how many times that process took
-it. A holder that has died is dropped lazily, whenever the table is consulted about
-its inode, so a crashed client never pins a file for longer than it lives. Leases do
-not survive a restart of the daemon.
+The table lives in the daemon's memory, keyed by inode; a lease records the holder
+(the process, by thread-group id and start time, so a recycled pid is not mistaken
+for the holder), its mode ("ro" or "rw") and how many times that process took it. A
+holder that has died is dropped lazily, whenever the table is consulted about its
+inode, so a crashed client never pins a file for longer than it lives.
+
+A direct mapping outlives the daemon (it maps the region, not the mount), so the
+table is also written to a small file under /run/pmemfs at every change and read back
+by the next daemon: a restart or a live takeover keeps every lease. /run is memory
+and is gone after a reboot, as the mappings are.
 """
 
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("pmemfs.leases")
+RUN_DIR = "/run/pmemfs"
 
 MODES = ("ro", "rw")
 
@@ -82,8 +93,40 @@ def _alive(lease: Lease) -> bool:
 class Leases:
     """The lease table: inode -> {holder pid: Lease}."""
 
-    def __init__(self) -> None:
+    def __init__(self, region: str | None = None) -> None:
+        """region: keep the table in a file beside the daemon (see the module doc)."""
         self._by_ino: dict[int, dict[int, Lease]] = {}
+        self.path = None
+        if region:
+            digest = hashlib.sha256(os.path.realpath(region).encode()).hexdigest()[:24]
+            self.path = os.path.join(RUN_DIR, f"leases-{digest}.json")
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            with open(self.path) as f:
+                rows = json.load(f)
+            for ino, leases in rows.items():
+                self._by_ino[int(ino)] = {int(p): Lease(**v) for p, v in leases.items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("ignoring the lease table %s: %s", self.path, e)
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        rows = {str(i): {str(p): asdict(v) for p, v in h.items()} for i, h in self._by_ino.items()}
+        try:
+            os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(rows, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("cannot keep the lease table in %s (%s): leases will not outlive "
+                        "this daemon", self.path, e)
+            self.path = None
 
     def take(self, ino: int, pid: int, mode: str) -> Lease:
         """Lease ino to the process that pid (a thread id is fine) belongs to."""
@@ -101,6 +144,7 @@ class Leases:
         lease.count += 1
         if mode == "rw":
             lease.mode = "rw"
+        self._save()
         return lease
 
     def release(self, ino: int, pid: int) -> None:
@@ -115,6 +159,7 @@ class Leases:
             del holders[pid]
         if not holders:
             self._by_ino.pop(ino, None)
+        self._save()
 
     def held(self, ino: int) -> bool:
         """True while a live process holds a lease on ino (dead holders are dropped)."""
@@ -127,7 +172,8 @@ class Leases:
 
     def forget(self, ino: int) -> None:
         """The inode is gone (or reused): drop whatever leases it had."""
-        self._by_ino.pop(ino, None)
+        if self._by_ino.pop(ino, None) is not None:
+            self._save()
 
     def _live(self, ino: int) -> dict[int, Lease]:
         holders = self._by_ino.get(ino)

@@ -226,18 +226,25 @@ def test_arrays_kept_after_close_keep_the_lease(region, mount_factory):
     os.unlink(p)
 
 
-def test_leases_do_not_survive_a_restart(region, mount_factory):
+def test_leases_survive_a_takeover_and_a_restart(region, mount_factory):
+    """The mapping outlives the daemon, so the lease does too: a live takeover (kill -9
+    of the daemon) and a cold restart (remount) both keep the file pinned."""
     m = mount_factory(region)
     p = m.p("f")
     write_file(p, b"before restart")
     d = direct.open(p, writable=True)
     try:
-        m.restart()
-        assert holders(p) == []  # the new daemon knows no leases...
-        d.write(0, b"BEFORE")  # ...but the mapping is still the file's blocks
+        for restart in (m.crash, m.restart):
+            restart()
+            assert [h["pid"] for h in holders(p)] == [os.getpid()]
+            with pytest.raises(OSError) as ei:
+                os.unlink(p)
+            assert ei.value.errno == errno.EBUSY
+        d.write(0, b"BEFORE")  # the mapping is still the file's blocks
         assert read_file(p) == b"BEFORE restart"
     finally:
-        d.close()  # the old mount is gone: nothing to give back, no error
+        d.close()  # given back to the daemon that serves now
+    assert holders(p) == []
     os.unlink(p)
 
 
