@@ -57,9 +57,9 @@ class Demo:
         self.mount()
         return self
 
-    def mount(self, env: dict | None = None, respawn: bool = False) -> float:
+    def mount(self, env: dict | None = None, single: bool = False) -> float:
         started = time.monotonic()
-        r = cli("pmemfs", "mount", *(["--respawn"] if respawn else []), self.region, self.mp, env=env)
+        r = cli("pmemfs", "mount", *(["--single"] if single else []), self.region, self.mp, env=env)
         self.last_mount_line = r.stdout.strip()
         return (time.monotonic() - started) * 1000
 
@@ -84,8 +84,18 @@ class Demo:
             time.sleep(0.001)
         return time.monotonic()
 
+    def kill_all(self) -> None:
+        """kill -9 the supervisor and the daemons: the FUSE connection ends."""
+        status = __import__("json").loads(cli("pmemfs", "info", "--json", self.mp).stdout)
+        pids = [status.get("supervisor_pid"), self.daemon_pid()]
+        for pid in filter(None, pids):
+            os.kill(pid, 9)
+        deadline = time.monotonic() + 30
+        while not mounting.is_stale(self.mp) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the standby, too, has let the connection go
+
     def wait_for_replacement(self, dead_pid: int, timeout: float = 30.0) -> None:
-        """Until another daemon serves the mountpoint (a --respawn supervisor's)."""
+        """Until another daemon serves the mountpoint (the supervisor's standby)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             holder = mounting.region_holder(self.region)

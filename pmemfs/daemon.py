@@ -124,6 +124,8 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
 
     try:
         check_can_serve(region)
+        session.locate()  # the symbol lookup and the library load, off the takeover's path
+        session._libfuse()
     except Exception as e:
         say(f"error {one_line(e)}")
         return 1
@@ -206,7 +208,9 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         engine.close(handover=drained or status != 0)
     if drained:
         log.info("drained: handing %s over", mountpoint)
-        return supervisor.EXIT_HANDED_OVER
+        say("drained")  # the region is closed and unlocked: the successor may start now
+        logging.shutdown()
+        os._exit(supervisor.EXIT_HANDED_OVER)  # no interpreter teardown in the gap
     log.info("stopped serving %s; region marked clean", mountpoint)
     return status
 

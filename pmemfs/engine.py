@@ -348,7 +348,8 @@ class Engine:
                 self._save_sb(tx)
                 self.sbv["state"] = STATE_CLEAN
                 self.sbv["last_umount_ns"] = time.time_ns()
-            self.region.sync()
+            if not handover:  # a successor maps the same memory: nothing to flush for it
+                self.region.sync()
         self.region.close()
 
     # ---------------------------------------------------------- transactions

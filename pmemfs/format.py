@@ -18,7 +18,7 @@ import numpy as np
 
 MAGIC = b"PMEMFSSB"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1: the reply record (docs/FORMAT.md)
 
 SB_SLOT = 4096  # bytes reserved for one superblock copy
 SB_STRUCT = 512  # bytes of it that are defined; the rest is zero
@@ -39,7 +39,8 @@ SYMLINK_MAX = 4095
 
 # Feature masks. Unknown incompat bits refuse mount; unknown ro_compat bits allow
 # only read-only use; unknown compat bits are ignored.
-FEATURE_COMPAT_KNOWN = 0
+FEATURE_COMPAT_REPLY_RECORD = 0x1  # bytes 2048-2175 of block 0 hold the reply record
+FEATURE_COMPAT_KNOWN = FEATURE_COMPAT_REPLY_RECORD
 FEATURE_INCOMPAT_KNOWN = 0
 FEATURE_RO_COMPAT_KNOWN = 0
 
@@ -275,7 +276,7 @@ class Superblock:
     uuid: bytes
     label: str = ""
     create_time_ns: int = 0
-    feature_compat: int = 0
+    feature_compat: int = FEATURE_COMPAT_REPLY_RECORD
     feature_incompat: int = 0
     feature_ro_compat: int = 0
     state: int = STATE_CLEAN

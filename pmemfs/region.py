@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
@@ -43,17 +44,27 @@ class BackingInfo:
     alignment: int  # alignment the backing guarantees for mappings
 
 
+@functools.cache
+def libc():
+    """glibc, loaded once (find_library runs ldconfig: tens of ms on a mount's path)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _statfs_type(path: str) -> int | None:
     """f_type of the filesystem holding path (os.statvfs does not expose it)."""
     import ctypes
-    import ctypes.util
 
     class StatFs(ctypes.Structure):
         _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     buf = StatFs()
-    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    if libc().statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         return None
     return buf.f_type & 0xFFFFFFFF
 
@@ -115,11 +126,10 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
     """fallocate(PUNCH_HOLE); False when the filesystem cannot (then write zeros)."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0
+    fallocate = libc().fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def lock_holder(fd: int) -> int | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import struct
 
@@ -77,11 +78,14 @@ def _load_base(path: str) -> int:
     raise SessionError(f"{path} is not mapped into this process")
 
 
+@functools.cache
 def _libfuse() -> ctypes.PyDLL:
     # PyDLL keeps the GIL across the call: process_buf calls back into pyfuse3's
-    # handlers, which run Python code.
-    name = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
-    lib = ctypes.PyDLL(name)
+    # handlers, which run Python code. The soname first: find_library runs ldconfig.
+    try:
+        lib = ctypes.PyDLL("libfuse3.so.3")
+    except OSError:
+        lib = ctypes.PyDLL(ctypes.util.find_library("fuse3"))
     lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
     lib.fuse_session_fd.restype = ctypes.c_int
     lib.fuse_session_process_buf.argtypes = [ctypes.c_void_p, ctypes.POINTER(_FuseBuf)]
@@ -89,6 +93,7 @@ def _libfuse() -> ctypes.PyDLL:
     return lib
 
 
+@functools.cache
 def locate() -> int:
     """Address of pyfuse3's `session` variable (the pointer's home, not the pointer)."""
     import pyfuse3

@@ -85,7 +85,10 @@ def ask(mountpoint: str, request: dict, timeout: float = 300.0) -> dict:
 
 
 # ------------------------------------------------------------------ mounting
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def kernel_mount_options(options: set[str], fuse_fd: int, rootmode: int) -> tuple[int, str]:
@@ -260,6 +263,7 @@ class Supervisor:
         self.last_gap_ms: float | None = None
         self.stopping = False
         self.mode = "live"
+        self.retired: list[Child] = []  # drained daemons still exiting
 
     # ---------------------------------------------------------------- start
     def run(self) -> int:
@@ -341,6 +345,9 @@ class Supervisor:
                         log.info("upgrade: %s", self.upgrade())
                 if listener in r:
                     self._serve_client(listener)
+                for child in [c for c in self.retired if c.proc.poll() is not None]:
+                    child.sock.close()
+                    self.retired.remove(child)
                 if self.daemon and (self.daemon.sock in r or self.daemon.proc.poll() is not None):
                     line = self.daemon.read_line(0.0) if self.daemon.sock in r else ""
                     if line:
@@ -424,11 +431,10 @@ class Supervisor:
         started = time.monotonic()
         if old is not None:
             old.send("drain")
-            code = old.wait(60.0)
-            if code is None:
-                old.kill()
-            old.sock.close()
+            if old.read_line(60.0) != "drained":
+                old.kill()  # stuck: its requests are resent to the successor anyway
             self.daemon = None
+            self.retired.append(old)
         line = self._activate(first=False)
         gap = (time.monotonic() - started) * 1000
         if not line.startswith("ok"):
