@@ -5,6 +5,7 @@ daemon takes it over and the kernel resends what the dead one had not answered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -208,3 +209,39 @@ def test_a_signal_to_the_supervisor_unmounts_cleanly(region, tmp_path, sig):
         if mounting.pmemfs_mount_at(mp):
             mounting.unmount(mp)
     assert mounting.pmemfs_mount_at(mp) is None and mounting.region_holder(region) is None
+
+
+def test_a_region_nobody_can_serve_fails_its_clients_instead_of_hanging(mounted):
+    """The replacement refuses the region (here: its magic destroyed under the live
+    mount), so the supervisor aborts the connection: clients get an error, not a hang."""
+    fd = os.open(mounted.p("f"), os.O_CREAT | os.O_RDWR)
+    with open(mounted.region, "r+b") as r:
+        r.write(b"NOTPMEMF")
+    try:
+        os.kill(mounted.pid, signal.SIGKILL)
+        assert mounted.proc.wait(timeout=60) == 1
+        probe = subprocess.run([sys.executable, "-c", f"import os; os.fstatvfs({fd})"], pass_fds=(fd,),
+                               capture_output=True, text=True, timeout=30)
+        assert probe.returncode != 0 and ("not connected" in probe.stderr or "abort" in probe.stderr)
+        assert "giving up the mount" in mounted.log()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the flush of a dead connection fails
+        with open(mounted.region, "r+b") as r:
+            r.write(b"PMEMFSSB")  # so the fixture's final check sees the region as it was
+
+
+def test_live_off_falls_back_to_a_remount(region, mount_factory):
+    m = mount_factory(region, {"live=off"})
+    with open(m.p("f"), "w") as f:
+        f.write("kept")
+    r = subprocess.run([os.path.join(BIN, "pmemfs"), "info", "--json", m.path], capture_output=True, text=True)
+    assert json.loads(r.stdout)["restart_mode"].startswith("remount")
+    old = mounting.region_holder(region)
+    os.kill(old, signal.SIGKILL)
+    # A remount: between the dead mount's removal and the new one the directory is bare.
+    assert wait_for(lambda: mounting.region_holder(region) not in (None, old)
+                    and mounting.pmemfs_mount_at(m.path) and not mounting.is_stale(m.path), 60)
+    with open(m.p("f")) as f:
+        assert f.read() == "kept"
+    assert "live update unavailable (live=off was asked for)" in m.log()
