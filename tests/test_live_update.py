@@ -245,3 +245,14 @@ def test_live_off_falls_back_to_a_remount(region, mount_factory):
     with open(m.p("f")) as f:
         assert f.read() == "kept"
     assert "live update unavailable (live=off was asked for)" in m.log()
+
+
+def test_sighup_to_the_supervisor_upgrades(mounted):
+    fd = os.open(mounted.p("f"), os.O_CREAT | os.O_RDWR)
+    old = mounted.pid
+    os.kill(mounted.proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: mounting.region_holder(mounted.region) not in (None, old), 60)
+    os.write(fd, b"same descriptor")
+    assert os.pread(fd, 100, 0) == b"same descriptor"
+    os.close(fd)
+    assert wait_for(lambda: "'ok': True" in mounted.log(), 30), mounted.log()[-2000:]
