@@ -45,6 +45,7 @@ class Demo:
     def __init__(self, name: str, size: str, region: str | None = None, keep: bool = False):
         self.region = region or f"/dev/shm/pmemfs-{name}.region"
         self.mp = f"/tmp/pmemfs-{name}"
+        self.log = f"/tmp/pmemfs-{name}.log"  # the daemons' log, kept for a look afterwards
         self.size = size
         self.keep = keep
 
@@ -59,7 +60,8 @@ class Demo:
 
     def mount(self, env: dict | None = None, single: bool = False) -> float:
         started = time.monotonic()
-        r = cli("pmemfs", "mount", *(["--single"] if single else []), self.region, self.mp, env=env)
+        r = cli("pmemfs", "mount", *(["--single"] if single else []), "--log", self.log,
+                self.region, self.mp, env=env)
         self.last_mount_line = r.stdout.strip()
         return (time.monotonic() - started) * 1000
 
