@@ -313,13 +313,16 @@ def map_command(as_json, file):
     click.echo(f"File size of {file} is {d['size']} ({-(-d['size'] // bs)} blocks of {bs} bytes)")
     rows = [("ext", "file offset", "region offset (physical)", "length", "blocks", "flags")]
     for e in ext:
-        rows.append((f"{e['index']}:", f"{e['file_offset']:#x}", f"{e['region_offset']:#x}",
+        where = "hidden" if e["region_offset"] is None else f"{e['region_offset']:#x}"
+        rows.append((f"{e['index']}:", f"{e['file_offset']:#x}", where,
                      f"{e['length']:#x} ({human(e['length'])})", str(e["length"] // bs), ",".join(e["flags"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.rjust(w) if i < 5 else c for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                    .rstrip())
     click.echo(f"{file}: {len(ext)} extent{'' if len(ext) == 1 else 's'} found")
+    if any(e["region_offset"] is None for e in ext):
+        click.echo("region offsets are shown only to those who may read the region")
 
 
 @cli.group("kernel")
@@ -478,21 +481,50 @@ def prealloc_command(align, file, size):
 @click.argument("dst")
 def carve_command(src, offset, length, dst):
     """Move LENGTH bytes at OFFSET of SRC into a new file DST without copying (SRC keeps a hole)."""
-    mp = _on_pmemfs(src)
-    if _on_pmemfs(os.path.dirname(os.path.abspath(dst)) or ".") != mp:
+    _, rel = _path_in_fs(src)
+    _on_pmemfs(os.path.dirname(os.path.abspath(dst)) or ".")
+    if os.stat(src).st_dev != os.stat(os.path.dirname(os.path.abspath(dst))).st_dev:
         raise RegionError(f"{dst}: not on the same pmemfs as {src}")
     if os.path.exists(dst):
         raise RegionError(f"{dst}: exists; carve makes a new file")
-    rel = os.path.relpath(os.path.realpath(src), mp)
     fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
     try:
+        # The daemon walks src from the filesystem's root with our credentials.
         _xattr_call(f"carve {src}", os.setxattr, dst, b"user.pmemfs.carve",
                     json.dumps({"src": rel, "offset": offset, "length": length}).encode())
     except BaseException:
         os.unlink(dst)
         raise
     click.echo(f"{dst}: {human(length)} carved out of {src} at offset {offset}")
+
+
+def _path_in_fs(path: str) -> tuple[str, str]:
+    """(mountpoint, path from the filesystem's root) of path on a mounted pmemfs.
+
+    Symbolic links are resolved here (the daemon follows none). A bind mount of a
+    subdirectory has that directory as its root (field 4 of /proc/self/mountinfo), so
+    the path is that root joined with the path below the mountpoint.
+    """
+    from .mounting import _unescape
+
+    real = os.path.realpath(path)
+    best: tuple[str, str, str] | None = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) < 5 or not right:
+                continue
+            root, mp = _unescape(fields[3]), _unescape(fields[4])
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+                    best is None or len(mp) >= len(best[1])):
+                best = (right.split()[0], mp, root)
+    if best is None or best[0] != "fuse.pmemfs":
+        raise RegionError(f"{path}: not on a mounted pmemfs")
+    _, mp, root = best
+    below = os.path.relpath(real, mp)
+    return mp, os.path.normpath(os.path.join(root, "" if below == "." else below))
 
 
 @cli.command("defrag")

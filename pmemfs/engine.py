@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import check
+from . import check, creds
 from .allocator import BlockAllocator, NoSpace
+from .creds import CAP_SYS_ADMIN, Creds
 from .format import (
     BLOB_CONT,
     BLOB_DATA,
@@ -96,9 +97,10 @@ class Ctx:
     uid: int = 0
     gid: int = 0
     pid: int = 0
+    creds: Creds | None = None  # None: read the caller's groups and capabilities from /proc
 
 
-ROOT_CTX = Ctx()
+ROOT_CTX = Ctx(creds=creds.ROOT)  # the daemon's own work, and engine callers that are root
 
 
 @dataclass(frozen=True, slots=True)
@@ -1220,18 +1222,11 @@ class Engine:
                 ino = self.lookup(ino, part)
         return ino
 
-    def check_access(self, ino: int, ctx: Ctx, write: bool = False, groups: tuple[int, ...] = ()) -> None:
-        """Permission check for work the kernel cannot check for us (control commands)."""
-        if ctx.uid == 0:
-            return
-        mode = int(self.I["mode"][ino])
-        if ctx.uid == int(self.I["uid"][ino]):
-            bits = mode >> 6
-        elif ctx.gid == int(self.I["gid"][ino]) or int(self.I["gid"][ino]) in groups:
-            bits = mode >> 3
-        else:
-            bits = mode
-        if not bits & (2 if write else 4):
+    def check_access(self, ino: int, who: Creds, mask: int) -> None:
+        """EACCES unless `who` has `mask` (creds.R|W|X) on ino, as the kernel decides:
+        for work the kernel cannot check for us (control commands)."""
+        if not creds.permitted(who, int(self.I["mode"][ino]), int(self.I["uid"][ino]),
+                               int(self.I["gid"][ino]), mask):
             raise FsError(errno.EACCES)
 
     def opendir(self, ino: int) -> None:
@@ -1326,7 +1321,7 @@ class Engine:
     @classmethod
     def _check_xattr_name(cls, name: bytes, ctx: Ctx, kind: int) -> None:
         ns = cls._check_xattr_ns(name)
-        if ns == b"trusted" and ctx.uid != 0:
+        if ns == b"trusted" and not creds.of(ctx).capable(CAP_SYS_ADMIN):
             raise FsError(errno.EPERM)
         if ns == b"user" and kind not in (KIND_REG, KIND_DIR):
             raise FsError(errno.EPERM)

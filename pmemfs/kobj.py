@@ -26,6 +26,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from . import creds
 from .engine import ROOT_CTX, Ctx, Engine, FsError
 from .format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
 
@@ -124,7 +125,7 @@ class KernelObjects:
 
     @staticmethod
     def _root(ctx: Ctx) -> None:
-        if ctx.uid != 0:
+        if not creds.of(ctx).capable(creds.CAP_SYS_ADMIN):  # as trusted.* xattrs need
             raise FsError(errno.EPERM, "kernel objects are root's")
 
     # -------------------------------------------------------------- create
