@@ -344,7 +344,8 @@ def _kernel_call(what: str, fn, *args):
         return fn(*args)
     except OSError as e:
         hint = {16: " (frozen, preserved or pinned)", 5: " (payload checksum mismatch: the object is damaged)",
-                1: " (kernel objects are root's)", 28: " (no free contiguous run that large)",
+                1: " (kernel objects are root's)", 61: " (kernel objects are root's)",
+                28: " (no free contiguous run that large)",
                 95: " (not a pmemfs mount?)"}.get(e.errno, "")
         raise click.ClickException(f"{what}: {e.strerror}{hint}") from None
 
@@ -451,7 +452,7 @@ def _xattr_call(what: str, fn, *args):
     try:
         return fn(*args)
     except OSError as e:
-        hint = {28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
+        hint = {1: " (needs CAP_SYS_ADMIN)", 28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
                 16: " (the file is pinned or mapped directly)", 39: " (the destination must be empty)",
                 22: " (offset and length must be multiples of the block size, inside the file)"}
         raise click.ClickException(f"{what}: {e.strerror}{hint.get(e.errno, '')}") from None
@@ -482,8 +483,9 @@ def prealloc_command(align, file, size):
 def carve_command(src, offset, length, dst):
     """Move LENGTH bytes at OFFSET of SRC into a new file DST without copying (SRC keeps a hole)."""
     _, rel = _path_in_fs(src)
-    _on_pmemfs(os.path.dirname(os.path.abspath(dst)) or ".")
-    if os.stat(src).st_dev != os.stat(os.path.dirname(os.path.abspath(dst))).st_dev:
+    where = os.path.dirname(dst) or "."  # as given: the caller may not reach it from /
+    _on_pmemfs(where)
+    if os.stat(src).st_dev != os.stat(where).st_dev:
         raise RegionError(f"{dst}: not on the same pmemfs as {src}")
     if os.path.exists(dst):
         raise RegionError(f"{dst}: exists; carve makes a new file")
@@ -532,6 +534,8 @@ def _path_in_fs(path: str) -> tuple[str, str]:
 def defrag_command(mountpoint):
     """Move unpinned file data to rebuild free aligned 1 GiB runs; report what it gained."""
     mp = _on_pmemfs(mountpoint)
+    if os.path.realpath(mountpoint) == mp:
+        mp = mountpoint  # as given: a caller may reach the mount only by a relative path
     _xattr_call("defrag", os.setxattr, mp, b"trusted.pmemfs.defrag", b"")
     r = json.loads(os.getxattr(mp, b"trusted.pmemfs.defrag"))
     click.echo(f"defrag: free aligned 1 GiB runs {r['aligned_runs_before']} -> {r['aligned_runs_after']}, "
