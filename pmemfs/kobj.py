@@ -134,6 +134,8 @@ class KernelObjects:
         e = self.e
         raw = name.encode(errors="surrogateescape")
         e._check_name(raw)
+        if raw in (b".", b".."):
+            raise FsError(errno.EINVAL, "a kernel object cannot be called . or ..")
         if type_name not in TYPES:
             raise FsError(errno.EINVAL, f"unknown kernel object type {type_name!r} (known: {', '.join(TYPES)})")
         if size <= 0 or not 0 <= version < 1 << 32:
