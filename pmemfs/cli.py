@@ -113,12 +113,20 @@ def progress_bar(label: str, total: int) -> Callable[[int], None]:
 @click.option("--block-size", "-b", type=click.Choice(["2M", "1G"], case_sensitive=False), default="2M",
               show_default=True, help="Allocation unit.")
 @click.option("--inodes", "-i", type=int, default=None, help="Inode table size (default: one per MiB).")
+@click.option("--extents", type=int, default=None,
+              help="Extent table size (default: data blocks + inodes, which cannot fill).")
+@click.option("--dirents", type=int, default=None, help="Directory entry table size (default: the inodes).")
+@click.option("--blobs", type=int, default=None,
+              help="Blob table size, for xattrs and symlink targets (default: inodes + 63).")
+@click.option("--packs", type=int, default=None,
+              help="Pack table size, shared blocks of small files (default: min(inodes, blocks)).")
 @click.option("--label", "-L", default="", help="Filesystem label (up to 64 bytes).")
 @click.option("--prefault", is_flag=True, help="Populate the data area now so writes never page-fault.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite a region that already holds a filesystem.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("region")
-def mkfs_command(region, size, block_size, inodes, label, prefault, force, as_json):
+def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, packs, label, prefault, force,
+                 as_json):
     """Make a pmemfs filesystem in REGION (a file or a /dev/dax device)."""
     from .format import BLOCK_1G, BLOCK_2M
     from .mkfs import make_filesystem
@@ -129,7 +137,8 @@ def mkfs_command(region, size, block_size, inodes, label, prefault, force, as_js
     if not size and not os.path.exists(region):
         raise RegionError(f"{region}: no such region (give --size to create one)")
     result = make_filesystem(region, size=size or 0, block_size=bs, inodes=inodes, label=label,
-                             force=force, prefault=prefault, progress=progress_bar)
+                             force=force, prefault=prefault, progress=progress_bar,
+                             extents=extents, dirents=dirents, blobs=blobs, packs=packs)
     g = result.superblock.geometry
     summary = {
         "region": region, "uuid": result.superblock.uuid_str, "label": label,

@@ -458,7 +458,10 @@ class Engine:
         self.t.dirents[slot] = np.zeros(1, self.t.dirents.dtype)[0]
         self.free_slots["dirent"].append(slot)
 
-    def _prepare_create(self, parent: int, name: bytes) -> dict[bytes, int]:
+    def _prepare_create(self, parent: int, name: bytes, inode: bool = True,
+                        inherits: bool = True) -> dict[bytes, int]:
+        """Checks before a new name: ENOSPC unless the slots it needs are free (a new
+        inode unless `inode` is False; a blob for the inherited policy if `inherits`)."""
         d = self._dir(parent)
         if int(self.I["flags"][parent]) & FLAG_PINNED:
             raise FsError(errno.EPERM)  # /.kernel: objects are made through the control channel
@@ -467,13 +470,15 @@ class Engine:
             raise FsError(errno.EEXIST)
         if int(self.I["nlink"][parent]) == 0:
             raise FsError(errno.ENOENT)  # a removed directory that is still open
-        if not (self._have_slots("inode", 1) and self._have_slots("dirent", 1)):
+        if not ((not inode or self._have_slots("inode", 1)) and self._have_slots("dirent", 1)):
             raise FsError(errno.ENOSPC)
+        if inherits and ALIGN_POLICY in self.xattrs.get(parent, ()) and not self._have_slots("blob", 1):
+            raise FsError(errno.ENOSPC)  # the new inode inherits the policy (_new_inode)
         return d
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT_CTX) -> Stat:
         """Create a regular file, FIFO, socket or device node (mode carries the type)."""
-        self._prepare_create(parent, name)
+        self._prepare_create(parent, name, inherits=stat.S_IFMT(mode) in (0, stat.S_IFREG))
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
         kind = KIND_OF_S_IFMT.get(fmt)
         if kind is None or kind in (KIND_DIR, KIND_SYMLINK):
@@ -499,7 +504,7 @@ class Engine:
         return self.stat(ino)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx = ROOT_CTX) -> Stat:
-        self._prepare_create(parent, name)
+        self._prepare_create(parent, name, inherits=False)
         if len(target) > SYMLINK_MAX:
             raise FsError(errno.ENAMETOOLONG)
         if not target:
@@ -525,7 +530,7 @@ class Engine:
         self._check_ino(ino)
         if self.kind(ino) in (KIND_DIR, KIND_KOBJ):
             raise FsError(errno.EPERM)
-        self._prepare_create(new_parent, new_name)
+        self._prepare_create(new_parent, new_name, inode=False, inherits=False)
         if int(self.I["nlink"][ino]) == 0:
             raise FsError(errno.ENOENT)
         if int(self.I["nlink"][ino]) >= 0xFFFFFFFF:
@@ -991,7 +996,10 @@ class Engine:
         if kind == KIND_KOBJ:
             self.kernel.check_write(ino, offset, n)  # fixed size, immutable while frozen
         elif (ino in self.packer.packed or not self.maps.get(ino)) and self.packer.eligible(ino, offset + n):
-            return self._write_packed(ino, offset, data)
+            done = self._write_packed(ino, offset, data)
+            if done is not None:
+                return done
+            # The pack table is full: the file takes a whole block of its own.
         # A packed file this write makes too big moves to a block of its own, in the
         # same transaction as the write.
         unpack = ino in self.packer.packed
@@ -1047,14 +1055,18 @@ class Engine:
             self.I["ctime_ns"][ino] = now
         return n
 
-    def _write_packed(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """A small file's write: its bytes live in chunks of a shared pack block."""
+    def _write_packed(self, ino: int, offset: int, data: bytes | memoryview) -> int | None:
+        """A small file's write: its bytes live in chunks of a shared pack block.
+        None (nothing done) when that needs a new pack block and the pack table is full."""
         packer = self.packer
         n = len(data)
         end = offset + n
         old_size = int(self.I["size"][ino])
-        if packer.needs_space(ino, end) and not (self.alloc.free and self._have_slots("pack", 1)):
-            raise FsError(errno.ENOSPC)
+        if packer.needs_space(ino, end):
+            if not self.alloc.free:
+                raise FsError(errno.ENOSPC)
+            if not self._have_slots("pack", 1):
+                return None
         if ino not in packer.packed and not self._have_slots("extent", 1):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
@@ -1295,6 +1307,13 @@ class Engine:
             nxt = int(b["next"][nxt])
         return name, bytes(value)
 
+    def _blob_chain_length(self, head: int) -> int:
+        n, slot = 0, head
+        while slot and n <= self.hwm["blob"]:  # bounded: a damaged chain cannot loop
+            n += 1
+            slot = int(self.t.blobs["next"][slot])
+        return n
+
     def _free_blob(self, tx: Transaction, head: int) -> None:
         off = self.offsets["blob"]
         slot = head
@@ -1337,7 +1356,8 @@ class Engine:
             raise FsError(errno.EEXIST)
         if flags & XATTR_REPLACE and old is None:
             raise FsError(errno.ENODATA)
-        if not self._have_slots("blob", self._blob_slots_needed(len(name), len(value))):
+        freed = self._blob_chain_length(old) if old is not None else 0  # a replaced value's
+        if not self._have_slots("blob", self._blob_slots_needed(len(name), len(value)) - freed):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
             if old is not None:

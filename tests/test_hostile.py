@@ -15,11 +15,10 @@ mount fixture checks both).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import stat
 
+from conftest import snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,29 +114,6 @@ KINDS = {
     "anything": st.tuples(st.sampled_from(TARGETS), names, values),
 }
 requests = st.sampled_from(["carve", "carve", "create", "create", *KINDS]).flatmap(lambda k: KINDS[k])
-
-
-def snapshot(root: str) -> dict:
-    """Everything a failed request must not change: the tree with contents, xattrs and
-    symlink targets, the free space and inodes, the kernel objects."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            st_ = os.lstat(p)
-            rec = [stat.filemode(st_.st_mode), st_.st_uid, st_.st_gid, st_.st_size, st_.st_nlink]
-            if stat.S_ISREG(st_.st_mode):
-                with open(p, "rb") as f:
-                    rec.append(hashlib.sha256(f.read()).hexdigest())
-            elif stat.S_ISLNK(st_.st_mode):
-                rec.append(os.readlink(p))
-            if stat.S_ISREG(st_.st_mode) or stat.S_ISDIR(st_.st_mode):
-                rec.append(sorted((x, os.getxattr(p, x)) for x in os.listxattr(p)))
-            out[os.path.relpath(p, root)] = rec
-    s = os.statvfs(root)
-    out["<statfs>"] = [s.f_bfree, s.f_ffree]
-    out["<kernel>"] = [(o["name"], o["state"], o["size"]) for o in KernelObjects(root).list()]
-    return out
 
 
 def test_hostile_control_requests(region_factory, mount_factory):
