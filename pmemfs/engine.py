@@ -1227,7 +1227,8 @@ class Engine:
 
     # ----------------------------------------------------------- directories
     def resolve(self, path: bytes) -> int:
-        """Inode of a path relative to the root (no symlinks followed)."""
+        """Inode of a path relative to the root (no symlinks followed), with no
+        permission check: never for a path in a request (control.resolve checks)."""
         ino = ROOT_INO
         for part in path.strip(b"/").split(b"/"):
             if part:
