@@ -114,12 +114,20 @@ def progress_bar(label: str, total: int) -> Callable[[int], None]:
 @click.option("--block-size", "-b", type=click.Choice(["2M", "1G"], case_sensitive=False), default="2M",
               show_default=True, help="Allocation unit.")
 @click.option("--inodes", "-i", type=int, default=None, help="Inode table size (default: one per MiB).")
+@click.option("--extents", type=int, default=None,
+              help="Extent table size (default: data blocks + inodes, which cannot fill).")
+@click.option("--dirents", type=int, default=None, help="Directory entry table size (default: the inodes).")
+@click.option("--blobs", type=int, default=None,
+              help="Blob table size, for xattrs and symlink targets (default: inodes + 63).")
+@click.option("--packs", type=int, default=None,
+              help="Pack table size, shared blocks of small files (default: min(inodes, blocks)).")
 @click.option("--label", "-L", default="", help="Filesystem label (up to 64 bytes).")
 @click.option("--prefault", is_flag=True, help="Populate the data area now so writes never page-fault.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite a region that already holds a filesystem.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("region")
-def mkfs_command(region, size, block_size, inodes, label, prefault, force, as_json):
+def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, packs, label, prefault, force,
+                 as_json):
     """Make a pmemfs filesystem in REGION (a file or a /dev/dax device)."""
     from .format import BLOCK_1G, BLOCK_2M
     from .mkfs import make_filesystem
@@ -130,7 +138,8 @@ def mkfs_command(region, size, block_size, inodes, label, prefault, force, as_js
     if not size and not os.path.exists(region):
         raise RegionError(f"{region}: no such region (give --size to create one)")
     result = make_filesystem(region, size=size or 0, block_size=bs, inodes=inodes, label=label,
-                             force=force, prefault=prefault, progress=progress_bar)
+                             force=force, prefault=prefault, progress=progress_bar,
+                             extents=extents, dirents=dirents, blobs=blobs, packs=packs)
     g = result.superblock.geometry
     summary = {
         "region": region, "uuid": result.superblock.uuid_str, "label": label,
@@ -347,13 +356,16 @@ def map_command(as_json, file):
     click.echo(f"File size of {file} is {d['size']} ({-(-d['size'] // bs)} blocks of {bs} bytes)")
     rows = [("ext", "file offset", "region offset (physical)", "length", "blocks", "flags")]
     for e in ext:
-        rows.append((f"{e['index']}:", f"{e['file_offset']:#x}", f"{e['region_offset']:#x}",
+        where = "hidden" if e["region_offset"] is None else f"{e['region_offset']:#x}"
+        rows.append((f"{e['index']}:", f"{e['file_offset']:#x}", where,
                      f"{e['length']:#x} ({human(e['length'])})", str(e["length"] // bs), ",".join(e["flags"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.rjust(w) if i < 5 else c for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                    .rstrip())
     click.echo(f"{file}: {len(ext)} extent{'' if len(ext) == 1 else 's'} found")
+    if any(e["region_offset"] is None for e in ext):
+        click.echo("region offsets are shown only to those who may read the region")
 
 
 @cli.group("kernel")
@@ -375,7 +387,8 @@ def _kernel_call(what: str, fn, *args):
         return fn(*args)
     except OSError as e:
         hint = {16: " (frozen, preserved or pinned)", 5: " (payload checksum mismatch: the object is damaged)",
-                1: " (kernel objects are root's)", 28: " (no free contiguous run that large)",
+                1: " (kernel objects are root's)", 61: " (kernel objects are root's)",
+                28: " (no free contiguous run that large)",
                 95: " (not a pmemfs mount?)"}.get(e.errno, "")
         raise click.ClickException(f"{what}: {e.strerror}{hint}") from None
 
@@ -482,7 +495,7 @@ def _xattr_call(what: str, fn, *args):
     try:
         return fn(*args)
     except OSError as e:
-        hint = {28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
+        hint = {1: " (needs CAP_SYS_ADMIN)", 28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
                 16: " (the file is pinned or mapped directly)", 39: " (the destination must be empty)",
                 22: " (offset and length must be multiples of the block size, inside the file)"}
         raise click.ClickException(f"{what}: {e.strerror}{hint.get(e.errno, '')}") from None
@@ -512,15 +525,17 @@ def prealloc_command(align, file, size):
 @click.argument("dst")
 def carve_command(src, offset, length, dst):
     """Move LENGTH bytes at OFFSET of SRC into a new file DST without copying (SRC keeps a hole)."""
-    mp = _on_pmemfs(src)
-    if _on_pmemfs(os.path.dirname(os.path.abspath(dst)) or ".") != mp:
+    _, rel = _path_in_fs(src)
+    where = os.path.dirname(dst) or "."  # as given: the caller may not reach it from /
+    _on_pmemfs(where)
+    if os.stat(src).st_dev != os.stat(where).st_dev:
         raise RegionError(f"{dst}: not on the same pmemfs as {src}")
     if os.path.exists(dst):
         raise RegionError(f"{dst}: exists; carve makes a new file")
-    rel = os.path.relpath(os.path.realpath(src), mp)
     fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
     try:
+        # The daemon walks src from the filesystem's root with our credentials.
         _xattr_call(f"carve {src}", os.setxattr, dst, b"user.pmemfs.carve",
                     json.dumps({"src": rel, "offset": offset, "length": length}).encode())
     except BaseException:
@@ -529,11 +544,41 @@ def carve_command(src, offset, length, dst):
     click.echo(f"{dst}: {human(length)} carved out of {src} at offset {offset}")
 
 
+def _path_in_fs(path: str) -> tuple[str, str]:
+    """(mountpoint, path from the filesystem's root) of path on a mounted pmemfs.
+
+    Symbolic links are resolved here (the daemon follows none). A bind mount of a
+    subdirectory has that directory as its root (field 4 of /proc/self/mountinfo), so
+    the path is that root joined with the path below the mountpoint.
+    """
+    from .mounting import _unescape
+
+    real = os.path.realpath(path)
+    best: tuple[str, str, str] | None = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) < 5 or not right:
+                continue
+            root, mp = _unescape(fields[3]), _unescape(fields[4])
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+                    best is None or len(mp) >= len(best[1])):
+                best = (right.split()[0], mp, root)
+    if best is None or best[0] != "fuse.pmemfs":
+        raise RegionError(f"{path}: not on a mounted pmemfs")
+    _, mp, root = best
+    below = os.path.relpath(real, mp)
+    return mp, os.path.normpath(os.path.join(root, "" if below == "." else below))
+
+
 @cli.command("defrag")
 @click.argument("mountpoint")
 def defrag_command(mountpoint):
     """Move unpinned file data to rebuild free aligned 1 GiB runs; report what it gained."""
     mp = _on_pmemfs(mountpoint)
+    if os.path.realpath(mountpoint) == mp:
+        mp = mountpoint  # as given: a caller may reach the mount only by a relative path
     _xattr_call("defrag", os.setxattr, mp, b"trusted.pmemfs.defrag", b"")
     r = json.loads(os.getxattr(mp, b"trusted.pmemfs.defrag"))
     click.echo(f"defrag: free aligned 1 GiB runs {r['aligned_runs_before']} -> {r['aligned_runs_after']}, "

@@ -8,6 +8,7 @@ kernel's own xattr permission rules apply (trusted.* needs CAP_SYS_ADMIN):
   setxattr(MOUNT, "trusted.pmemfs.kernel.<verb>", NAME)   verb: preserve, unpreserve,
            retrieve, rm;  freeze / unfreeze take "", finish takes "" or "reclaim"
   getxattr(MOUNT/.kernel/NAME, "trusted.pmemfs.kernel")  -> JSON of the object
+  getxattr(MOUNT, "trusted.pmemfs.kernel.list")          -> JSON list of the objects
   getxattr(FILE, "user.pmemfs.extents")                   -> JSON [[file offset, region offset, length], ...]
   setxattr(FILE, "user.pmemfs.prealloc", "SIZE[:2M|1G]")   reserve contiguous, aligned space
   setxattr(FILE|DIR, "user.pmemfs.align", "2M"|"1G")       placement policy (stored, inherited)
@@ -17,15 +18,27 @@ kernel's own xattr permission rules apply (trusted.* needs CAP_SYS_ADMIN):
   setxattr(MOUNT, "trusted.pmemfs.defrag", "")             then getxattr(..."trusted.pmemfs.defrag") -> report
 
 Virtual attributes are never stored and never listed. pmemfs.kernel wraps this.
+
+Who may do what is the access table in docs/DESIGN.md. The kernel checks its xattr
+rules before a request reaches us; every rule it checks is checked here again, with
+the caller's full credentials (creds.py), and so is everything the kernel cannot
+know: a path inside a request is walked as path lookup walks it (search permission
+on every directory), and a verb that takes or reveals data checks the permission that
+needs. Every malformed value is an errno (EINVAL, E2BIG, ENAMETOOLONG, ...) before
+anything changes.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import re
+import stat
 
+from . import creds
+from .creds import CAP_SYS_ADMIN, Creds, R, W, X
 from .engine import Ctx, Engine, FsError
-from .format import ROOT_INO
+from .format import KIND_DIR, KIND_SYMLINK, NAME_MAX, ROOT_INO, XATTR_VALUE_MAX
 
 PREFIX = b"trusted.pmemfs."
 USER_PREFIX = b"user.pmemfs."
@@ -36,114 +49,237 @@ ALIGN = b"user.pmemfs.align"
 CARVE = b"user.pmemfs.carve"
 LEASE = b"user.pmemfs.lease"
 DEFRAG = b"trusted.pmemfs.defrag"
+PATH_MAX = 4096  # with its NUL, as the kernel's
+INT_MAX = (1 << 63) - 1  # numbers in requests: offsets and sizes fit an off_t
+_SIZE = re.compile(rb"\s*(\d{1,20})\s*([KMGTP]?)(?:i?B)?\s*", re.IGNORECASE)
+_SUFFIX = {b"": 0, b"K": 10, b"M": 20, b"G": 30, b"T": 40, b"P": 50}
 
 
 def is_control(name: bytes) -> bool:
     return name.startswith(PREFIX) or name.startswith(USER_PREFIX)
 
 
+# ----------------------------------------------------------------- access
+def _user_xattr(engine: Engine, ino: int, who: Creds, write: bool) -> None:
+    """What the kernel checks for a user.* xattr (xattr_permission), checked again:
+    regular files and directories only (EPERM to set, ENODATA to get, elsewhere); on a
+    sticky directory only the owner may set; then write (set) or read (get) permission."""
+    engine._check_ino(ino)
+    mode = int(engine.I["mode"][ino])
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FsError(errno.EPERM if write else errno.ENODATA)
+    if (write and stat.S_ISDIR(mode) and mode & stat.S_ISVTX
+            and not creds.owner_or_capable(who, int(engine.I["uid"][ino]))):
+        raise FsError(errno.EPERM)
+    engine.check_access(ino, who, W if write else R)
+
+
+def _admin(who: Creds, write: bool) -> None:
+    """trusted.*: CAP_SYS_ADMIN, as the kernel asks (EPERM to set, ENODATA to get)."""
+    if not who.capable(CAP_SYS_ADMIN):
+        raise FsError(errno.EPERM if write else errno.ENODATA)
+
+
+def resolve(engine: Engine, path: bytes, who: Creds) -> int:
+    """The inode a path from the mount root names, walked as the caller's path lookup
+    would walk it: search permission on every directory it passes through (EACCES),
+    ENOTDIR through a non-directory, ENAMETOOLONG for a name or path too long.
+    Symbolic links are not followed (ELOOP): clients resolve them (pmemfs carve does).
+    """
+    if len(path) >= PATH_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if b"\0" in path:
+        raise FsError(errno.EINVAL)
+    ino = ROOT_INO
+    for part in path.split(b"/"):
+        if not part:
+            continue
+        if engine.kind(ino) != KIND_DIR:
+            raise FsError(errno.ENOTDIR)
+        engine.check_access(ino, who, X)
+        if len(part) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        ino = engine.lookup(ino, part)
+        if engine.kind(ino) == KIND_SYMLINK:
+            raise FsError(errno.ELOOP, "symbolic links in a control request are not followed")
+    if path.endswith(b"/") and engine.kind(ino) != KIND_DIR:
+        raise FsError(errno.ENOTDIR)
+    return ino
+
+
+# ---------------------------------------------------------- value parsing
+def _number(v: object) -> int:
+    """A JSON number that is a whole offset or size: an int in [0, 2**63)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= INT_MAX:
+        raise FsError(errno.EINVAL, "offsets and sizes are whole numbers from 0 to 2**63-1")
+    return v
+
+
+def _json_object(value: bytes, fields: dict[str, type], optional: dict[str, type] | None = None) -> dict:
+    """Parse a JSON object with these required and optional fields (others are refused)."""
+    optional = optional or {}
+    try:
+        req = json.loads(value)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
+        raise FsError(errno.EINVAL, "the value is not JSON") from None
+    if not isinstance(req, dict) or not set(fields) <= set(req) <= set(fields) | set(optional):
+        raise FsError(errno.EINVAL, f"the value is a JSON object with {', '.join(fields)}")
+    for k, t in {**fields, **optional}.items():
+        if k not in req:
+            continue
+        if t is int:
+            _number(req[k])
+        elif not isinstance(req[k], t):
+            raise FsError(errno.EINVAL, f"{k} must be a {t.__name__}")
+    return req
+
+
+def _text(s: str) -> bytes:
+    """A JSON string as bytes (non-UTF-8 names travel as surrogate escapes)."""
+    try:
+        return s.encode(errors="surrogateescape")
+    except UnicodeEncodeError:
+        raise FsError(errno.EINVAL, "a name with an unpaired surrogate") from None
+
+
+def parse_size(value: bytes) -> int:
+    """"SIZE" with an optional K/M/G/T/P suffix (powers of 1024), as the CLI writes it."""
+    m = _SIZE.fullmatch(value)
+    if not m:
+        raise FsError(errno.EINVAL, "a size is a number with K, M, G, T or P")
+    return _number(int(m.group(1)) << _SUFFIX[m.group(2).upper()])
+
+
+# ----------------------------------------------------------------- queries
 def query(engine: Engine, ino: int, name: bytes, ctx: Ctx) -> bytes:
-    if name == ALIGN:
-        return engine.getxattr(ino, name)
+    who = creds.of(ctx)
+    if name.startswith(USER_PREFIX):
+        _user_xattr(engine, ino, who, write=False)
+        if name == ALIGN:
+            return engine.getxattr(ino, name)
+        if name == LEASE:
+            return _fit(json.dumps([h.as_dict() for h in engine.leases.holders(ino)]))
+        if name == EXTENTS:
+            return _fit(json.dumps(_extents(engine, ino, who)))
+        raise FsError(errno.ENODATA)
+    _admin(who, write=False)
+    engine._check_ino(ino)
     if name == DEFRAG and ino == ROOT_INO:
-        _root(ctx)
         report = getattr(engine, "last_defrag", None)
         if report is None:
             raise FsError(errno.ENODATA)
-        return json.dumps(report.as_dict()).encode()
-    if name == LEASE:
-        engine._check_ino(ino)
-        return json.dumps([h.as_dict() for h in engine.leases.holders(ino)]).encode()
-    if name == EXTENTS:
-        return json.dumps([list(x) for x in engine.extent_map(ino)]).encode()
+        return _fit(json.dumps(report.as_dict()))
     if name == KERNEL:
-        _root(ctx)
-        return json.dumps(engine.kernel.info_ino(ino).as_dict()).encode()
+        return _fit(json.dumps(engine.kernel.info_ino(ino).as_dict()))
     if name == KERNEL + b".list" and ino == ROOT_INO:
-        _root(ctx)
-        data = json.dumps([o.as_dict() for o in engine.kernel.list()]).encode()
-        if len(data) > 65536:
-            raise FsError(errno.E2BIG)
-        return data
+        return _fit(json.dumps([o.as_dict() for o in engine.kernel.list()]))
     raise FsError(errno.ENODATA)
 
 
+def _fit(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > XATTR_VALUE_MAX:  # more than any getxattr can take
+        raise FsError(errno.E2BIG)
+    return data
+
+
+def _extents(engine: Engine, ino: int, who: Creds) -> list[list[int | None]]:
+    """[file offset, region offset, length] per extent. The region offset is the
+    "physical address" of the data (as a PFN in /proc/PID/pagemap): it is given only
+    to a caller who may read the region file itself, which could find it anyway; to
+    anyone else it is null."""
+    import os
+
+    try:
+        st = os.stat(engine.path)  # never on our own mount (mounting refuses that)
+        show = creds.permitted(who, st.st_mode, st.st_uid, st.st_gid, R)
+    except OSError:
+        show = False
+    return [[fo, ro if show else None, n] for fo, ro, n in engine.extent_map(ino)]
+
+
+# ---------------------------------------------------------------- commands
 def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> list[int]:
     """Carry out a command; returns inodes whose cached pages the kernel must drop."""
     from . import placement
 
-    if name == LEASE:
-        return _lease(engine, ino, value.strip(), ctx)
-    if name == ALIGN:
-        placement.parse_align(value)
-        engine.setxattr(ino, name, value.strip().upper(), 0, ctx)
-        return []
-    if name == PREALLOC:
-        text = value.decode(errors="replace").strip()
-        size_text, _, align_text = text.partition(":")
-        from .cli import parse_size
-
-        try:
+    who = creds.of(ctx)
+    if len(value) > XATTR_VALUE_MAX:
+        raise FsError(errno.E2BIG)
+    if name.startswith(USER_PREFIX):
+        _user_xattr(engine, ino, who, write=True)
+        if name == LEASE:
+            return _lease(engine, ino, value.strip(), who, ctx.pid)
+        if name == ALIGN:
+            placement.parse_align(value)
+            engine.setxattr(ino, name, value.strip().upper(), 0, ctx)
+            return []
+        if name == PREALLOC:
+            size_text, _, align_text = value.partition(b":")
             size = parse_size(size_text)
-        except Exception:
-            raise FsError(errno.EINVAL) from None
-        align = placement.parse_align(align_text.encode()) if align_text else 0
-        placement.prealloc(engine, ino, size, align)
-        return []
-    if name == CARVE:
-        try:
-            req = json.loads(value)
-            src = engine.resolve(str(req["src"]).encode(errors="surrogateescape"))
-            offset, length = int(req["offset"]), int(req["length"])
-        except (ValueError, KeyError, TypeError):
-            raise FsError(errno.EINVAL) from None
-        engine.check_access(src, ctx, write=True)
-        placement.carve(engine, src, offset, length, ino)
-        return [src]
+            align = placement.parse_align(align_text) if align_text else 0
+            placement.prealloc(engine, ino, size, align)
+            return []
+        if name == CARVE:
+            return _carve(engine, ino, value, who)
+        raise FsError(errno.EPERM, "reserved for pmemfs")  # user.pmemfs.* is not stored
+    _admin(who, write=True)
+    engine._check_ino(ino)
     if name == DEFRAG and ino == ROOT_INO:
-        _root(ctx)
         engine.last_defrag = placement.defrag(engine)
         return []
     if not name.startswith(KERNEL + b".") or ino != ROOT_INO:
-        raise FsError(errno.EPERM if name.startswith(USER_PREFIX) else errno.EOPNOTSUPP)
-    _root(ctx)
-    verb = name[len(KERNEL) + 1:].decode(errors="replace")
+        raise FsError(errno.EOPNOTSUPP)
+    verb = name[len(KERNEL) + 1:]
     k = engine.kernel
-    arg = value.decode(errors="surrogateescape")
-    if verb == "create":
-        try:
-            req = json.loads(value)
-            k.create(str(req["name"]), str(req["type"]), int(req["size"]), int(req.get("version", 1)), ctx)
-        except (ValueError, KeyError, TypeError):
-            raise FsError(errno.EINVAL) from None
-    elif verb in ("preserve", "unpreserve", "retrieve", "rm"):
-        {"preserve": k.preserve, "unpreserve": k.unpreserve, "retrieve": k.retrieve, "rm": k.remove}[verb](arg, ctx)
-    elif verb == "freeze":
+    if verb == b"create":
+        req = _json_object(value, {"name": str, "type": str, "size": int}, {"version": int})
+        _text(req["name"])
+        k.create(req["name"], req["type"], req["size"], req.get("version", 1), ctx)
+    elif verb in (b"preserve", b"unpreserve", b"retrieve", b"rm"):
+        arg = value.decode(errors="surrogateescape")
+        {b"preserve": k.preserve, b"unpreserve": k.unpreserve, b"retrieve": k.retrieve,
+         b"rm": k.remove}[verb](arg, ctx)
+    elif verb == b"freeze":
         k.freeze(ctx)
-    elif verb == "unfreeze":
+    elif verb == b"unfreeze":
         k.unfreeze(ctx)
-    elif verb == "finish":
-        k.finish(reclaim=arg == "reclaim", ctx=ctx)
+    elif verb == b"finish":
+        if value not in (b"", b"reclaim"):
+            raise FsError(errno.EINVAL, 'finish takes "" or "reclaim"')
+        k.finish(reclaim=value == b"reclaim", ctx=ctx)
     else:
         raise FsError(errno.EOPNOTSUPP)
     return []
 
 
-def _lease(engine: Engine, ino: int, value: bytes, ctx: Ctx) -> list[int]:
+def _carve(engine: Engine, dst: int, value: bytes, who: Creds) -> list[int]:
+    """Move blocks of src into the empty file dst. The caller takes src's bytes (read)
+    and leaves a hole in src, as truncating it would (write); dst gets them (write,
+    checked by _user_xattr). src is a path walked with the caller's credentials."""
+    from . import placement
+
+    req = _json_object(value, {"src": str, "offset": int, "length": int})
+    src = resolve(engine, _text(req["src"]), who)
+    engine.check_access(src, who, R | W)
+    placement.carve(engine, src, req["offset"], req["length"], dst)
+    return [src]
+
+
+def _lease(engine: Engine, ino: int, value: bytes, who: Creds, pid: int) -> list[int]:
     """Take or give back a direct-access lease for the calling process.
 
-    The kernel has checked write permission (it does for every user.* setxattr); the
-    daemon checks what the mapping needs: read for "ro", read and write for "rw".
-    Either way the kernel's cached pages of the file are dropped: while leased, the
-    region is the only copy, and opens get direct_io (fuse_ops).
+    The kernel has checked write permission (it does for every user.* setxattr, and
+    _user_xattr checked it again); what the mapping needs is checked too: read for
+    "ro", read and write for "rw". Either way the kernel's cached pages of the file are
+    dropped: while leased, the region is the only copy, and opens get direct_io.
     """
     from .format import KIND_REG
-    from .leases import LeaseError, sup_groups
+    from .leases import LeaseError
 
-    engine._check_ino(ino)
     try:
         if value == b"release":
-            engine.leases.release(ino, ctx.pid)
+            engine.leases.release(ino, pid)
             return [ino]
         if value not in (b"ro", b"rw"):
             raise FsError(errno.EINVAL, 'a lease is "ro", "rw" or "release"')
@@ -153,22 +289,14 @@ def _lease(engine: Engine, ino: int, value: bytes, ctx: Ctx) -> list[int]:
             raise FsError(errno.ENOENT, "the file has been removed")
         if value == b"rw" and engine.readonly:
             raise FsError(errno.EROFS)
-        groups = sup_groups(ctx.pid)
-        engine.check_access(ino, ctx, write=False, groups=groups)
-        if value == b"rw":
-            engine.check_access(ino, ctx, write=True, groups=groups)
+        engine.check_access(ino, who, R | (W if value == b"rw" else 0))
         if ino in engine.packer.packed:
             # A small file's chunks move as it grows; a mapped file's blocks must not.
             if not engine.alloc.free:
                 raise FsError(errno.ENOSPC)
             with engine.transaction() as tx:
                 engine.packer.unpack(tx, ino)
-        engine.leases.take(ino, ctx.pid, value.decode())
+        engine.leases.take(ino, pid, value.decode())
     except LeaseError as e:
         raise FsError(e.errno, str(e)) from None
     return [ino]
-
-
-def _root(ctx: Ctx) -> None:
-    if ctx.uid != 0:
-        raise FsError(errno.EPERM)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import check
+from . import check, creds
 from .allocator import BlockAllocator, NoSpace
+from .creds import CAP_SYS_ADMIN, Creds
 from .format import (
     BLOB_CONT,
     BLOB_DATA,
@@ -108,9 +109,10 @@ class Ctx:
     uid: int = 0
     gid: int = 0
     pid: int = 0
+    creds: Creds | None = None  # None: read the caller's groups and capabilities from /proc
 
 
-ROOT_CTX = Ctx()
+ROOT_CTX = Ctx(creds=creds.ROOT)  # the daemon's own work, and engine callers that are root
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,7 +491,10 @@ class Engine:
         self.t.dirents[slot] = np.zeros(1, self.t.dirents.dtype)[0]
         self.free_slots["dirent"].append(slot)
 
-    def _prepare_create(self, parent: int, name: bytes) -> dict[bytes, int]:
+    def _prepare_create(self, parent: int, name: bytes, inode: bool = True,
+                        inherits: bool = True) -> dict[bytes, int]:
+        """Checks before a new name: ENOSPC unless the slots it needs are free (a new
+        inode unless `inode` is False; a blob for the inherited policy if `inherits`)."""
         d = self._dir(parent)
         if int(self.I["flags"][parent]) & FLAG_PINNED:
             raise FsError(errno.EPERM)  # /.kernel: objects are made through the control channel
@@ -498,8 +503,10 @@ class Engine:
             raise FsError(errno.EEXIST)
         if int(self.I["nlink"][parent]) == 0:
             raise FsError(errno.ENOENT)  # a removed directory that is still open
-        if not (self._have_slots("inode", 1) and self._have_slots("dirent", 1)):
+        if not ((not inode or self._have_slots("inode", 1)) and self._have_slots("dirent", 1)):
             raise FsError(errno.ENOSPC)
+        if inherits and ALIGN_POLICY in self.xattrs.get(parent, ()) and not self._have_slots("blob", 1):
+            raise FsError(errno.ENOSPC)  # the new inode inherits the policy (_new_inode)
         return d
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT_CTX) -> Stat:
@@ -507,7 +514,7 @@ class Engine:
         made = self._made_before(OP_MKNOD, ctx, parent, name)
         if made:
             return made
-        self._prepare_create(parent, name)
+        self._prepare_create(parent, name, inherits=stat.S_IFMT(mode) in (0, stat.S_IFREG))
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
         kind = KIND_OF_S_IFMT.get(fmt)
         if kind is None or kind in (KIND_DIR, KIND_SYMLINK):
@@ -541,7 +548,7 @@ class Engine:
         made = self._made_before(OP_SYMLINK, ctx, parent, name)
         if made:
             return made
-        self._prepare_create(parent, name)
+        self._prepare_create(parent, name, inherits=False)
         if len(target) > SYMLINK_MAX:
             raise FsError(errno.ENAMETOOLONG)
         if not target:
@@ -571,7 +578,7 @@ class Engine:
         self._check_ino(ino)
         if self.kind(ino) in (KIND_DIR, KIND_KOBJ):
             raise FsError(errno.EPERM)
-        self._prepare_create(new_parent, new_name)
+        self._prepare_create(new_parent, new_name, inode=False, inherits=False)
         if int(self.I["nlink"][ino]) == 0:
             raise FsError(errno.ENOENT)
         if int(self.I["nlink"][ino]) >= 0xFFFFFFFF:
@@ -1078,7 +1085,10 @@ class Engine:
         if kind == KIND_KOBJ:
             self.kernel.check_write(ino, offset, n)  # fixed size, immutable while frozen
         elif (ino in self.packer.packed or not self.maps.get(ino)) and self.packer.eligible(ino, offset + n):
-            return self._write_packed(ino, offset, data)
+            done = self._write_packed(ino, offset, data)
+            if done is not None:
+                return done
+            # The pack table is full: the file takes a whole block of its own.
         # A packed file this write makes too big moves to a block of its own, in the
         # same transaction as the write.
         unpack = ino in self.packer.packed
@@ -1134,14 +1144,18 @@ class Engine:
             self.I["ctime_ns"][ino] = now
         return n
 
-    def _write_packed(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """A small file's write: its bytes live in chunks of a shared pack block."""
+    def _write_packed(self, ino: int, offset: int, data: bytes | memoryview) -> int | None:
+        """A small file's write: its bytes live in chunks of a shared pack block.
+        None (nothing done) when that needs a new pack block and the pack table is full."""
         packer = self.packer
         n = len(data)
         end = offset + n
         old_size = int(self.I["size"][ino])
-        if packer.needs_space(ino, end) and not (self.alloc.free and self._have_slots("pack", 1)):
-            raise FsError(errno.ENOSPC)
+        if packer.needs_space(ino, end):
+            if not self.alloc.free:
+                raise FsError(errno.ENOSPC)
+            if not self._have_slots("pack", 1):
+                return None
         if ino not in packer.packed and not self._have_slots("extent", 1):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
@@ -1302,25 +1316,19 @@ class Engine:
 
     # ----------------------------------------------------------- directories
     def resolve(self, path: bytes) -> int:
-        """Inode of a path relative to the root (no symlinks followed)."""
+        """Inode of a path relative to the root (no symlinks followed), with no
+        permission check: never for a path in a request (control.resolve checks)."""
         ino = ROOT_INO
         for part in path.strip(b"/").split(b"/"):
             if part:
                 ino = self.lookup(ino, part)
         return ino
 
-    def check_access(self, ino: int, ctx: Ctx, write: bool = False, groups: tuple[int, ...] = ()) -> None:
-        """Permission check for work the kernel cannot check for us (control commands)."""
-        if ctx.uid == 0:
-            return
-        mode = int(self.I["mode"][ino])
-        if ctx.uid == int(self.I["uid"][ino]):
-            bits = mode >> 6
-        elif ctx.gid == int(self.I["gid"][ino]) or int(self.I["gid"][ino]) in groups:
-            bits = mode >> 3
-        else:
-            bits = mode
-        if not bits & (2 if write else 4):
+    def check_access(self, ino: int, who: Creds, mask: int) -> None:
+        """EACCES unless `who` has `mask` (creds.R|W|X) on ino, as the kernel decides:
+        for work the kernel cannot check for us (control commands)."""
+        if not creds.permitted(who, int(self.I["mode"][ino]), int(self.I["uid"][ino]),
+                               int(self.I["gid"][ino]), mask):
             raise FsError(errno.EACCES)
 
     def opendir(self, ino: int) -> None:
@@ -1389,6 +1397,13 @@ class Engine:
             nxt = int(b["next"][nxt])
         return name, bytes(value)
 
+    def _blob_chain_length(self, head: int) -> int:
+        n, slot = 0, head
+        while slot and n <= self.hwm["blob"]:  # bounded: a damaged chain cannot loop
+            n += 1
+            slot = int(self.t.blobs["next"][slot])
+        return n
+
     def _free_blob(self, tx: Transaction, head: int) -> None:
         off = self.offsets["blob"]
         slot = head
@@ -1415,7 +1430,7 @@ class Engine:
     @classmethod
     def _check_xattr_name(cls, name: bytes, ctx: Ctx, kind: int) -> None:
         ns = cls._check_xattr_ns(name)
-        if ns == b"trusted" and ctx.uid != 0:
+        if ns == b"trusted" and not creds.of(ctx).capable(CAP_SYS_ADMIN):
             raise FsError(errno.EPERM)
         if ns == b"user" and kind not in (KIND_REG, KIND_DIR):
             raise FsError(errno.EPERM)
@@ -1433,7 +1448,8 @@ class Engine:
             raise FsError(errno.EEXIST)
         if flags & XATTR_REPLACE and old is None:
             raise FsError(errno.ENODATA)
-        if not self._have_slots("blob", self._blob_slots_needed(len(name), len(value))):
+        freed = self._blob_chain_length(old) if old is not None else 0  # a replaced value's
+        if not self._have_slots("blob", self._blob_slots_needed(len(name), len(value)) - freed):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
             if old is not None:

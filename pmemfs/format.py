@@ -226,7 +226,12 @@ class Geometry:
         return self.backup_offset + SB_SLOT
 
     @classmethod
-    def plan(cls, region_size: int, block_size: int, inodes: int | None = None) -> Geometry:
+    def plan(cls, region_size: int, block_size: int, inodes: int | None = None, *,
+             extents: int | None = None, dirents: int | None = None, blobs: int | None = None,
+             packs: int | None = None) -> Geometry:
+        """The layout of a region. inodes, extents, dirents, blobs, packs: records of
+        each table (slot 0 is reserved and comes on top); None chooses the default.
+        Smaller tables are for tests and special uses (each can then fill: ENOSPC)."""
         if block_size not in BLOCK_SIZES:
             raise FormatError(f"block size {block_size} is not 2M or 1G")
         if region_size % block_size:
@@ -238,12 +243,20 @@ class Geometry:
         if inodes < 16 or inodes >= 1 << 32:
             raise FormatError(f"inode count {inodes} is outside 16..{(1 << 32) - 1}")
         block_count = region_size // block_size
-        g = cls(region_size, block_size, inode_count=inodes + 1,
-                # Whole-block extents hold >= 1 block and a file has at most one packed
-                # extent, so the extent table can never run out.
-                extent_count=block_count + inodes + 1,
-                dirent_count=inodes + 1, blob_count=inodes + 64,  # room for a symlink or xattr each
-                pack_count=min(inodes, block_count) + 1)  # a pack block holds >= 1 small file
+        counts = {
+            # Whole-block extents hold >= 1 block and a file has at most one packed
+            # extent, so by default the extent table can never run out.
+            "extents": block_count + inodes if extents is None else extents,
+            "dirents": inodes if dirents is None else dirents,
+            "blobs": inodes + 63 if blobs is None else blobs,  # room for a symlink or xattr each
+            "packs": min(inodes, block_count) if packs is None else packs,  # >= 1 small file each
+        }
+        for name, n in (("extents", extents), ("dirents", dirents), ("blobs", blobs), ("packs", packs)):
+            if n is not None and not 1 <= n < (1 << 32) - 1:
+                raise FormatError(f"{name[:-1]} count {n} is outside 1..{(1 << 32) - 2}")
+        g = cls(region_size, block_size, inode_count=inodes + 1, extent_count=counts["extents"] + 1,
+                dirent_count=counts["dirents"] + 1, blob_count=counts["blobs"] + 1,
+                pack_count=counts["packs"] + 1)
         sizes = {
             "journal": g.journal_size,
             "bitmap": align_up((block_count + 7) // 8, TABLE_ALIGN),

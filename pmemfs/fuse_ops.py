@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import control
+from . import control, creds
 from .engine import Ctx, Engine, FsError, Stat
 
 log = logging.getLogger("pmemfs.fuse")
@@ -71,6 +71,10 @@ def replying(fn: Callable) -> Callable:
             _settle_after_reply(self.engine)
 
     return wrapper
+
+
+def _admin(ctx: pyfuse3.RequestContext) -> bool:
+    return creds.of_process(ctx.uid, ctx.gid, ctx.pid).capable(creds.CAP_SYS_ADMIN)
 
 
 class Operations(pyfuse3.Operations):
@@ -293,12 +297,15 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if control.is_control(name):
             return control.query(self.engine, inode, name, _ctx(ctx))
+        if name.startswith(b"trusted.") and not _admin(ctx):
+            raise FsError(errno.ENODATA)  # as the kernel answers (it asked already)
         return self.engine.getxattr(inode, name)
 
     @handler
     async def listxattr(self, inode, ctx):
         names = self.engine.listxattr(inode)
-        if ctx.uid != 0:  # as tmpfs: trusted.* is listed only to CAP_SYS_ADMIN
+        if any(n.startswith(b"trusted.") for n in names) and not _admin(ctx):
+            # as tmpfs: trusted.* is listed only to CAP_SYS_ADMIN
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
 

@@ -26,6 +26,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from . import creds
 from .engine import ROOT_CTX, Ctx, Engine, FsError
 from .format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
 
@@ -124,7 +125,7 @@ class KernelObjects:
 
     @staticmethod
     def _root(ctx: Ctx) -> None:
-        if ctx.uid != 0:
+        if not creds.of(ctx).capable(creds.CAP_SYS_ADMIN):  # as trusted.* xattrs need
             raise FsError(errno.EPERM, "kernel objects are root's")
 
     # -------------------------------------------------------------- create
@@ -133,6 +134,8 @@ class KernelObjects:
         e = self.e
         raw = name.encode(errors="surrogateescape")
         e._check_name(raw)
+        if raw in (b".", b".."):
+            raise FsError(errno.EINVAL, "a kernel object cannot be called . or ..")
         if type_name not in TYPES:
             raise FsError(errno.EINVAL, f"unknown kernel object type {type_name!r} (known: {', '.join(TYPES)})")
         if size <= 0 or not 0 <= version < 1 << 32:

@@ -73,18 +73,6 @@ def process_of(tid: int) -> int:
     return tid
 
 
-def sup_groups(pid: int) -> tuple[int, ...]:
-    """Supplementary groups of a process (as pyfuse3.get_sup_groups), () if unknown."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    return tuple(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
-    return ()
-
-
 def _alive(lease: Lease) -> bool:
     st = _proc_stat(lease.pid)
     return st is not None and st[0] not in ("Z", "X") and st[1] == lease.start

@@ -59,11 +59,16 @@ def detect_existing(buf: memoryview, size: int, fd: int | None = None) -> str | 
 def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
                     inodes: int | None = None, label: str = "", force: bool = False,
                     prefault: bool = False,
-                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> MkfsResult:
+                    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                    **tables: int | None) -> MkfsResult:
     """Format path; create it (sparse) with `size` when it does not exist.
 
+    tables: extents=, dirents=, blobs=, packs= record counts (Geometry.plan).
     Raises RegionError or FormatError with a one-line reason.
     """
+    unknown = set(tables) - {"extents", "dirents", "blobs", "packs"}
+    if unknown:
+        raise TypeError(f"unknown table(s): {', '.join(sorted(unknown))}")
     try:
         label_bytes = label.encode()
     except UnicodeEncodeError:  # undecodable bytes from argv arrive as surrogates
@@ -75,7 +80,7 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
         raise RegionError(f"{path}: exists with size {os.path.getsize(path)}; --size {size} "
                           "would not match (remove it or leave out --size)")
     if size:
-        Geometry.plan(size, block_size, inodes)  # refuse before creating anything
+        Geometry.plan(size, block_size, inodes, **tables)  # refuse before creating anything
     try:
         region = Region(path, create_size=size)
     except BaseException:
@@ -87,7 +92,7 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
                 pass
         raise
     try:
-        geometry = Geometry.plan(region.size, block_size, inodes)
+        geometry = Geometry.plan(region.size, block_size, inodes, **tables)
         if existed and not force:
             found = detect_existing(region.buf, region.size, region.fd)
             if found:

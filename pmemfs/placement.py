@@ -304,6 +304,8 @@ def _move(e: Engine, ino: int, fm: FileMap, fb: int, n: int, lo: int, hi: int) -
         runs = e.alloc.find(n, None, aligned=False, avoid=(lo, hi))
     except NoSpace:
         return False
+    if not e._have_slots("extent", len(runs) + 1):
+        return False  # the extent table is full: stop here, what moved stays moved
     bs = e.block_size
     with e.transaction() as tx:
         old = _cut(e, tx, ino, fm, fb, fb + n)

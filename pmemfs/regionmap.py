@@ -456,9 +456,10 @@ def _mount_of(path: str):
 def file_extents(path: str) -> dict:
     """The extents of a file on a mounted pmemfs, read through user.pmemfs.extents.
 
-    Each extent: index, file offset, region offset (the "physical address"), length
-    and flags ("1G-aligned": starts on a 1 GiB line and is at least 1 GiB long;
-    "last": the last extent). RegionError when path is not a file on a pmemfs.
+    Each extent: index, file offset, region offset (the "physical address"; None when
+    the caller may not read the region itself, see docs/DESIGN.md), length and flags
+    ("1G-aligned": starts on a 1 GiB line and is at least 1 GiB long; "last": the last
+    extent). RegionError when path is not a file on a pmemfs.
     """
     import json
     import stat as st_
@@ -486,7 +487,7 @@ def file_extents(path: str) -> dict:
     out = []
     for i, (fo, ro, n) in enumerate(ext):
         flags = []
-        if ro % BLOCK_1G == 0 and n >= BLOCK_1G:
+        if ro is not None and ro % BLOCK_1G == 0 and n >= BLOCK_1G:
             flags.append("1G-aligned")
         if i == len(ext) - 1:
             flags.append("last")

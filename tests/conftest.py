@@ -6,8 +6,10 @@ every region a test leaves behind must pass the structural checks (the fsck core
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -191,3 +193,28 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+def snapshot(root: str) -> dict:
+    """Everything a failed call must not change: the tree with contents, xattrs and
+    symlink targets, the free space and inodes, the kernel objects."""
+    from pmemfs.kernel import KernelObjects
+
+    out: dict = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rec = [stat.filemode(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_nlink, st.st_blocks]
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    rec.append(hashlib.sha256(f.read()).hexdigest())
+            elif stat.S_ISLNK(st.st_mode):
+                rec.append(os.readlink(p))
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                rec.append(sorted((x, os.getxattr(p, x)) for x in os.listxattr(p)))
+            out[os.path.relpath(p, root)] = rec
+    s = os.statvfs(root)
+    out["<statfs>"] = [s.f_bfree, s.f_ffree]
+    out["<kernel>"] = [(o["name"], o["state"], o["size"]) for o in KernelObjects(root).list()]
+    return out
