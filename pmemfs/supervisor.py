@@ -198,6 +198,7 @@ class Child:
         self.sock = ours
         self.buf = b""
         self.started = time.monotonic()
+        self.ready = False  # a standby that said "ready"
         self.serving_since: float | None = None
 
     @property
@@ -210,16 +211,14 @@ class Child:
         except OSError:
             pass  # it died; its exit is noticed by the caller
 
-    def read_line(self, timeout: float) -> str:
-        """Next line from the child, or "" when it closed the socket or timed out."""
+    def read_line(self, timeout: float) -> str | None:
+        """Next line from the child; "" when it closed the socket, None on timeout."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return ""
+            left = max(0.0, deadline - time.monotonic())
             r, _, _ = select.select([self.sock], [], [], left)
             if not r:
-                return ""
+                return None
             try:
                 chunk = self.sock.recv(4096)
             except OSError:
@@ -264,6 +263,7 @@ class Supervisor:
         self.stopping = False
         self.mode = "live"
         self.retired: list[Child] = []  # drained daemons still exiting
+        self.next_standby_try = 0.0
 
     # ---------------------------------------------------------------- start
     def run(self) -> int:
@@ -293,31 +293,49 @@ class Supervisor:
         # Fault injection (journal.CrashPoints) is for the first daemon only: its
         # successor is what a test of the takeover wants to see survive.
         os.environ.pop("PMEMFS_CRASH_AT", None)
-        self.standby = self._start_standby_quietly()
+        self.standby = self._start_standby_async()
         return self._loop()
 
     def _start_standby(self) -> Child:
-        child = Child([*self.daemon_cmd, "--standby"], self.fuse_fd)
-        line = child.read_line(START_TIMEOUT)
+        """A standby, waited for until it is ready (or SupervisorError saying why not)."""
+        return self._await_ready(Child([*self.daemon_cmd, "--standby"], self.fuse_fd))
+
+    def _await_ready(self, child: Child) -> Child:
+        line = child.read_line(max(1.0, START_TIMEOUT - (time.monotonic() - child.started)))
+        if line is None:
+            line = f"error not ready within {START_TIMEOUT:.0f} s"
         if line != "ready":
             child.kill()
             raise SupervisorError(line[len("error "):] if line.startswith("error ") else
                                   (line or "the new daemon exited before it was ready"))
+        child.ready = True
         return child
 
-    def _start_standby_quietly(self) -> Child | None:
-        try:
-            return self._start_standby()
-        except SupervisorError as e:
-            log.error("no standby daemon: %s", e)
-            return None
+    def _start_standby_async(self) -> Child | None:
+        """Start the next standby without waiting: the loop hears its "ready", so a
+        daemon death meanwhile is handled at once."""
+        return Child([*self.daemon_cmd, "--standby"], self.fuse_fd)
+
+    def _standby_spoke(self) -> None:
+        child = self.standby
+        assert child is not None
+        line = child.read_line(0.0)
+        if line is None:
+            return  # half a line so far
+        if line == "ready":
+            child.ready = True
+            return
+        log.error("no standby daemon: %s", line[len("error "):] if line.startswith("error ")
+                  else (line or "it exited before it was ready"))
+        child.kill()
+        self.standby = None
 
     def _activate(self, first: bool) -> str:
         """Tell the standby to serve; its "ok ..." line, or why not."""
         child, self.standby = self.standby, None
         assert child is not None
         child.send(("go-first " if first else "go ") + self.init.hex())
-        line = child.read_line(START_TIMEOUT)
+        line = child.read_line(START_TIMEOUT) or ""
         if line.startswith("ok"):
             child.serving_since = time.monotonic()
             self.daemon = child
@@ -331,6 +349,8 @@ class Supervisor:
         try:
             while True:
                 watch = [sigr, listener] + ([self.daemon.sock] if self.daemon else [])
+                if self.standby and not self.standby.ready:
+                    watch.append(self.standby.sock)
                 r, _, _ = select.select(watch, [], [], 1.0)
                 if sigr in r:
                     try:
@@ -346,6 +366,11 @@ class Supervisor:
                     elif sig == signal.SIGHUP:
                         log.info("SIGHUP: upgrading the daemon")
                         log.info("upgrade: %s", self.upgrade())
+                if self.standby and not self.standby.ready and self.standby.sock in r:
+                    self._standby_spoke()
+                if self.standby is None and self.daemon and time.monotonic() >= self.next_standby_try:
+                    self.next_standby_try = time.monotonic() + 5.0  # retry a failed one slowly
+                    self.standby = self._start_standby_async()
                 if listener in r:
                     self._serve_client(listener)
                 for child in [c for c in self.retired if c.proc.poll() is not None]:
@@ -355,7 +380,7 @@ class Supervisor:
                     line = self.daemon.read_line(0.0) if self.daemon.sock in r else ""
                     if line:
                         self._note(line)
-                    elif self.daemon.proc.poll() is not None or self.daemon.sock in r:
+                    elif line == "" and (self.daemon.proc.poll() is not None or self.daemon.sock in r):
                         status = self._daemon_ended()
                         if status is not None:
                             return status
@@ -402,15 +427,18 @@ class Supervisor:
         self.last_gap_ms = (time.monotonic() - died) * 1000
         log.info("replacement %d serving %.1f ms after the death (%s)", self.daemon.pid,
                  self.last_gap_ms, line)
-        self.standby = self._start_standby_quietly()
+        self.standby = self._start_standby_async()
         return None
 
     def _take_over(self) -> str:
-        if self.standby is None or self.standby.proc.poll() is not None:
-            try:
+        try:
+            if self.standby is None or self.standby.proc.poll() is not None:
                 self.standby = self._start_standby()
-            except SupervisorError as e:
-                return f"error {e}"
+            elif not self.standby.ready:
+                self.standby = self._await_ready(self.standby)  # it is nearly there
+        except SupervisorError as e:
+            self.standby = None
+            return f"error {e}"
         return self._activate(first=False)
 
     def _give_up(self, why: str) -> None:
@@ -435,7 +463,7 @@ class Supervisor:
             self.standby.kill()
             self.standby = None
         try:
-            self.standby = self._start_standby()
+            self.standby = self._start_standby()  # the code installed now
         except SupervisorError as e:
             return {"ok": False, "error": f"the new daemon cannot serve {self.region}: {e}; "
                     "the old one goes on serving"}
@@ -454,14 +482,14 @@ class Supervisor:
             return {"ok": False, "error": f"the new daemon failed after the handover: {line}"}
         self.upgrades += 1
         self.last_gap_ms = gap
-        self.standby = self._start_standby_quietly()
+        self.standby = self._start_standby_async()
         return {"ok": True, "daemon_pid": self.daemon.pid, "gap_ms": round(gap, 1),
                 "old_pid": old.pid if old else None}
 
     def status(self) -> dict:
         return {"mode": self.mode, "supervisor_pid": os.getpid(),
                 "daemon_pid": self.daemon.pid if self.daemon else None,
-                "standby_pid": self.standby.pid if self.standby else None,
+                "standby_pid": self.standby.pid if self.standby and self.standby.ready else None,
                 "restarts": self.restarts, "upgrades": self.upgrades,
                 "last_gap_ms": self.last_gap_ms, "connection": self.conn}
 
