@@ -42,11 +42,13 @@ def step(msg: str) -> None:
 class Demo:
     """A region under /dev/shm mounted on a fresh directory; always cleaned up."""
 
-    def __init__(self, name: str, size: str, region: str | None = None, keep: bool = False):
+    def __init__(self, name: str, size: str, region: str | None = None, keep: bool = False,
+                 respawn: bool = False):
         self.region = region or f"/dev/shm/pmemfs-{name}.region"
         self.mp = f"/tmp/pmemfs-{name}"
         self.size = size
         self.keep = keep
+        self.respawn = respawn  # mount with --respawn (a supervisor replaces a dead daemon)
 
     def __enter__(self) -> Demo:
         os.makedirs(self.mp, exist_ok=True)
@@ -54,7 +56,7 @@ class Demo:
             fail(f"{self.mp} is already mounted; unmount it first (pmemfs umount {self.mp})")
         cli("pmemfs-mkfs", "--force", "--size", self.size, self.region)
         step(f"made a {self.size} region at {self.region} and mounting it on {self.mp}")
-        self.mount()
+        self.mount(respawn=self.respawn)
         return self
 
     def mount(self, env: dict | None = None, respawn: bool = False) -> float:
