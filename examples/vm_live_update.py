@@ -163,7 +163,7 @@ class Run:
         self.stack.callback(vm.kill)  # never leave a QEMU behind
         return vm
 
-    def boot(self, demo: Demo, ram_path: str) -> None:
+    def boot(self, ram_path: str) -> None:
         step(f"boot the guest: {human(self.ram)} RAM on {ram_path}, TCG, the verifier takes "
              f"{self.guest.check_mib} MiB")
         started = time.monotonic()
@@ -171,7 +171,6 @@ class Run:
         print("  " + " ".join(self.vm.command()))
         c = self.vm.wait_ticks(2)
         print(f"  booted and filled in {time.monotonic() - started:.1f} s: {c.text.splitlines()[-1]}")
-        self.home = demo
 
     def cpr(self, demo: Demo, respawn: bool) -> None:
         step("(a) cooperative restore: stop, save device state only, quit, kill -9 the daemon, "
@@ -419,7 +418,7 @@ def main() -> int:
         A = stack.enter_context(Demo("vm-a", str(region_size(ram)), respawn=resp_a))
         B = stack.enter_context(Demo("vm-b", str(region_size(ram)), respawn="b" in flows)) \
             if "c" in flows else None
-        run.boot(A, prepare_ram(A.mp, ram))
+        run.boot(prepare_ram(A.mp, ram))
         for f in FLOWS:
             if f not in flows:
                 continue
