@@ -84,6 +84,10 @@ class Demo:
                 if f.read().split()[2] == "Z":  # dead, not yet reaped
                     break
             time.sleep(0.001)
+        # A zombie leader can still have threads exiting, and the descriptors (the FUSE
+        # connection, the region's lock) go with the last one: wait for the lock too.
+        while mounting.region_holder(self.region) == pid:
+            time.sleep(0.001)
         return time.monotonic()
 
     def kill_all(self) -> None:

@@ -167,10 +167,10 @@ def cli():
 
 @cli.command("mount")
 @click.option("-f", "--foreground", is_flag=True,
-              help="Serve in the foreground, one process (a restart is a remount).")
+              help="Stay in the foreground (the supervisor, or with --single the one daemon).")
 @click.option("--single", is_flag=True,
-              help="One background process that mounts and serves, without a supervisor "
-                   "(a daemon that dies leaves the mount dead).")
+              help="One process that mounts and serves, without a supervisor "
+                   "(a daemon that dies leaves the mount dead; a restart is a remount).")
 @click.option("-o", "options", multiple=True, help="Mount options: allow_other, ro, sync, prefault, force.")
 @click.option("--force", is_flag=True, help="Clear a dead FUSE mount at MOUNTPOINT first.")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write the daemon's log here.")
@@ -199,8 +199,18 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
 
         setup_logging(log, debug)
         prepare_mountpoint(region, mountpoint, "force" in opts)
-        return serve(region, mountpoint, opts - {"force"},
-                     ready=lambda msg: click.echo(f"mounted {region} on {mountpoint} ({msg})", err=True))
+        from .systemd import notify
+
+        def ready(msg: str) -> None:
+            click.echo(f"mounted {region} on {mountpoint} ({msg})", err=True)
+            if msg.startswith("ok"):
+                notify(f"READY=1\nSTATUS=serving {region} on {mountpoint}")  # Type=notify units
+
+        if single:
+            return serve(region, mountpoint, opts - {"force"}, ready=ready)
+        from .supervisor import supervise
+
+        return supervise(region, mountpoint, opts - {"force"}, ready, log, debug)
     m = spawn(region, mountpoint, opts, log=log, debug=debug, single=single)
     note = " (cleared a dead mount first)" if m.recovered_stale else ""
     who = "daemon" if single else "supervisor"
@@ -584,6 +594,47 @@ def defrag_command(mountpoint):
     click.echo(f"defrag: free aligned 1 GiB runs {r['aligned_runs_before']} -> {r['aligned_runs_after']}, "
                f"moved {r['blocks_moved']} blocks of {r['files_moved']} files "
                f"({r['skipped_pinned_or_mapped']} pinned or mapped files left in place)")
+
+
+@cli.command("systemd-unit")
+@click.option("--install", "do_install", is_flag=True,
+              help="Write the unit to /etc/systemd/system (and the instance's conf) instead of printing.")
+@click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="Install under this directory (for images and tests).")
+@click.option("--instance", help="Also define instance NAME: /etc/pmemfs/NAME.conf.")
+@click.option("--region", help="The instance's region.")
+@click.option("--mountpoint", help="The instance's mountpoint.")
+@click.option("-o", "options", default="", help="The instance's mount options (pmemfs mount -o).")
+@click.option("--create-size", type=Size(), default=None,
+              help="Make the region at start when it is missing (a /dev/shm region after a cold boot).")
+def systemd_unit_command(do_install, root, instance, region, mountpoint, options, create_size):
+    """Print or install pmemfs@.service; an instance NAME mounts /etc/pmemfs/NAME.conf's region."""
+    from .mounting import MOUNT_OPTIONS_ALLOWED
+    from .systemd import UnitError, check_instance, conf_text, install, unit_text
+
+    try:
+        conf = None
+        if instance or region or mountpoint:
+            if not (instance and region and mountpoint):
+                raise UnitError("--instance, --region and --mountpoint go together")
+            check_instance(instance)
+            bad = {o for o in options.split(",") if o and o.split("=")[0] not in MOUNT_OPTIONS_ALLOWED}
+            if bad:
+                raise UnitError(f"unknown mount option(s): {', '.join(sorted(bad))}")
+            conf = conf_text(os.path.abspath(region), os.path.abspath(mountpoint), options,
+                             str(create_size) if create_size else "")
+        if not do_install:
+            click.echo(unit_text(), nl=False)
+            if conf:
+                click.echo(f"\n# /etc/pmemfs/{instance}.conf\n" + conf, nl=False)
+            return 0
+        for path in install(root, instance, conf):
+            click.echo(f"wrote {path}")
+    except UnitError as e:
+        raise click.ClickException(str(e)) from None
+    name = f"pmemfs@{instance}.service" if instance else "pmemfs@NAME.service"
+    click.echo(f"next: systemctl daemon-reload && systemctl enable --now {name}")
+    return 0
 
 
 _main = run(cli, "pmemfs")

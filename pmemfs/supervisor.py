@@ -575,6 +575,28 @@ def remount_on_death(region: str, mountpoint: str, options: set[str], single_cmd
             return 1
 
 
+def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[str], None],
+              log_file: str | None = None, debug: bool = False) -> int:
+    """Hold the connection and keep a daemon serving it (or, where a takeover cannot
+    work here, remount on a death). Returns when the mount ends."""
+    daemon = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
+    tail = ["--log", os.path.abspath(log_file)] if log_file else []
+    if debug:
+        tail.append("--debug")
+    why = "live=off was asked for" if "live=off" in options else session.takeover_unavailable()
+    options = options - {"live=off", "live=on"}
+    opts = ["--options", ",".join(sorted(options))]
+    try:
+        if why:
+            log.warning("live update unavailable (%s): a daemon that dies is replaced by a remount", why)
+            return remount_on_death(region, mountpoint, options, [*daemon, "--single", *opts, *tail], ready)
+        return Supervisor(region, mountpoint, options, [*daemon, *opts, *tail], ready).run()
+    except Exception as e:
+        log.error("cannot serve %s: %s", region, e)
+        ready(f"error {one_line(e)}")
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -588,24 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     setup_logging(a.log, a.debug)
     options = {o for o in a.options.split(",") if o}
-    daemon = [sys.executable, "-m", "pmemfs.daemon", a.region, a.mountpoint]
-    tail = ["--log", a.log] if a.log else []
-    if a.debug:
-        tail.append("--debug")
-    ready = ready_pipe(a.ready_fd)
-    why = "live=off was asked for" if "live=off" in options else session.takeover_unavailable()
-    options -= {"live=off", "live=on"}
-    opts = ["--options", ",".join(sorted(options))]
-    try:
-        if why:
-            log.warning("live update unavailable (%s): a daemon that dies is replaced by a remount", why)
-            return remount_on_death(a.region, a.mountpoint, options, [*daemon, "--single", *opts, *tail],
-                                    ready)
-        return Supervisor(a.region, a.mountpoint, options, [*daemon, *opts, *tail], ready).run()
-    except Exception as e:
-        log.error("cannot serve %s: %s", a.region, e)
-        ready(f"error {one_line(e)}")
-        return 1
+    return supervise(a.region, a.mountpoint, options, ready_pipe(a.ready_fd), a.log, a.debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("clean_vs_unclean.py", []),
     ("iommu_dma.py", ["--guest", "16M", "--seconds", "0.4"]),
     ("sidecar_carve.py", ["--guest", "256M", "--carve", "64M"]),
+    # flow d only: (a) and (c) have their own tests in test_vm.py
+    ("vm_live_update.py", ["--ram", "256M", "--check-mib", "96", "--flows", "d"]),
 ])
 def test_demo(script, args):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args],
