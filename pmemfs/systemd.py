@@ -37,10 +37,12 @@ UNIT_TEMPLATE = """\
 #   After=pmemfs@vm.service
 # It then starts once the mount is up and is stopped before the daemon is.
 #
-# `systemctl restart pmemfs@NAME` is a stop and a start today: the VMs that require the
-# instance are stopped first, because a running guest does not survive its daemon (its RAM
-# mapping belongs to the old FUSE connection). A live restart, with the FUSE descriptor kept
-# in systemd's file-descriptor store, comes with the live-update work (issue 9).
+# ExecStart runs pmemfs's supervisor in the foreground: it holds the FUSE connection, so a
+# daemon that crashes is replaced under running guests without systemd noticing, and
+# `systemctl reload pmemfs@NAME` (SIGHUP) is a live upgrade to the installed code: the
+# guests only pause. `systemctl restart` is a stop and a start (an unmount): the VMs that
+# require the instance are stopped first. Keeping the descriptor in systemd's fd store,
+# so that restart too could be live, is not built.
 
 [Unit]
 Description=pmemfs %i (persistent-memory filesystem)
@@ -56,7 +58,8 @@ EnvironmentFile=/etc/pmemfs/%i.conf
 ExecStartPre=/bin/mkdir -p ${MOUNTPOINT}
 ExecStartPre=/bin/sh -c '[ -e "$$REGION" ] || [ -z "$$CREATE_SIZE" ] || exec @MKFS@ --size "$$CREATE_SIZE" "$$REGION"'
 ExecStart=@PMEMFS@ mount -f -o ${OPTIONS} ${REGION} ${MOUNTPOINT}
-# SIGTERM: the daemon unmounts and marks the region clean, then exits.
+ExecReload=/bin/kill -HUP $MAINPID
+# SIGTERM: the supervisor unmounts, its daemon marks the region clean, both exit.
 KillMode=mixed
 TimeoutStopSec=120
 Restart=on-failure

@@ -67,7 +67,7 @@ def test_unit_names_this_installation_and_the_instance_conf(root):
     assert f"ExecStart={os.path.join(BIN, 'pmemfs')} mount -f " in text
     assert "Type=notify" in text and "EnvironmentFile=/etc/pmemfs/%i.conf" in text
     assert "Before=libvirtd.service" in text
-    assert "file-descriptor store" in text  # the note on live restart
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text  # reload is a live upgrade
     conf = (root / systemd.CONF_DIR / "vm.conf").read_text()
     assert "REGION=/dev/shm/vm.region\nMOUNTPOINT=/srv/pmem/vm\nOPTIONS=allow_other\n" in conf
 
