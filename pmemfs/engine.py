@@ -193,6 +193,7 @@ class Engine:
         g = sb.geometry
         self.geometry = g
         self.block_size = g.block_size
+        self.max_file_size = g.max_file_size  # s_maxbytes: EFBIG past it
         self.data_start = g.data_start_block * g.block_size
         self.t = Tables(buf, sb)
         self.sbv = np.frombuffer(buf, SUPERBLOCK_DTYPE, 1, 0)
@@ -986,6 +987,13 @@ class Engine:
             return 0
         if offset < 0:
             raise FsError(errno.EINVAL)
+        if offset + n > self.max_file_size:
+            # As the kernel's generic_write_checks: a write that starts below the
+            # limit stores what fits; one starting at or past it is EFBIG.
+            if offset >= self.max_file_size:
+                raise FsError(errno.EFBIG)
+            data = memoryview(data).cast("B")[:self.max_file_size - offset]
+            n = len(data)
         if kind == KIND_KOBJ:
             self.kernel.check_write(ino, offset, n)  # fixed size, immutable while frozen
         elif (ino in self.packer.packed or not self.maps.get(ino)) and self.packer.eligible(ino, offset + n):
@@ -1148,6 +1156,8 @@ class Engine:
         self._file(ino)
         if size < 0:
             raise FsError(errno.EINVAL)
+        if size > self.max_file_size:
+            raise FsError(errno.EFBIG)
         if int(self.I["flags"][ino]) & FLAG_PINNED:
             raise FsError(errno.EBUSY)
         fm = self.maps.get(ino)

@@ -69,6 +69,7 @@ def describe(path: str) -> dict:
             "created": _when(sb.create_time_ns),
             "region_size": g.region_size,
             "block_size": g.block_size,
+            "max_file_size": g.max_file_size,  # s_maxbytes: larger writes and truncates get EFBIG
             "data_blocks": g.data_blocks,
             "used_blocks": used_data,
             "free_blocks": free,
