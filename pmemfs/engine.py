@@ -57,6 +57,7 @@ from .format import (
     FormatError,
     Superblock,
     Tables,
+    clamp_time_ns,
 )
 from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
 from .leases import Leases
@@ -1206,11 +1207,13 @@ class Engine:
                 self.I["uid"][ino] = uid
             if gid is not None:
                 self.I["gid"][ino] = gid
+            # Times from callers are clamped to the format's range (as the kernel's
+            # timestamp_truncate does for s_time_min/s_time_max): never an error.
             if atime_ns is not None:
-                self.I["atime_ns"][ino] = atime_ns
+                self.I["atime_ns"][ino] = clamp_time_ns(atime_ns)
             if mtime_ns is not None:
-                self.I["mtime_ns"][ino] = mtime_ns
-            self.I["ctime_ns"][ino] = ctime_ns if ctime_ns is not None else now
+                self.I["mtime_ns"][ino] = clamp_time_ns(mtime_ns)
+            self.I["ctime_ns"][ino] = clamp_time_ns(ctime_ns) if ctime_ns is not None else now
         if size is not None:
             self._finish_truncate(ino)
         return self.stat(ino)

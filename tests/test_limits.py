@@ -9,12 +9,14 @@ function (generic_write_check_limits) and the same way as s_maxbytes.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -28,6 +30,8 @@ from pmemfs.format import (
     BLOCK_2M,
     BLOCK_SIZES,
     LOFF_MAX,
+    TIME_MAX_S,
+    TIME_MIN_S,
     FormatError,
     Geometry,
     Superblock,
@@ -361,3 +365,121 @@ def test_rlimit_is_enforced_by_the_kernel_not_us(mounted):
     shape = _fsize_shape(mounted.p("r"), 1 << 20)
     assert shape["cross"] == 1 and shape["at"] == "File too large" and shape["size"] == 1 << 20
 
+
+
+# ------------------------------------------------------------------- timestamps
+TMAX = TIME_MAX_S * 10**9  # 2262-04-11 23:47:16 UTC
+TMIN = TIME_MIN_S * 10**9  # 1677-09-21 00:12:44 UTC
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+CLAMPS = [
+    # (given, stored): inside the range a time is kept to the nanosecond; at or past
+    # either end it is that end's whole second, as the kernel's timestamp_truncate does.
+    (0, 0), (-1, -1), (1, 1),
+    (TMAX - 1, TMAX - 1), (TMAX, TMAX), (2**63 - 1, TMAX), (2**63, TMAX), (2**70, TMAX),
+    ((2**63 - 1) * 10**9, TMAX),
+    (TMIN + 10**9 + 5, TMIN + 10**9 + 5), (TMIN + 1, TMIN), (TMIN, TMIN), (-2**63, TMIN),
+    (-2**63 - 1, TMIN), (-2**70, TMIN), (-(2**63) * 10**9, TMIN),
+]
+
+
+def test_time_range_constants():
+    assert (TIME_MIN_S, TIME_MAX_S) == (-9_223_372_036, 9_223_372_036)
+    assert TMIN >= -2**63 and TMAX <= 2**63 - 1  # both ends fit the i64 field
+    assert TMAX + 10**9 > 2**63 - 1 and TMIN - 10**9 < -2**63  # one more second would not
+
+
+@pytest.mark.parametrize(("given", "stored"), CLAMPS)
+def test_engine_clamps_times(engine, given, stored):
+    ino = engine.create(1, b"f", 0o644).ino
+    st = engine.setattr(ino, atime_ns=given, mtime_ns=given, ctime_ns=given)
+    assert (st.atime_ns, st.mtime_ns, st.ctime_ns) == (stored, stored, stored)
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_long)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def utimensat(path: str, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+    times = (Timespec * 2)(Timespec(*atime), Timespec(*mtime))
+    if _libc.utimensat(-100, os.fsencode(path), times, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+
+
+def test_mount_clamps_times_where_tmpfs_keeps_them(mounted):
+    """tmpfs keeps 64-bit seconds; pmemfs stores 64-bit nanoseconds and clamps, with no
+    error and nothing in the daemon's log (the finalizer checks there is no traceback)."""
+    ours = mounted.p("f")
+    open(ours, "w").close()
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="pmemfs-test-") as tf:
+        for given, stored in CLAMPS:
+            os.utime(ours, ns=(given, given))
+            st = os.stat(ours)
+            assert (st.st_atime_ns, st.st_mtime_ns) == (stored, stored), given
+            os.utime(tf.name, ns=(given, given))
+            assert os.stat(tf.name).st_mtime_ns == given  # tmpfs: any 64-bit seconds
+        for sec in (2**63 - 1, -(2**63)):  # time_t's own ends, straight to utimensat
+            utimensat(ours, (sec, 0), (sec, 999_999_999))
+            st = os.stat(ours)
+            assert st.st_atime_ns == st.st_mtime_ns == (TMAX if sec > 0 else TMIN)
+    # What the daemon stored is what a new mount serves.
+    mounted.restart()
+    assert os.stat(ours).st_mtime_ns == TMIN
+
+
+@pytest.mark.parametrize(("date", "stored"), [
+    ("3000-01-01 00:00:00 UTC", TMAX), ("2262-04-11 23:47:16 UTC", TMAX),
+    ("2262-04-11 23:47:15.5 UTC", TMAX - 500_000_000), ("2262-04-11 23:47:17 UTC", TMAX),
+    ("1000-01-01 00:00:00 UTC", TMIN), ("1677-09-21 00:12:43 UTC", TMIN),
+    ("1677-09-21 00:12:44 UTC", TMIN), ("1677-09-21 00:12:45 UTC", TMIN + 10**9),
+])
+def test_touch_d_extreme_dates(mounted, date, stored):
+    path = mounted.p("f")
+    r = subprocess.run(["touch", "-d", date, path], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    st = os.stat(path)
+    assert st.st_mtime_ns == stored and st.st_atime_ns == stored
+
+
+def test_utime_now_and_omit(mounted):
+    path = mounted.p("f")
+    open(path, "w").close()
+    os.utime(path, ns=(2**70, -2**70))
+    before = time.time_ns()
+    utimensat(path, (0, UTIME_NOW), (2**62, UTIME_OMIT))  # atime now, mtime untouched
+    st = os.stat(path)
+    assert before - 10**9 <= st.st_atime_ns <= time.time_ns() + 10**9
+    assert st.st_mtime_ns == TMIN
+    utimensat(path, (2**62, UTIME_OMIT), (-(2**62), 0))  # atime untouched, mtime clamped
+    st2 = os.stat(path)
+    assert st2.st_atime_ns == st.st_atime_ns and st2.st_mtime_ns == TMIN
+    utimensat(path, (2**62, 0), (0, UTIME_NOW))
+    st3 = os.stat(path)
+    assert st3.st_atime_ns == TMAX and abs(st3.st_mtime_ns - before) < 10**9  # the kernel's coarse clock
+    assert err(utimensat, path, (0, 10**9), (0, 0)) == errno.EINVAL  # the kernel's check
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="pmemfs-test-") as tf:
+        assert err(utimensat, tf.name, (0, 10**9), (0, 0)) == errno.EINVAL
+
+
+def test_directories_and_symlinks_clamp_too(mounted):
+    os.mkdir(mounted.p("d"))
+    os.symlink("d", mounted.p("s"))
+    os.utime(mounted.p("d"), ns=(2**70, -2**70))
+    os.utime(mounted.p("s"), ns=(-2**70, 2**70), follow_symlinks=False)
+    assert os.stat(mounted.p("d")).st_mtime_ns == TMIN
+    st = os.lstat(mounted.p("s"))
+    assert (st.st_atime_ns, st.st_mtime_ns) == (TMIN, TMAX)
+    mounted.unmount()
+    assert_clean(mounted.region)
+    mounted.start()
+    assert os.lstat(mounted.p("s")).st_mtime_ns == TMAX
+
+
+def test_info_reports_the_time_range(region):
+    r = subprocess.run([os.path.join(BIN, "pmemfs"), "info", "--json", region],
+                       capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout)["time_range"] == "1677-09-21 00:12:44 UTC .. 2262-04-11 23:47:16 UTC"
