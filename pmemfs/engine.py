@@ -430,9 +430,15 @@ class Engine:
             raise FsError(errno.EINVAL)
 
     def lookup(self, parent: int, name: bytes) -> int:
-        d = self._dir(parent)
         if name == b".":
+            # The kernel looks up "." of any inode, by number, to decode a file handle
+            # (open_by_handle_at, NFS export); an inode that is gone, or unlinked and no
+            # longer known to the kernel, is stale (the kernel turns ENOENT into ESTALE).
+            self._check_ino(parent)
+            if int(self.I["nlink"][parent]) == 0:
+                raise FsError(errno.ENOENT, f"inode {parent} has been removed")
             return parent
+        d = self._dir(parent)
         if name == b"..":
             return int(self.I["parent"][parent])
         if len(name) > NAME_MAX:
