@@ -50,6 +50,8 @@ from .format import (
     Superblock,
     Tables,
     crc,
+    max_file_blocks,
+    max_file_size,
     record_checksums,
 )
 
@@ -114,9 +116,12 @@ class View:
         span = np.where(self.e_packed, 1, self.e_count)
         packed_ok = ((self.e_fb == 0) & (self.e_count <= SMALL_CHUNKS)
                      & (self.e_chunk0 + self.e_count <= PACK_CHUNKS) & ((flags & 0xFFFE) == 0))
+        # Bounds are compared without adding to the (u64, maybe huge) fields, so a
+        # block number near 2^63 cannot wrap around and pass.
         self.e_ok = (own_ok & self.has_data[np.where(own_ok, self.e_owner, 0)] & (self.e_count > 0)
-                     & (self.e_start >= g.data_start_block) & (self.e_start + span <= g.block_count)
-                     & (self.e_fb >= 0) & (self.e_fb < 1 << 40) & (~self.e_packed | packed_ok))
+                     & (self.e_start >= g.data_start_block) & (self.e_start <= g.block_count - span)
+                     & (self.e_fb >= 0) & (self.e_fb <= max_file_blocks(g.block_size) - span)
+                     & (~self.e_packed | packed_ok))
         self.e_ok &= ~self.e_packed | (self.kind[np.where(own_ok, self.e_owner, 0)] == KIND_REG)
         self.e_blk = self.e_ok & ~self.e_packed  # extents that own whole blocks
         self.packs = t.packs[: self.hwm["pack"]]
@@ -279,6 +284,10 @@ def check_sizes(v: View) -> Iterator[Finding]:
     yield from _many("sizes", "size-nonzero", "p", "inode", bad,
                      lambda i: f"inode {i} ({int(v.kind[i])}) has size {int(size[i])}, expected 0", key="ino")
     bs = v.sb.geometry.block_size
+    limit = max_file_size(bs)
+    yield from _many("sizes", "size-too-big", "y", "inode",
+                     np.flatnonzero(v.has_data & (size > np.uint64(limit))),
+                     lambda i: f"inode {i} has size {int(size[i])}, past the largest file size {limit}", key="ino")
     ok = v.e_blk
     owner, end = v.e_owner[ok], (v.e_fb + v.e_count)[ok]
     last = np.zeros(v.n, np.int64)
@@ -300,7 +309,9 @@ def check_extents(v: View) -> Iterator[Finding]:
     yield from _many("extents", "bad-extent", "p", "extent", v.ext_used[dangling],
                      lambda i: f"extent {i} belongs to inode {int(v.extents['owner'][i])}, which does not exist")
     yield from _many("extents", "bad-extent", "y", "extent", v.ext_used[bad & ~dangling],
-                     lambda i: f"extent {i} has a bad owner kind, length or place")
+                     lambda i: f"extent {i} has a bad owner kind, length or place"
+                               f" (file block {int(v.extents['file_block'][i])}, "
+                               f"{int(v.extents['count'][i])} at region block {int(v.extents['start_block'][i])})")
     sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
     wrong = np.flatnonzero(v.live & (v.inodes["nblocks"].astype(np.int64) != sums))
     yield from _many("extents", "nblocks", "p", "inode", wrong,

@@ -41,8 +41,8 @@ class Size(click.ParamType):
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(n) < 1024 or unit == "EiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
@@ -507,7 +507,8 @@ def _xattr_call(what: str, fn, *args):
     except OSError as e:
         hint = {1: " (needs CAP_SYS_ADMIN)", 28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
                 16: " (the file is pinned or mapped directly)", 39: " (the destination must be empty)",
-                22: " (offset and length must be multiples of the block size, inside the file)"}
+                22: " (offset and length must be multiples of the block size, inside the file)",
+                27: " (past the largest file size: see max file size in pmemfs info)"}
         raise click.ClickException(f"{what}: {e.strerror}{hint.get(e.errno, '')}") from None
 
 

@@ -58,6 +58,7 @@ from .format import (
     FormatError,
     Superblock,
     Tables,
+    clamp_time_ns,
 )
 from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
 from .leases import Leases
@@ -211,6 +212,7 @@ class Engine:
         g = sb.geometry
         self.geometry = g
         self.block_size = g.block_size
+        self.max_file_size = g.max_file_size  # s_maxbytes: EFBIG past it
         self.data_start = g.data_start_block * g.block_size
         self.t = Tables(buf, sb)
         self.sbv = np.frombuffer(buf, SUPERBLOCK_DTYPE, 1, 0)
@@ -463,9 +465,15 @@ class Engine:
             raise FsError(errno.EINVAL)
 
     def lookup(self, parent: int, name: bytes) -> int:
-        d = self._dir(parent)
         if name == b".":
+            # The kernel looks up "." of any inode, by number, to decode a file handle
+            # (open_by_handle_at, NFS export); an inode that is gone, or unlinked and no
+            # longer known to the kernel, is stale (the kernel turns ENOENT into ESTALE).
+            self._check_ino(parent)
+            if int(self.I["nlink"][parent]) == 0:
+                raise FsError(errno.ENOENT, f"inode {parent} has been removed")
             return parent
+        d = self._dir(parent)
         if name == b"..":
             return int(self.I["parent"][parent])
         if len(name) > NAME_MAX:
@@ -1082,6 +1090,13 @@ class Engine:
             return 0
         if offset < 0:
             raise FsError(errno.EINVAL)
+        if offset + n > self.max_file_size:
+            # As the kernel's generic_write_checks: a write that starts below the
+            # limit stores what fits; one starting at or past it is EFBIG.
+            if offset >= self.max_file_size:
+                raise FsError(errno.EFBIG)
+            data = memoryview(data).cast("B")[:self.max_file_size - offset]
+            n = len(data)
         if kind == KIND_KOBJ:
             self.kernel.check_write(ino, offset, n)  # fixed size, immutable while frozen
         elif (ino in self.packer.packed or not self.maps.get(ino)) and self.packer.eligible(ino, offset + n):
@@ -1251,6 +1266,8 @@ class Engine:
         self._file(ino)
         if size < 0:
             raise FsError(errno.EINVAL)
+        if size > self.max_file_size:
+            raise FsError(errno.EFBIG)
         if int(self.I["flags"][ino]) & FLAG_PINNED:
             raise FsError(errno.EBUSY)
         fm = self.maps.get(ino)
@@ -1299,11 +1316,13 @@ class Engine:
                 self.I["uid"][ino] = uid
             if gid is not None:
                 self.I["gid"][ino] = gid
+            # Times from callers are clamped to the format's range (as the kernel's
+            # timestamp_truncate does for s_time_min/s_time_max): never an error.
             if atime_ns is not None:
-                self.I["atime_ns"][ino] = atime_ns
+                self.I["atime_ns"][ino] = clamp_time_ns(atime_ns)
             if mtime_ns is not None:
-                self.I["mtime_ns"][ino] = mtime_ns
-            self.I["ctime_ns"][ino] = ctime_ns if ctime_ns is not None else now
+                self.I["mtime_ns"][ino] = clamp_time_ns(mtime_ns)
+            self.I["ctime_ns"][ino] = clamp_time_ns(ctime_ns) if ctime_ns is not None else now
         if size is not None:
             self._finish_truncate(ino)
         return self.stat(ino)

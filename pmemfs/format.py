@@ -37,6 +37,41 @@ NAME_MAX = 255
 XATTR_VALUE_MAX = 65536
 SYMLINK_MAX = 4095
 
+# Limits the field widths imply (docs/FORMAT.md, "Limits"). A file's size is a u64
+# but the kernel's file offsets (loff_t) are signed 64-bit, and a file owns whole
+# blocks: its largest size (the kernel's s_maxbytes) is the last block boundary at or
+# below 2^63 - 1, so the end of every block it can own, and its size rounded up to
+# blocks, are valid offsets: no extent's byte range needs more than a signed 64 bits.
+LOFF_MAX = (1 << 63) - 1
+EXTENT_COUNT_MAX = (1 << 32) - 1  # extent.count is a u32 (the table bound keeps it below)
+TABLE_COUNT_LIMIT = 1 << 32  # record indices are u32 in extents and blobs
+# Timestamps are signed 64-bit nanoseconds; as the kernel does for a filesystem's
+# s_time_min/s_time_max, times are clamped to the whole seconds that fit, and a time
+# clamped to either end has no nanoseconds.
+TIME_MIN_S = -((1 << 63) // 10**9)  # -9223372036: 1677-09-21 00:12:44 UTC
+TIME_MAX_S = ((1 << 63) - 1) // 10**9  # 9223372036: 2262-04-11 23:47:16 UTC
+
+
+def max_file_size(block_size: int) -> int:
+    """The largest file size (s_maxbytes) with this block size: 2^63 - block_size."""
+    return LOFF_MAX // block_size * block_size
+
+
+def max_file_blocks(block_size: int) -> int:
+    """File blocks a file can have: every extent lies in [0, this)."""
+    return LOFF_MAX // block_size
+
+
+def clamp_time_ns(ns: int) -> int:
+    """A timestamp in nanoseconds as stored: clamped to [TIME_MIN_S, TIME_MAX_S]
+    seconds, with no nanoseconds at either end (the kernel's timestamp_truncate)."""
+    sec, nsec = divmod(int(ns), 10**9)
+    if sec >= TIME_MAX_S:
+        return TIME_MAX_S * 10**9
+    if sec <= TIME_MIN_S:
+        return TIME_MIN_S * 10**9
+    return sec * 10**9 + nsec
+
 # Feature masks. Unknown incompat bits refuse mount; unknown ro_compat bits allow
 # only read-only use; unknown compat bits are ignored.
 FEATURE_COMPAT_REPLY_RECORD = 0x1  # bytes 2048-2175 of block 0 hold the reply record
@@ -225,6 +260,10 @@ class Geometry:
     def metadata_bytes(self) -> int:
         return self.backup_offset + SB_SLOT
 
+    @property
+    def max_file_size(self) -> int:
+        return max_file_size(self.block_size)
+
     @classmethod
     def plan(cls, region_size: int, block_size: int, inodes: int | None = None, *,
              extents: int | None = None, dirents: int | None = None, blobs: int | None = None,
@@ -243,6 +282,13 @@ class Geometry:
         if inodes < 16 or inodes >= 1 << 32:
             raise FormatError(f"inode count {inodes} is outside 16..{(1 << 32) - 1}")
         block_count = region_size // block_size
+        if block_count + inodes + 1 >= TABLE_COUNT_LIMIT:
+            # The extent table needs a record per block; its indices (and extent.count)
+            # are u32, so a region has fewer than 2^32 blocks.
+            bigger = [b for b in BLOCK_SIZES if b > block_size and region_size // b + inodes + 1 < TABLE_COUNT_LIMIT]
+            raise FormatError(f"region of {block_count} blocks of {block_size} bytes is too large: "
+                              f"at most {TABLE_COUNT_LIMIT - inodes - 2} blocks with {inodes} inodes"
+                              + (" (use 1G blocks)" if bigger else ""))
         counts = {
             # Whole-block extents hold >= 1 block and a file has at most one packed
             # extent, so by default the extent table can never run out.
@@ -414,10 +460,9 @@ class Superblock:
             prev_end, prev_name = end, name
         if prev_end > g.backup_offset:
             raise FormatError(f"superblock table {prev_name} runs into the data area")
-        for name, limit in (("inode", 1 << 32), ("dirent", 1 << 32), ("extent", 1 << 32), ("blob", 1 << 32),
-                            ("pack", 1 << 32)):
+        for name in TABLE_NAMES:
             count = getattr(g, f"{name}_count")
-            if not 2 <= count < limit:
+            if not 2 <= count < TABLE_COUNT_LIMIT:
                 raise FormatError(f"superblock {name} count {count} is out of range")
             if not 0 < self.hwm[name] <= count:
                 raise FormatError(f"superblock {name} high-water mark {self.hwm[name]} is out of range")

@@ -51,6 +51,7 @@ from .format import (
     Geometry,
     Superblock,
     Tables,
+    max_file_size,
 )
 from .journal import HEADER_SIZE, JOURNAL_RECORD_HEADER, Journal, JournalFull, format_journal
 from .region import Region, RegionError, lock_holder, probe
@@ -474,6 +475,14 @@ def fix_size_zero(r: Repair, fs: list[Finding]) -> None:
         r.set("inode", ino, size=0)
 
 
+def fix_size_limit(r: Repair, fs: list[Finding]) -> None:
+    """A size past the largest file size becomes that size (bytes past it cannot be
+    addressed by any file offset; extents past it are dropped by their own check)."""
+    limit = max_file_size(r.sb.geometry.block_size)
+    for ino in _items(fs, "ino"):
+        r.set("inode", ino, size=limit)
+
+
 def fix_symlink_size(r: Repair, fs: list[Finding]) -> None:
     v = r.view()
     b = r.t.blobs
@@ -692,6 +701,7 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("truncating", fix_trim),
     ("nblocks", fix_nblocks),
     ("size-nonzero", fix_size_zero),
+    ("size-too-big", fix_size_limit),
     ("bad-dirent", fix_drop_dirents),
     ("dirent-kind", fix_dirent_kind),
     ("bad-name", fix_rename),

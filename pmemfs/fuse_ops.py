@@ -19,6 +19,7 @@ import trio
 
 from . import control, creds
 from .engine import Ctx, Engine, FsError, Stat
+from .pagecache import DirectWriters
 
 log = logging.getLogger("pmemfs.fuse")
 
@@ -27,9 +28,12 @@ log = logging.getLogger("pmemfs.fuse")
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
 ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
-# A file handle is the inode number. O_APPEND needs nothing here: the kernel puts each
-# append at its i_size before sending the write, and it also writes dirty pages of a
-# shared mapping back under an O_APPEND handle, which must land at their own offsets.
+# A file handle is the inode number, plus FH_DIRECT for an O_DIRECT open: derived from
+# the request alone, so a new daemon can serve handles an old one gave out. O_APPEND
+# needs nothing here: the kernel puts each append at its i_size before sending the
+# write, and it also writes dirty pages of a shared mapping back under an O_APPEND
+# handle, which must land at their own offsets.
+FH_DIRECT = 1 << 63
 
 
 def handler(fn: Callable) -> Callable:
@@ -90,6 +94,7 @@ class Operations(pyfuse3.Operations):
         # snapshot is only a cache, rebuilt on demand, and cookies live in the region.
         self.dir_handles: dict[int, tuple[int, list | None]] = {}
         self.next_dir_handle = (os.getpid() & 0xFFFF) << 16
+        self.direct = DirectWriters()  # page-cache bookkeeping for O_DIRECT writers
 
     def attrs(self, st: Stat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -193,6 +198,12 @@ class Operations(pyfuse3.Operations):
             # Mapped directly (pmemfs.direct): the region is the only copy, so the
             # kernel must not cache it. A shared mmap of such an open fails (ENODEV).
             return pyfuse3.FileInfo(fh=ino, keep_cache=False, direct_io=True)
+        if flags & os.O_DIRECT:
+            # Bypass the page cache in the kernel too (FOPEN_DIRECT_IO), so this handle
+            # never caches pages and is never used to write dirty ones back: the
+            # invalidations its writes wait for (write()) cannot wait on themselves.
+            self.direct.opened(ino)
+            return pyfuse3.FileInfo(fh=ino | FH_DIRECT, keep_cache=True, direct_io=True)
         return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=False)
 
     @handler
@@ -212,21 +223,50 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh, off, size):
+        if fh & FH_DIRECT:
+            return self.engine.read(fh & ~FH_DIRECT, off, size)
+        self.direct.buffered_io(fh)
         return self.engine.read(fh, off, size)
 
     @handler
     async def write(self, fh, off, buf):
-        return self.engine.write(fh, off, buf)
+        if not fh & FH_DIRECT:
+            self.direct.buffered_io(fh)
+            return self.engine.write(fh, off, buf)
+        # An O_DIRECT write: no page the kernel cached before it, or while it was in
+        # flight, may outlive it. Dropping pages first also writes back dirty pages of a
+        # shared mapping, so they land before this write, not over it.
+        ino = fh & ~FH_DIRECT
+        if self.direct.may_be_cached(ino):
+            await self._drop_pages_now(ino)
+        n = self.engine.write(ino, off, buf)
+        if self.direct.may_be_cached(ino):  # buffered I/O was served while we waited
+            await self._drop_pages_now(ino)
+        return n
+
+    async def _drop_pages_now(self, ino: int) -> None:
+        """Invalidate ino's cached pages and wait for it, from a worker thread: the kernel
+        may wait on pages whose reads other requests answer meanwhile."""
+        mark = self.direct.begin(ino)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+        except FileNotFoundError:
+            pass  # the kernel has forgotten the inode: nothing is cached
+        except OSError:
+            log.exception("invalidating the cache of inode %d failed", ino)
+            return
+        self.direct.done(ino, mark)
 
     async def flush(self, fh):
         pass
 
     async def release(self, fh):
-        pass
+        if fh & FH_DIRECT:
+            self.direct.released(fh & ~FH_DIRECT)
 
     @handler
     async def fsync(self, fh, datasync):
-        self.engine.fsync(fh)
+        self.engine.fsync(fh & ~FH_DIRECT)
 
     @handler
     async def opendir(self, inode, ctx):

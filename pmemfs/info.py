@@ -12,6 +12,8 @@ from .format import (
     KIND_REG,
     STATE_CLEAN,
     TABLE_NAMES,
+    TIME_MAX_S,
+    TIME_MIN_S,
     FormatError,
     Tables,
     read_superblock,
@@ -23,6 +25,10 @@ from .region import Region
 
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9)) if ns else "never"
+
+
+def _utc(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def _read_live_superblock(region: Region):
@@ -69,6 +75,9 @@ def describe(path: str) -> dict:
             "created": _when(sb.create_time_ns),
             "region_size": g.region_size,
             "block_size": g.block_size,
+            "max_file_size": g.max_file_size,  # s_maxbytes: larger writes and truncates get EFBIG
+            # s_time_min .. s_time_max: times outside are stored clamped to these
+            "time_range": f"{_utc(TIME_MIN_S)} .. {_utc(TIME_MAX_S)}",
             "data_blocks": g.data_blocks,
             "used_blocks": used_data,
             "free_blocks": free,

@@ -140,6 +140,8 @@ class KernelObjects:
             raise FsError(errno.EINVAL, f"unknown kernel object type {type_name!r} (known: {', '.join(TYPES)})")
         if size <= 0 or not 0 <= version < 1 << 32:
             raise FsError(errno.EINVAL, "size must be positive and version a u32")
+        if size > e.max_file_size:
+            raise FsError(errno.EFBIG, f"larger than the largest file size {e.max_file_size}")
         ns = self.namespace()
         if ns and raw in e.children[ns]:
             raise FsError(errno.EEXIST, f"kernel object {name!r} exists")

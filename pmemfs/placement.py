@@ -68,6 +68,8 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     _check_leases(e, ino)  # its blocks may move
     if size <= 0:
         raise FsError(errno.EINVAL)
+    if size > e.max_file_size:
+        raise FsError(errno.EFBIG, f"larger than the largest file size {e.max_file_size}")
     bs = e.block_size
     align = align or file_align(e, ino) or bs
     align_blocks = max(1, align // bs)

@@ -72,8 +72,9 @@ def mounted_tmpfs(where: str, *options: str):
     (("--size", "5M"), ["not a multiple of the block size"]),
     (("--size", "12Q"), ["--size", "'12Q' is not a size"]),
     (("--size", "0"), ["--size", "must be positive"]),
-    (("--size", "9999999P"), ["cannot size region", "too large"]),
-    (("--size", "8000P"), ["cannot map"]),
+    (("--size", "9999999P"), ["blocks of 2097152 bytes is too large"]),  # extent indices are u32
+    (("--size", "4000P"), ["too large", "(use 1G blocks)"]),
+    (("--size", "1000P", "--block-size", "1G"), ["cannot map"]),
     (("--size", "64M", "--block-size", "4M"), ["--block-size", "4M"]),
     (("--size", "64M", "--label", "x" * 65), ["label", "longer than 64 bytes"]),
     (("--size", "64M", "--label", b"bad\xff"), ["label", "not valid UTF-8"]),
