@@ -989,7 +989,7 @@ def _command():
             raise RegionError(f"{region}: is a directory, not a region")
         from .cli import progress_bar
 
-        tick = None if as_json else progress_bar("checking", len(check.CHECK_NAMES))
+        tick = None if as_json else progress_bar("checking", len(check.CHECK_NAMES), unit="checks")
         try:
             report = fsck(region, mode, backup, progress=tick)
             if (interactive and report.errors and any(f.fix for f in report.errors)

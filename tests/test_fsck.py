@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from pmemfs import fsck as fsckmod
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import corrupt  # noqa: E402
 
-FSCK = os.path.join(ROOT, ".venv", "bin", "pmemfs-fsck")
+FSCK = os.path.join(os.path.dirname(sys.executable), "pmemfs-fsck")  # the venv running the suite
 BS = 2 << 20
 
 
@@ -338,7 +337,7 @@ def test_cli_exit_codes_and_json(populated):
     p = run_cli("-p", "--json", path)
     assert p.returncode == 1 and any(f["repaired"] for f in json.loads(p.stdout)["findings"])
     assert run_cli(path).returncode == 0
-    fs = subprocess.run([os.path.join(ROOT, ".venv", "bin", "fsck.pmemfs"), "-a", path],
+    fs = subprocess.run([os.path.join(os.path.dirname(FSCK), "fsck.pmemfs"), "-a", path],
                         capture_output=True, text=True, timeout=60)
     assert fs.returncode == 0
 
@@ -413,11 +412,61 @@ def test_backup_file_matches_metadata(populated, tmp_path):
         assert f.read() == meta
 
 
-def test_progress_is_silent_when_fast(populated):
+def _slow_open(path: str) -> list[str]:
+    """strace prefix that delays fsck's first open of the region by 1.5 s: slow work, as
+    a slow device or a loaded machine makes it (the checks themselves take milliseconds)."""
+    strace = shutil.which("strace")
+    assert strace, "strace is needed (./run installs it)"
+    return [strace, "-qq", "-o", "/dev/null", "-P", path, "-e", "trace=openat",
+            "-e", "inject=openat:delay_exit=1500000:when=1"]
+
+
+def _on_terminal(cmd: list[str]) -> tuple[int, str, bytes]:
+    """Run cmd with stderr on a pseudo-terminal, stdout on a pipe: (status, stdout, terminal)."""
+    master, slave = os.openpty()
+    try:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last holder of the terminal closed it
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = p.stdout.read().decode()
+        p.wait(timeout=60)
+    finally:
+        os.close(master)
+    return p.returncode, out, seen
+
+
+def _elapsed(report_line: str) -> float:
+    return float(report_line.rsplit(", ", 1)[1].split(" s)")[0])
+
+
+def test_progress_bar_on_a_terminal_only_when_slow(populated):
     path, _ = populated
-    p = run_cli("-n", path)
-    assert p.stderr == ""
-    _ = time, np
+    code, out, tty = _on_terminal([FSCK, "-n", path])
+    assert code == 0, out
+    assert _elapsed(out) < 1.0, out  # fast work (this region checks in milliseconds) ...
+    assert tty == b"", tty  # ... draws nothing
+    code, out, tty = _on_terminal([*_slow_open(path), FSCK, "-n", path])
+    assert code == 0, out
+    assert _elapsed(out) > 1.0, out
+    text = tty.decode(errors="replace")
+    assert "checking" in text and f"{len(fsckmod.check.CHECK_NAMES)}/{len(fsckmod.check.CHECK_NAMES)}" in text, text
+    assert "checks" in text and "bytes" not in text, text  # it counts checks
+    # The report on stdout is only the report: the bar went to the terminal it asked about.
+    assert out.splitlines() == [out.strip()] and "\x1b" not in out, repr(out)
+    # Slow, but stderr is not a terminal: no bar.
+    p = subprocess.run([*_slow_open(path), FSCK, "-n", path], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and _elapsed(p.stdout) > 1.0, p.stdout
+    assert p.stderr == "", p.stderr
 
 
 def _read(path: str, n: int = -1) -> bytes:
