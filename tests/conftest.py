@@ -16,7 +16,9 @@ import pytest
 
 from pmemfs import check, mounting
 from pmemfs.engine import Engine
+from pmemfs.format import STATE_CLEAN, read_superblock
 from pmemfs.mkfs import make_filesystem
+from pmemfs.region import Region
 
 SMALL = 64 << 20
 
@@ -60,18 +62,30 @@ def engine(region):
     assert_clean(region)
 
 
+def superblock_state(region: str) -> int:
+    with Region(region, writable=False, lock=False) as r:
+        return read_superblock(r.buf, r.size)[0].state
+
+
 class Mount:
+    """A daemon serving region on path. Teardown (cleanup) always leaves nothing mounted,
+    and reports as a test failure whatever a user would call broken: an unmount that
+    fails, a daemon that does not exit 0 after it, a region not marked clean, a daemon
+    that died by itself (only kill() is allowed to end one)."""
+
     def __init__(self, region: str, path: str, options: set[str]):
         self.region = region
         self.path = path
         self.options = options
         self.proc: subprocess.Popen | None = None
+        self.killed = False
         self.start()
 
     def start(self) -> None:
         m = mounting.spawn(self.region, self.path, set(self.options), log=self.path + ".log")
         self.proc = m.proc
         self.status = m.status
+        self.killed = False
 
     @property
     def pid(self) -> int:
@@ -84,29 +98,61 @@ class Mount:
         """kill -9 the daemon: the mountpoint is left dead (ENOTCONN)."""
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+        self.killed = True
 
     def unmount(self) -> None:
+        """pmemfs umount: the daemon exits 0 and the region is marked clean."""
         mounting.unmount(self.path)
-        self.proc.wait(timeout=30)
+        assert self.proc.wait(timeout=30) == 0, f"daemon exited with {self.proc.returncode}: {self.log()[-2000:]}"
+        assert superblock_state(self.region) == STATE_CLEAN, "unmounted, but the region is not marked clean"
 
     def restart(self) -> None:
         """kill -9 and mount again, as a kexec would."""
         self.kill()
         self.start()
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> list[str]:
+        """Unmount whatever is left, always (lazily when a clean unmount fails); returns
+        the problems found, which fail the test."""
+        problems: list[str] = []
+        clean_exit = False
         if self.proc is not None and self.proc.poll() is None:
+            wait = 20
             try:
                 mounting.unmount(self.path, timeout=20)
-            except Exception:
+            except Exception as e:
+                problems.append(f"{self.path}: unmount failed: {e}")
                 subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+                wait = 2  # a lazy unmount of a busy mount leaves the daemon serving: kill it
             try:
-                self.proc.wait(timeout=20)
+                code = self.proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
+                problems.append(f"{self.path}: daemon {self.proc.pid} still running {wait} s after the unmount")
                 self.proc.kill()
-                self.proc.wait()
+                code = self.proc.wait()
+            if code != 0:
+                problems.append(f"{self.path}: daemon exited with {code} after the unmount")
+            clean_exit = code == 0 and not problems
+        elif self.proc is not None and not self.killed and self.proc.returncode != 0:
+            problems.append(f"{self.path}: daemon {self.proc.pid} died by itself ({self.proc.returncode})")
+        elif self.proc is not None and not self.killed:
+            clean_exit = True  # unmounted by the test
+        if mounting.pmemfs_mount_at(self.path) is not None:
+            # Dead after kill(), or served by a daemon the test started itself.
+            stale = mounting.is_stale(self.path)
+            try:
+                mounting.unmount(self.path, timeout=20)
+                if not stale and not self.killed and self.proc is not None:
+                    problems.append(f"{self.path}: still mounted after its daemon exited")
+            except Exception as e:
+                problems.append(f"{self.path}: unmount failed: {e}")
         if mounting.pmemfs_mount_at(self.path) is not None:
             subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+            problems.append(f"{self.path}: needed a lazy unmount")
+        if (clean_exit and os.path.exists(self.region) and mounting.region_holder(self.region) is None
+                and superblock_state(self.region) != STATE_CLEAN):
+            problems.append(f"{self.region}: the daemon exited 0, but the region is not marked clean")
+        return problems
 
     def log(self) -> str:
         try:
@@ -128,11 +174,11 @@ def mount_factory(tmp_path):
         return m
 
     yield make
-    for m in made:
-        m.cleanup()
+    problems = [p for m in made for p in m.cleanup()]  # every mount is cleaned up first
     for m in made:
         assert mounting.pmemfs_mount_at(m.path) is None
         assert "Traceback" not in m.log(), m.log()
+    assert not problems, "teardown: " + "; ".join(problems) + "\n" + "\n".join(m.log()[-1500:] for m in made)
     for region in {m.region for m in made}:
         if os.path.exists(region):
             assert_clean(region)
