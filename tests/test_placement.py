@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import drop_caches
 
 from pmemfs import check, placement
 from pmemfs.engine import Engine, FsError
@@ -186,6 +187,17 @@ def test_defrag_under_kill_keeps_every_file(region_factory):
     assert runs_after > runs_before
 
 
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def frag(mountpoint: str) -> dict:
+    r = pmemfs("info", "--frag", "--json", mountpoint)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def pmemfs(*args):
     return subprocess.run([os.path.join(BIN, "pmemfs"), *args], capture_output=True, text=True, timeout=120)
 
@@ -205,8 +217,29 @@ def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
     with open(m.p("guest"), "rb") as f:
         f.seek(256 * MiB)
         assert f.read(4) == bytes(4)  # the kernel's cached pages of the carved range were dropped
+    # Fragment the free space: one-block files fill what is left of GiB 0 and spill into
+    # a free GiB; most are removed again, the few left keep that GiB from being a free run.
+    names = []
+    for i in range(700):
+        with open(m.p(f"f{i}"), "wb") as f:
+            f.write(hashlib.sha256(b"%d" % i).digest() * 2200)  # 70,400 bytes: too big to pack
+        names.append(f"f{i}")
+    keep = names[::50]
+    for n in names:
+        if n not in keep:
+            os.unlink(m.p(n))
+    want = {n: file_digest(m.p(n)) for n in [*keep, "guest", "side"]}
+    runs_before = frag(m.path)["aligned_1g_runs"]
     r = pmemfs("defrag", m.path)
     assert r.returncode == 0 and "aligned 1 GiB runs" in r.stdout, r.stderr
+    runs_after = frag(m.path)["aligned_1g_runs"]
+    assert runs_after > runs_before, (runs_before, runs_after, r.stdout)
+    assert f"{runs_before} -> {runs_after}" in r.stdout, r.stdout
+    # Every byte where it was: read from the daemon (the blocks moved; drop the kernel's copies).
+    drop_caches()
+    assert {n: file_digest(m.p(n)) for n in want} == want
+    ext = json.loads(os.getxattr(m.p("guest"), b"user.pmemfs.extents"))
+    assert all((ro - fo) % GiB == 0 for fo, ro, _ in ext), ext  # the guest's runs stay GiB-aligned
     for args, word in ((["carve", m.p("guest"), "3", "5", m.p("bad")], "multiples"),
                        (["carve", m.p("guest"), "0", "2M", m.p("side")], "exists"),
                        (["prealloc", "/tmp/not-pmemfs", "1M"], "not on a mounted pmemfs"),
