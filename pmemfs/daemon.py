@@ -60,7 +60,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     """Mount and serve until unmounted or signalled; returns an exit status."""
     started = time.monotonic()
     engine = Engine(region, readonly="ro" in options, sync="sync" in options,
-                    crash=CrashPoints.from_env())
+                    noatime="noatime" in options, crash=CrashPoints.from_env())
     if "prefault" in options and not engine.readonly:
         engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
     ops = Operations(engine)

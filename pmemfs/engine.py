@@ -150,9 +150,12 @@ class Engine:
     """One mounted region. Not thread-safe: the daemon calls it from one trio thread."""
 
     def __init__(self, path: str, *, readonly: bool = False, sync: bool = False,
-                 crash: CrashPoints | None = None, check_on_mount: bool = True):
+                 noatime: bool = False, crash: CrashPoints | None = None, check_on_mount: bool = True):
         self.path = path
         self.sync = sync
+        # FUSE leaves atime to the daemon (the kernel marks FUSE inodes S_NOATIME), so the
+        # noatime mount option is ours to honour: reads then never write atime.
+        self.noatime = noatime
         try:
             self.region = Region(path, writable=not readonly, lock=not readonly)
         except Exception:
@@ -966,8 +969,10 @@ class Engine:
                 break
             a, b = max(start, e0), min(end, e1)
             if a < b:
+                # Whole pages become holes (region.zero): zeroing the rest of a 1 GiB block
+                # after a short write must not cost a GiB of memory on a sparse region.
                 base = fm.pblk[i] * bs - e0
-                self.u8[base + a:base + b] = 0
+                self.region.zero(base + a, b - a)
             i += 1
 
     def _file(self, ino: int) -> int:
@@ -1129,7 +1134,7 @@ class Engine:
         return bytes(out)
 
     def _relatime(self, ino: int) -> None:
-        if self.readonly:
+        if self.readonly or self.noatime:
             return
         at = int(self.I["atime_ns"][ino])
         now = time.time_ns()
