@@ -6,6 +6,7 @@ every region a test leaves behind must pass the structural checks (the fsck core
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -202,3 +203,71 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+HUGEPAGES = {"2M": "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+             "1G": "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"}
+
+
+@contextlib.contextmanager
+def hugetlbfs(where: str, pages: int, pagesize: str = "2M", skip_if_unavailable: bool = False):
+    """Reserve `pages` more huge pages of pagesize and mount a hugetlbfs of that page size
+    at where; always unmount it and give the pages back (as a difference, so a concurrent
+    user keeps what it reserved). With no hugetlbfs in the kernel the test is skipped;
+    pages the kernel cannot reserve fail it, or skip it when skip_if_unavailable (1 GiB
+    pages need CPU support and 1 GiB of contiguous free memory each)."""
+    with open("/proc/filesystems") as f:
+        if "hugetlbfs" not in f.read():
+            pytest.skip("this kernel has no hugetlbfs")
+    knob = HUGEPAGES[pagesize]
+    if not os.path.exists(knob):
+        pytest.skip(f"this kernel or CPU has no {pagesize} huge pages ({knob} is missing)")
+    os.makedirs(where, exist_ok=True)
+    added = 0
+    mounted = False
+    try:
+        with open(knob) as f:
+            old = int(f.read())
+        with open(knob, "w") as f:
+            f.write(str(old + pages))
+        with open(knob) as f:
+            added = max(int(f.read()) - old, 0)
+        if added < pages:
+            msg = f"the kernel reserved {added} of {pages} {pagesize} huge pages"
+            if skip_if_unavailable:
+                pytest.skip(msg + " (not enough contiguous free memory)")
+            pytest.fail(msg)
+        subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={pagesize}", "none", where],
+                       check=True, capture_output=True)
+        mounted = True
+        yield where
+    finally:
+        busy = None
+        if mounted:
+            for name in os.listdir(where):
+                os.unlink(os.path.join(where, name))
+            r = subprocess.run(["umount", where], capture_output=True, text=True)
+            if r.returncode != 0:  # still mapped by someone: detach it, fail after the release
+                subprocess.run(["umount", "-l", where], capture_output=True)
+                busy = r.stderr.strip()
+        if added:
+            with open(knob) as f:
+                now = int(f.read())
+            with open(knob, "w") as f:
+                f.write(str(max(now - added, 0)))
+        if busy:
+            pytest.fail(f"hugetlbfs at {where} was busy at the end: {busy}")
+
+
+@pytest.fixture
+def hugetlbfs_factory(tmp_path):
+    """hugetlbfs(...) as a fixture: request it before mount_factory, so that its finalizer
+    runs after every daemon using it has been unmounted."""
+    stack = contextlib.ExitStack()
+
+    def make(pages: int, pagesize: str = "2M", skip_if_unavailable: bool = False) -> str:
+        return stack.enter_context(hugetlbfs(str(tmp_path / f"huge-{pagesize}"), pages, pagesize,
+                                             skip_if_unavailable))
+
+    yield make
+    stack.close()
