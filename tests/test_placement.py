@@ -264,3 +264,32 @@ def test_a_sized_file_written_in_random_order_stays_one_extent(region_factory):
         assert bytes(e.read(f, 77 * 2 * MiB, 2)) == b"77"
     finally:
         e.close()
+
+
+def test_setfattr_align_policy_on_a_mount(region_factory, mount_factory):
+    """The placement policy as a person sets it: setfattr(1) on a directory of the mount."""
+    m = mount_factory(region_factory(size=4 * GiB))
+    os.mkdir(m.p("vms"))
+
+    def attr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+    r = attr("setfattr", "-n", "user.pmemfs.align", "-v", "1G", m.p("vms"))
+    assert r.returncode == 0, r.stderr
+    r = attr("getfattr", "--only-values", "-n", "user.pmemfs.align", m.p("vms"))
+    assert r.returncode == 0 and r.stdout == "1G", (r.stdout, r.stderr)
+    os.mkdir(m.p("vms", "sub"))
+    for where in (m.p("vms", "disk"), m.p("vms", "sub", "disk")):
+        with open(where, "wb") as f:  # a small file, not at a GiB boundary: placed as a big one
+            f.seek(3 * MiB)
+            f.write(b"x" * MiB)
+        assert os.getxattr(where, "user.pmemfs.align") == b"1G"  # inherited
+        ext = json.loads(os.getxattr(where, "user.pmemfs.extents"))
+        assert ext and all((ro - fo) % GiB == 0 for fo, ro, _ in ext), ext
+    with open(m.p("plain"), "wb") as f:  # no policy: a 2 MiB block wherever it fits
+        f.write(b"y" * MiB)
+    assert b"user.pmemfs.align" not in [n.encode() for n in os.listxattr(m.p("plain"))]
+    r = attr("setfattr", "-n", "user.pmemfs.align", "-v", "3M", m.p("vms"))
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+    r = attr("getfattr", "--only-values", "-n", "user.pmemfs.align", m.p("vms"))
+    assert r.stdout == "1G"  # the bad value changed nothing
