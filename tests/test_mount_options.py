@@ -229,25 +229,23 @@ def test_force_clears_a_dead_mount_of_another_filesystem(region, tmp_path):
     os.mkdir(mp)
     os.mkdir(src)
     try:
-        for how in (["-o", "force"], ["--force"]):
-            dead_foreign_mount(mp, src)
-            r = pmemfs("mount", region, mp)
-            assert r.returncode != 0 and "another filesystem" in r.stderr and "--force" in r.stderr, r.stderr
-            assert len(r.stderr.strip().splitlines()) == 1
-            r = pmemfs("mount", *how, region, mp)
-            assert r.returncode == 0, r.stderr
-            assert "cleared a dead mount" in r.stdout
-            with open(os.path.join(mp, "f"), "w") as f:
-                f.write(" ".join(how))
-            u = pmemfs("umount", mp)
-            assert u.returncode == 0, u.stderr
-        # force never touches a live mount
+        dead_foreign_mount(mp, src)
         r = pmemfs("mount", region, mp)
+        assert r.returncode != 0 and "another filesystem" in r.stderr and "--force" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        r = pmemfs("mount", "-o", "force", region, mp)  # (--force is the same option)
         assert r.returncode == 0, r.stderr
-        r = pmemfs("mount", "--force", region, mp)
-        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "cleared a dead mount" in r.stdout
+        with open(os.path.join(mp, "f"), "w") as f:
+            f.write("forced")
+        # force never touches a live mount, not even its own filesystem's
+        for how in (["--force"], ["-o", "force"]):
+            r = pmemfs("mount", *how, region, mp)
+            assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         with open(os.path.join(mp, "f")) as f:
-            assert f.read() == "--force"
+            assert f.read() == "forced"
+        u = pmemfs("umount", mp)
+        assert u.returncode == 0, u.stderr
     finally:
         while mounting.pmemfs_mount_at(mp) is not None:
             pmemfs("umount", mp)

@@ -217,17 +217,18 @@ def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
     with open(m.p("guest"), "rb") as f:
         f.seek(256 * MiB)
         assert f.read(4) == bytes(4)  # the kernel's cached pages of the carved range were dropped
-    # Fragment the free space: one-block files fill what is left of GiB 0 and spill into
-    # a free GiB; most are removed again, the few left keep that GiB from being a free run.
-    names = []
-    for i in range(700):
+    # Fragment the free space: a filler takes what is left of GiB 0, so one-block files
+    # land in a free GiB; the filler goes again, and the files keep that GiB from being
+    # a free run while GiB 0 has room for them.
+    free = frag(m.path)["free_blocks"]  # GiB 0 but its metadata, and GiB 2 and 3
+    r = pmemfs("prealloc", m.p("filler"), f"{(free - 2 * CHUNK) * 2}M")
+    assert r.returncode == 0, r.stderr
+    keep = []
+    for i in range(12):
         with open(m.p(f"f{i}"), "wb") as f:
             f.write(hashlib.sha256(b"%d" % i).digest() * 2200)  # 70,400 bytes: too big to pack
-        names.append(f"f{i}")
-    keep = names[::50]
-    for n in names:
-        if n not in keep:
-            os.unlink(m.p(n))
+        keep.append(f"f{i}")
+    os.unlink(m.p("filler"))
     want = {n: file_digest(m.p(n)) for n in [*keep, "guest", "side"]}
     runs_before = frag(m.path)["aligned_1g_runs"]
     r = pmemfs("defrag", m.path)
