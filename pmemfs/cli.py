@@ -85,9 +85,19 @@ def run(command: click.Command, prog: str, usage_status: int = 2,
     return main
 
 
-def progress_bar(label: str, total: int) -> Callable[[int], None]:
-    """A rich progress bar that only appears when the work takes more than a second."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+def progress_bar(label: str, total: int, unit: str = "bytes") -> Callable[[int], None]:
+    """A rich progress bar on stderr that only appears when the work takes more than a
+    second and stderr is a terminal. unit "bytes" counts sizes; anything else is shown
+    as "done/total unit" (fsck counts checks)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     started = time.monotonic()
     state: dict = {"bar": None, "done": 0}
@@ -95,8 +105,10 @@ def progress_bar(label: str, total: int) -> Callable[[int], None]:
     def tick(n: int) -> None:
         state["done"] += n
         if state["bar"] is None and time.monotonic() - started > 1.0 and sys.stderr.isatty():
-            bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                           TimeRemainingColumn(), transient=True)
+            # On stderr, where the decision was made: stdout may be a file of results.
+            counts = [DownloadColumn()] if unit == "bytes" else [MofNCompleteColumn(), TextColumn(unit)]
+            bar = Progress("[progress.description]{task.description}", BarColumn(), *counts,
+                           TimeRemainingColumn(), transient=True, console=Console(stderr=True))
             bar.start()
             state["bar"] = bar
             state["task"] = bar.add_task(label, total=total, completed=state["done"])

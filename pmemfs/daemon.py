@@ -59,12 +59,17 @@ async def _run_until_signalled() -> None:
         nursery.cancel_scope.cancel()
 
 
+def open_engine(region: str, options: set[str], takeover: bool = False) -> Engine:
+    """The engine as the mount options ask for it."""
+    return Engine(region, readonly="ro" in options, sync="sync" in options,
+                  noatime="noatime" in options, crash=CrashPoints.from_env(), takeover=takeover)
+
+
 def serve(region: str, mountpoint: str, options: set[str], *,
           ready: Callable[[str], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns an exit status."""
     started = time.monotonic()
-    engine = Engine(region, readonly="ro" in options, sync="sync" in options,
-                    crash=CrashPoints.from_env())
+    engine = open_engine(region, options)
     if "prefault" in options and not engine.readonly:
         engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
     ops = Operations(engine)
@@ -136,8 +141,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
     first, init = words[0] == "go-first", bytes.fromhex(words[1])
     started = time.monotonic()
     try:
-        engine = Engine(region, readonly="ro" in options, sync="sync" in options,
-                        crash=CrashPoints.from_env(), takeover=not first)
+        engine = open_engine(region, options, takeover=not first)
     except Exception as e:
         say(f"error {one_line(e)}")
         return 1

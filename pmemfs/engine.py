@@ -165,13 +165,16 @@ class Engine:
     """One mounted region. Not thread-safe: the daemon calls it from one trio thread."""
 
     def __init__(self, path: str, *, readonly: bool = False, sync: bool = False,
-                 crash: CrashPoints | None = None, check_on_mount: bool = True,
-                 takeover: bool = False):
+                 noatime: bool = False, crash: CrashPoints | None = None,
+                 check_on_mount: bool = True, takeover: bool = False):
         """takeover: serve a FUSE connection an earlier instance served (live update):
         the kernel may still hold any inode that exists now, with counts this instance
         never saw, so none of them is freed before the next fresh mount."""
         self.path = path
         self.sync = sync
+        # FUSE leaves atime to the daemon (the kernel marks FUSE inodes S_NOATIME), so the
+        # noatime mount option is ours to honour: reads then never write atime.
+        self.noatime = noatime
         self.takeover = takeover
         self.unsettled: int | None = None
         try:
@@ -1070,8 +1073,10 @@ class Engine:
                 break
             a, b = max(start, e0), min(end, e1)
             if a < b:
+                # Whole pages become holes (region.zero): zeroing the rest of a 1 GiB block
+                # after a short write must not cost a GiB of memory on a sparse region.
                 base = fm.pblk[i] * bs - e0
-                self.u8[base + a:base + b] = 0
+                self.region.zero(base + a, b - a)
             i += 1
 
     def _file(self, ino: int) -> int:
@@ -1247,7 +1252,7 @@ class Engine:
         return bytes(out)
 
     def _relatime(self, ino: int) -> None:
-        if self.readonly:
+        if self.readonly or self.noatime:
             return
         at = int(self.I["atime_ns"][ino])
         now = time.time_ns()

@@ -102,6 +102,9 @@ class Report:
 
 
 # ------------------------------------------------------------------ opening
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux x86_64/aarch64; Python 3.11 lacks it
+
+
 class _Image:
     """The region mapped for fsck: private copy-on-write for -n, shared and locked to repair."""
 
@@ -132,12 +135,17 @@ class _Image:
                 raise RegionError(f"{path}: region is empty")
             # Only the metadata area is mapped privately (writable, copy-on-write): a
             # private writable mapping of a huge region would be charged as memory.
-            ro = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            # On hugetlbfs a mapping reserves huge pages for what it might fault in (the
+            # whole private copy): with none spare, -n could not even map. NORESERVE: the
+            # checks only read, and a copy is made of the few pages a rollback writes.
+            noreserve = MAP_NORESERVE if info.kind == "hugetlbfs" else 0
+            ro = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED | noreserve, mmap.PROT_READ)
             try:
                 meta_end = _metadata_end(memoryview(ro), self.size)
             finally:
                 ro.close()
-            self.mm = mmap.mmap(self.fd, meta_end, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mm = mmap.mmap(self.fd, meta_end, mmap.MAP_PRIVATE | noreserve,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             os.close(self.fd)
             raise RegionError(f"{path}: cannot map: {e.strerror}") from None
@@ -999,7 +1007,7 @@ def _command():
             raise RegionError(f"{region}: is a directory, not a region")
         from .cli import progress_bar
 
-        tick = None if as_json else progress_bar("checking", len(check.CHECK_NAMES))
+        tick = None if as_json else progress_bar("checking", len(check.CHECK_NAMES), unit="checks")
         try:
             report = fsck(region, mode, backup, progress=tick)
             if (interactive and report.errors and any(f.fix for f in report.errors)

@@ -41,6 +41,8 @@ def handler(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        if log.isEnabledFor(logging.DEBUG):  # pmemfs mount --debug: every request and its answer
+            return await _logged(fn, name, self, args)
         try:
             return await fn(self, *args)
         except FsError as e:
@@ -52,6 +54,34 @@ def handler(fn: Callable) -> Callable:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _brief(args: tuple) -> str:
+    """The plain arguments of a request (numbers, names, short values), for the debug log."""
+    out = []
+    for a in args:
+        if isinstance(a, bool | int):
+            out.append(str(a))
+        elif isinstance(a, bytes | memoryview):
+            b = bytes(a[:48])
+            out.append(repr(b) + ("..." if len(a) > 48 else ""))
+    return "(" + ", ".join(out) + ")"
+
+
+async def _logged(fn: Callable, name: str, self, args: tuple):
+    try:
+        result = await fn(self, *args)
+    except FsError as e:
+        log.debug("%s%s -> %s", name, _brief(args), errno.errorcode.get(e.errno, e.errno))
+        raise pyfuse3.FUSEError(e.errno) from None
+    except pyfuse3.FUSEError as e:
+        log.debug("%s%s -> %s", name, _brief(args), errno.errorcode.get(e.errno, e.errno))
+        raise
+    except Exception:
+        log.exception("%s%r failed", name, args[:2])
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    log.debug("%s%s -> ok", name, _brief(args))
+    return result
 
 
 def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:

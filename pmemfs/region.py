@@ -157,6 +157,7 @@ class Region:
         info = probe(path)
         self.kind = info.kind
         self.page_size = info.page_size
+        self.prefaulted = False  # prefault() was asked for: zero() then keeps the pages
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create_size and info.size == 0 and info.kind != "devdax":
             flags |= os.O_CREAT
@@ -220,15 +221,16 @@ class Region:
 
         On a file (tmpfs, hugetlbfs, a disk) whole pages are punched out, so zeroing a
         large, still sparse table costs nothing; writing zeros instead would allocate
-        every page. Partial pages, /dev/dax and filesystems without hole punching get
-        zeros written.
+        every page. Partial pages, /dev/dax, filesystems without hole punching and a
+        prefaulted region (its pages must stay populated) get zeros written.
         """
         end = min(self.size, start + length)
         if start >= end:
             return
         lo = min(-(-start // self.page_size) * self.page_size, end)
         hi = max(end // self.page_size * self.page_size, lo)
-        if self.kind != "devdax" and hi > lo and _punch_hole(self.fd, lo, hi - lo):
+        if (self.kind != "devdax" and not self.prefaulted and hi > lo
+                and _punch_hole(self.fd, lo, hi - lo)):
             self.buf[start:lo] = bytes(lo - start)
             self.buf[hi:end] = bytes(end - hi)
             return
@@ -238,6 +240,7 @@ class Region:
 
     def prefault(self, start: int, length: int, progress: Callable[[int], None] | None = None) -> None:
         """Populate pages of [start, start+length) writably so the data path never faults."""
+        self.prefaulted = True
         end = min(self.size, start + length)
         pos = start - start % mmap.PAGESIZE
         while pos < end:

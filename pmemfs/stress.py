@@ -48,7 +48,10 @@ class Log:
 
 def worker(mountpoint: str, log_path: str, wid: int, seed: int, deadline: float,
            max_file: int = 3 * MiB) -> int:
-    """Run until the deadline or until the filesystem goes away; returns ops acknowledged."""
+    """Run until the deadline or until the mount dies (ENOTCONN); returns ops acknowledged.
+
+    Any other failure raises: a worker that ends early without a dead mount is a bug.
+    """
     rng = random.Random(seed)
     log = Log(log_path)
     root = os.path.join(mountpoint, f"w{wid}")
@@ -131,9 +134,20 @@ def worker(mountpoint: str, log_path: str, wid: int, seed: int, deadline: float,
                 continue
             acked += 1
     except OSError as e:
-        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT, errno.EIO):
+        # Only a dead mount ends a worker quietly: ENOTCONN, or ECONNABORTED for the call
+        # in flight when the daemon died, and then the mountpoint must really answer
+        # ENOTCONN. Anything else (ENOENT, EIO...) from a live filesystem is a bug to report.
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED) or not _mount_is_dead(mountpoint):
             raise
     return acked
+
+
+def _mount_is_dead(mountpoint: str) -> bool:
+    try:
+        os.statvfs(mountpoint)  # always forwarded to the daemon (stat may come from a cache)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
 
 
 def _settled(log_path: str) -> list[str]:

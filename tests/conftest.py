@@ -6,6 +6,7 @@ every region a test leaves behind must pass the structural checks (the fsck core
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -18,7 +19,9 @@ import pytest
 
 from pmemfs import check, mounting
 from pmemfs.engine import Engine
+from pmemfs.format import STATE_CLEAN, read_superblock
 from pmemfs.mkfs import make_filesystem
+from pmemfs.region import Region
 
 SMALL = 64 << 20
 
@@ -62,18 +65,30 @@ def engine(region):
     assert_clean(region)
 
 
+def superblock_state(region: str) -> int:
+    with Region(region, writable=False, lock=False) as r:
+        return read_superblock(r.buf, r.size)[0].state
+
+
 class Mount:
+    """A daemon serving region on path. Teardown (cleanup) always leaves nothing mounted,
+    and reports as a test failure whatever a user would call broken: an unmount that
+    fails, a daemon that does not exit 0 after it, a region not marked clean, a daemon
+    that died by itself (only kill() is allowed to end one)."""
+
     def __init__(self, region: str, path: str, options: set[str]):
         self.region = region
         self.path = path
         self.options = options
         self.proc: subprocess.Popen | None = None
+        self.killed = False
         self.start()
 
     def start(self) -> None:
         m = mounting.spawn(self.region, self.path, set(self.options), log=self.path + ".log")
         self.proc = m.proc
         self.status = m.status
+        self.killed = False
 
     @property
     def pid(self) -> int:
@@ -96,6 +111,7 @@ class Mount:
                 pass
         wait_for(lambda: not any(os.path.exists(f"/proc/{p}/fd") for p in kids), 30)
         wait_for(lambda: mounting.region_holder(self.region) is None, 30)
+        self.killed = True
 
     def crash(self) -> int:
         """kill -9 the daemon only: the supervisor's standby takes the connection over
@@ -108,27 +124,58 @@ class Mount:
         return mounting.region_holder(self.region)
 
     def unmount(self) -> None:
+        """pmemfs umount: the daemon exits 0 and the region is marked clean."""
         mounting.unmount(self.path)
-        self.proc.wait(timeout=30)
+        assert self.proc.wait(timeout=30) == 0, f"daemon exited with {self.proc.returncode}: {self.log()[-2000:]}"
+        assert superblock_state(self.region) == STATE_CLEAN, "unmounted, but the region is not marked clean"
 
     def restart(self) -> None:
         """kill -9 and mount again, as a kexec would."""
         self.kill()
         self.start()
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> list[str]:
+        """Unmount whatever is left, always (lazily when a clean unmount fails); returns
+        the problems found, which fail the test."""
+        problems: list[str] = []
+        clean_exit = False
         if self.proc is not None and self.proc.poll() is None:
+            wait = 20
             try:
                 mounting.unmount(self.path, timeout=20)
-            except Exception:
+            except Exception as e:
+                problems.append(f"{self.path}: unmount failed: {e}")
                 subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+                wait = 2  # a lazy unmount of a busy mount leaves the daemon serving: kill it
             try:
-                self.proc.wait(timeout=20)
+                code = self.proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
+                problems.append(f"{self.path}: daemon {self.proc.pid} still running {wait} s after the unmount")
                 self.proc.kill()
-                self.proc.wait()
+                code = self.proc.wait()
+            if code != 0:
+                problems.append(f"{self.path}: daemon exited with {code} after the unmount")
+            clean_exit = code == 0 and not problems
+        elif self.proc is not None and not self.killed and self.proc.returncode != 0:
+            problems.append(f"{self.path}: daemon {self.proc.pid} died by itself ({self.proc.returncode})")
+        elif self.proc is not None and not self.killed:
+            clean_exit = True  # unmounted by the test
+        if mounting.pmemfs_mount_at(self.path) is not None:
+            # Dead after kill(), or served by a daemon the test started itself.
+            stale = mounting.is_stale(self.path)
+            try:
+                mounting.unmount(self.path, timeout=20)
+                if not stale and not self.killed and self.proc is not None:
+                    problems.append(f"{self.path}: still mounted after its daemon exited")
+            except Exception as e:
+                problems.append(f"{self.path}: unmount failed: {e}")
         if mounting.pmemfs_mount_at(self.path) is not None:
             subprocess.run(["fusermount3", "-uz", self.path], capture_output=True)
+            problems.append(f"{self.path}: needed a lazy unmount")
+        if (clean_exit and os.path.exists(self.region) and mounting.region_holder(self.region) is None
+                and superblock_state(self.region) != STATE_CLEAN):
+            problems.append(f"{self.region}: the daemon exited 0, but the region is not marked clean")
+        return problems
 
     def log(self) -> str:
         try:
@@ -150,11 +197,11 @@ def mount_factory(tmp_path):
         return m
 
     yield make
-    for m in made:
-        m.cleanup()
+    problems = [p for m in made for p in m.cleanup()]  # every mount is cleaned up first
     for m in made:
         assert mounting.pmemfs_mount_at(m.path) is None
         assert "Traceback" not in m.log(), m.log()
+    assert not problems, "teardown: " + "; ".join(problems) + "\n" + "\n".join(m.log()[-1500:] for m in made)
     for region in {m.region for m in made}:
         if os.path.exists(region):
             assert_clean(region)
@@ -218,3 +265,71 @@ def snapshot(root: str) -> dict:
     out["<statfs>"] = [s.f_bfree, s.f_ffree]
     out["<kernel>"] = [(o["name"], o["state"], o["size"]) for o in KernelObjects(root).list()]
     return out
+
+
+HUGEPAGES = {"2M": "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+             "1G": "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"}
+
+
+@contextlib.contextmanager
+def hugetlbfs(where: str, pages: int, pagesize: str = "2M", skip_if_unavailable: bool = False):
+    """Reserve `pages` more huge pages of pagesize and mount a hugetlbfs of that page size
+    at where; always unmount it and give the pages back (as a difference, so a concurrent
+    user keeps what it reserved). With no hugetlbfs in the kernel the test is skipped;
+    pages the kernel cannot reserve fail it, or skip it when skip_if_unavailable (1 GiB
+    pages need CPU support and 1 GiB of contiguous free memory each)."""
+    with open("/proc/filesystems") as f:
+        if "hugetlbfs" not in f.read():
+            pytest.skip("this kernel has no hugetlbfs")
+    knob = HUGEPAGES[pagesize]
+    if not os.path.exists(knob):
+        pytest.skip(f"this kernel or CPU has no {pagesize} huge pages ({knob} is missing)")
+    os.makedirs(where, exist_ok=True)
+    added = 0
+    mounted = False
+    try:
+        with open(knob) as f:
+            old = int(f.read())
+        with open(knob, "w") as f:
+            f.write(str(old + pages))
+        with open(knob) as f:
+            added = max(int(f.read()) - old, 0)
+        if added < pages:
+            msg = f"the kernel reserved {added} of {pages} {pagesize} huge pages"
+            if skip_if_unavailable:
+                pytest.skip(msg + " (not enough contiguous free memory)")
+            pytest.fail(msg)
+        subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={pagesize}", "none", where],
+                       check=True, capture_output=True)
+        mounted = True
+        yield where
+    finally:
+        busy = None
+        if mounted:
+            for name in os.listdir(where):
+                os.unlink(os.path.join(where, name))
+            r = subprocess.run(["umount", where], capture_output=True, text=True)
+            if r.returncode != 0:  # still mapped by someone: detach it, fail after the release
+                subprocess.run(["umount", "-l", where], capture_output=True)
+                busy = r.stderr.strip()
+        if added:
+            with open(knob) as f:
+                now = int(f.read())
+            with open(knob, "w") as f:
+                f.write(str(max(now - added, 0)))
+        if busy:
+            pytest.fail(f"hugetlbfs at {where} was busy at the end: {busy}")
+
+
+@pytest.fixture
+def hugetlbfs_factory(tmp_path):
+    """hugetlbfs(...) as a fixture: request it before mount_factory, so that its finalizer
+    runs after every daemon using it has been unmounted."""
+    stack = contextlib.ExitStack()
+
+    def make(pages: int, pagesize: str = "2M", skip_if_unavailable: bool = False) -> str:
+        return stack.enter_context(hugetlbfs(str(tmp_path / f"huge-{pagesize}"), pages, pagesize,
+                                             skip_if_unavailable))
+
+    yield make
+    stack.close()

@@ -12,7 +12,6 @@ from pmemfs.engine import Engine, MountError
 from pmemfs.format import (
     BLOB_CONT,
     FLAG_ORPHAN,
-    KIND_REG,
     ROOT_INO,
     SB_STRUCT,
     Superblock,
@@ -251,7 +250,3 @@ def test_reachability_deep_chain(region_factory):
     assert fsck(path, "p").exit_code == 1
     assert fsck(path).exit_code == 0
     Engine(path).close()
-
-
-def test_kind_reg_constant_matches():
-    assert KIND_REG == 1

@@ -7,7 +7,9 @@ import os
 import random
 import time
 
-from pmemfs import stress
+from conftest import wait_for
+
+from pmemfs import mounting, stress
 
 
 def run_round(mount, logs: dict[int, str], seed: int, workers: int = 3) -> int:
@@ -38,3 +40,22 @@ def test_kill_during_workload_loses_nothing_acknowledged(region_factory, mount_f
         assert not problems, problems[:5]
     assert total > 10, "the workload acknowledged too little to prove anything"
     assert os.listdir(mount.path)
+
+
+def test_worker_fails_on_enoent_from_a_live_mount(mounted, tmp_path):
+    """ENOENT from a mount that still answers is a bug the workload must report, not an
+    end of the workload: here another process removes the worker's files under it."""
+    ctx = multiprocessing.get_context("fork")
+    log = str(tmp_path / "ack.log")
+    p = ctx.Process(target=stress.worker, args=(mounted.path, log, 0, 7, time.monotonic() + 30))
+    p.start()
+    try:
+        assert wait_for(lambda: os.path.exists(log) and os.path.getsize(log) > 0, timeout=20)
+        os.rename(mounted.p("w0"), mounted.p("moved"))  # every file the worker owns is gone
+        p.join(timeout=60)
+        assert p.exitcode not in (None, 0), "the worker ended quietly on ENOENT"
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not mounting.is_stale(mounted.path)  # the mount was alive all along

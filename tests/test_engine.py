@@ -288,7 +288,9 @@ def test_rename_directories(engine):
     assert engine.lookup(engine.lookup(engine.lookup(full, b"moved"), b"sub"), b"leaf") == leaf
     assert engine.lookup(d, b"..") == full
     assert engine.stat(full).nlink == 3 and engine.stat(R).nlink == 3
-    assert f
+    # the file beside the moving directories was never touched by them
+    assert engine.lookup(R, b"f") == f and engine.stat(f).nlink == 1
+    assert sorted(names(engine, R)) == [b"f", b"full"]
 
 
 # ------------------------------------------------------------- readdir

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+import stat as statmod
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from pmemfs import fsck as fsckmod
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import corrupt  # noqa: E402
 
-FSCK = os.path.join(ROOT, ".venv", "bin", "pmemfs-fsck")
+FSCK = os.path.join(os.path.dirname(sys.executable), "pmemfs-fsck")  # the venv running the suite
 BS = 2 << 20
 
 
@@ -78,6 +79,89 @@ def verify(path: str, expected: dict, victims=()) -> None:
         e.close()
 
 
+def tree(path: str) -> dict:
+    """Everything a user sees, through the Engine: {"paths": {path: ino}, "inodes":
+    {ino: {kind, mode, uid, gid, size, nlink, data | target, xattrs}}, "packed": inos}."""
+    e = Engine(path)
+    try:
+        paths: dict[str, int] = {}
+        inodes: dict[int, dict] = {}
+        todo = [(1, "")]
+        while todo:
+            d, rel = todo.pop()
+            for _, name, ino in e.readdir(d):
+                if name in (b".", b".."):
+                    continue
+                p = f"{rel}/{name.decode(errors='surrogateescape')}"
+                paths[p] = ino
+                if ino in inodes:
+                    continue  # a hard link: described once
+                s = e.stat(ino)
+                rec = {"kind": s.kind, "mode": s.mode, "uid": s.uid, "gid": s.gid, "nlink": s.nlink,
+                       "xattrs": {n: e.getxattr(ino, n) for n in sorted(e.listxattr(ino))}}
+                if statmod.S_ISDIR(s.mode):
+                    todo.append((ino, p))
+                elif statmod.S_ISLNK(s.mode):
+                    rec["target"] = e.readlink(ino)
+                else:
+                    rec["size"] = s.size  # (a damaged size may be absurd: read what a test file can hold)
+                    rec["data"] = bytes(e.read(ino, 0, min(s.size, 64 << 20) + 10))
+                inodes[ino] = rec
+        return {"paths": paths, "inodes": inodes, "packed": set(e.packer.packed) & set(inodes)}
+    finally:
+        e.close()
+
+
+def moved_tree(before: dict, damage: str, info: dict) -> dict[str, int]:
+    """The paths a repair of this damage must leave: the same, but for what the damage
+    cut off the tree (put in /lost+found as "#INO") and a name made invalid (its "/"
+    becomes "_"). docs/FSCK.md states these rules."""
+    paths = dict(before["paths"])
+
+    def move(ino: int, new: str) -> None:
+        (old,) = [p for p, i in paths.items() if i == ino]
+        for p in [p for p in paths if p == old or p.startswith(old + "/")]:
+            paths[new + p[len(old):]] = paths.pop(p)
+
+    if damage == "orphan-inode":
+        move(info["ino"], f"/lost+found/#{info['ino']}")
+    elif damage == "dir-cycle":
+        move(info["top"], f"/lost+found/#{info['top']}")
+    elif damage == "bad-name":
+        (old,) = [p for p, i in paths.items() if i == info["ino"] and p.endswith("/" + info["old"])]
+        paths[old[: -len(info["old"])] + info["new"].replace("/", "_")] = paths.pop(old)
+    return paths
+
+
+def tree_differences(before: dict, after: dict, want_paths: dict[str, int], victims=()) -> list[str]:
+    """What differs between the tree a repair must leave and the one it left."""
+    problems = []
+    got_paths = dict(after["paths"])
+    lf = got_paths.pop("/lost+found", None)
+    if any(p.startswith("/lost+found/") for p in want_paths):
+        if lf is None or not statmod.S_ISDIR(after["inodes"][lf]["mode"]):
+            problems.append("no /lost+found directory")
+    elif lf is not None:
+        problems.append("a /lost+found nobody needed")
+    if got_paths != want_paths:
+        problems.append(f"names: missing {sorted(set(want_paths.items()) - set(got_paths.items()))}, "
+                        f"unexpected {sorted(set(got_paths.items()) - set(want_paths.items()))}")
+    for ino, rec in before["inodes"].items():
+        got = after["inodes"].get(ino)
+        if got is None:
+            problems.append(f"inode {ino} is gone")
+            continue
+        names = sum(1 for i in got_paths.values() if i == ino)
+        if not statmod.S_ISDIR(rec["mode"]) and got["nlink"] != names:
+            problems.append(f"inode {ino}: nlink {got['nlink']} but {names} name(s)")
+        if ino in victims:
+            continue
+        for k, v in rec.items():
+            if k != "nlink" and got.get(k) != v:
+                problems.append(f"inode {ino}: {k} differs")
+    return problems
+
+
 def run_cli(*args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
     return subprocess.run([FSCK, *args], capture_output=True, text=True, stdin=stdin, timeout=60)
 
@@ -106,6 +190,8 @@ def test_populated_is_clean_and_y_changes_nothing(populated):
 @pytest.mark.parametrize("damage", sorted(corrupt.DAMAGES))
 def test_damage_found_repaired_and_mounts(populated, damage, tmp_path):
     path, expected = populated
+    was = tree(path)
+    assert was["packed"] and any("target" in r for r in was["inodes"].values())
     info = corrupt.apply(path, damage, seed=3)
     rep = fsck(path, "n")
     assert rep.exit_code == 4, (damage, [f.as_dict() for f in rep.findings])
@@ -125,6 +211,45 @@ def test_damage_found_repaired_and_mounts(populated, damage, tmp_path):
     again = fsck(path, "n")
     assert again.exit_code == 0, [f.as_dict() for f in again.findings]
     verify(path, expected, info["victims"])
+    # Names, places in the tree, hard links, xattrs, symlinks and packed files: all as
+    # before, but for what this damage must move (its victims may lose data, not names).
+    problems = tree_differences(was, tree(path), moved_tree(was, damage, info), info["victims"])
+    assert not problems, (damage, info["detail"], problems)
+
+
+def test_repaired_region_mounts_through_fuse_and_reads_back(populated, mount_factory):
+    """fsck -y, then a real mount: every file reads through the kernel as before the
+    damage, at the place the repair gave it (cycle cut off into lost+found, name fixed)."""
+    path, _ = populated
+    was = tree(path)
+    cut = corrupt.apply(path, "dir-cycle", seed=3)
+    renamed = corrupt.apply(path, "bad-name", seed=5)
+    corrupt.apply(path, "link-count", seed=2)
+    assert fsck(path, "y").exit_code == 1
+    want = moved_tree({"paths": moved_tree(was, "dir-cycle", cut)}, "bad-name", renamed)
+    m = mount_factory(path)
+    seen = {}
+    for top, dirs, files in os.walk(m.path):
+        for name in dirs + files:
+            p = os.path.join(top, name)
+            rel = "/" + os.path.relpath(p, m.path)
+            st = os.lstat(p)
+            seen[rel] = st.st_ino
+            if rel == "/lost+found":
+                continue
+            rec = was["inodes"][st.st_ino]
+            assert st.st_mode == rec["mode"] and (st.st_uid, st.st_gid) == (rec["uid"], rec["gid"]), rel
+            if not statmod.S_ISDIR(st.st_mode):  # (directories' counts follow the moves)
+                assert st.st_nlink == rec["nlink"], rel
+            xattrs = {n.encode(): os.getxattr(p, n, follow_symlinks=False)
+                      for n in os.listxattr(p, follow_symlinks=False)}
+            assert xattrs == rec["xattrs"], rel
+            if statmod.S_ISLNK(st.st_mode):
+                assert os.fsencode(os.readlink(p)) == rec["target"], rel
+            elif statmod.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    assert f.read() == rec["data"], rel
+    assert {p: i for p, i in seen.items() if p != "/lost+found"} == want
 
 
 def test_mount_refuses_damage_fsck_reports(populated):
@@ -237,8 +362,10 @@ def test_no_superblock_at_all_is_uncorrectable(region_factory):
 
 def test_lost_found_created_and_reused(populated):
     path, expected = populated
-    corrupt.apply(path, "orphan-inode", seed=1)
-    corrupt.apply(path, "orphan-inode", seed=2)
+    was = tree(path)
+    first = corrupt.apply(path, "orphan-inode", seed=1)
+    second = corrupt.apply(path, "orphan-inode", seed=2)
+    assert first["ino"] != second["ino"]
     assert fsck(path, "p").exit_code == 1
     e = Engine(path)
     try:
@@ -247,6 +374,9 @@ def test_lost_found_created_and_reused(populated):
     finally:
         e.close()
     verify(path, expected)
+    # Both in the one /lost+found, each as "#INO", with everything else where it was.
+    want = moved_tree({"paths": moved_tree(was, "orphan-inode", first)}, "orphan-inode", second)
+    assert not tree_differences(was, tree(path), want)
 
 
 def test_random_damage_never_crashes(region_factory):
@@ -279,6 +409,41 @@ def test_random_damage_never_crashes(region_factory):
             assert again.exit_code == 0, (seed, [f.as_dict() for f in again.findings])
             assert _try_mount(path), f"seed {seed}: repaired but mount refuses"
     assert outcomes[1] > 100  # most random damage is found and repaired
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 4: fsck -y changes files without naming them "
+                   "(20 of these 50 seeds: xattrs, data, names, owner)")
+def test_random_damage_changes_no_file_silently(region_factory):
+    """The "no silent change" rule: after random damage to the used metadata and a repair,
+    every file reads exactly as before the damage (data, size, mode, owner, xattrs,
+    symlink target, names), or the report names it (its path or "inode N")."""
+    template = region_factory()
+    populate(template)
+    was = tree(template)
+    with open(template, "rb") as f:
+        image = f.read()  # all of it: the data blocks too, so that contents can be compared
+    path = region_factory()
+    silent = {}
+    for seed in range(50):
+        _restore(path, image, len(image))
+        corrupt.random_bytes(path, seed, writes=random.Random(seed).choice([1, 2, 4, 8]))
+        rep = fsck(path, "y")
+        if rep.exit_code == 4:
+            continue  # refused: nothing is served, nothing changed silently
+        report = " ".join(f"{f.obj}: {f.message}" for f in rep.findings)
+        now = tree(path)
+        changed = set()
+        for p, ino in was["paths"].items():
+            if now["paths"].get(p) != ino:
+                changed.add((p, ino))
+        for ino, rec in was["inodes"].items():
+            got = now["inodes"].get(ino)
+            if got is None or any(got.get(k) != v for k, v in rec.items() if k != "nlink"):
+                changed.update((p, ino) for p, i in was["paths"].items() if i == ino)
+        unnamed = sorted(p for p, ino in changed if p not in report and not re.search(rf"\binode {ino}\b", report))
+        if unnamed:
+            silent[seed] = unnamed
+    assert not silent, f"{len(silent)} seeds changed files silently: {dict(list(silent.items())[:5])}"
 
 
 def _restore(path: str, image: bytes, size: int) -> None:
@@ -338,7 +503,7 @@ def test_cli_exit_codes_and_json(populated):
     p = run_cli("-p", "--json", path)
     assert p.returncode == 1 and any(f["repaired"] for f in json.loads(p.stdout)["findings"])
     assert run_cli(path).returncode == 0
-    fs = subprocess.run([os.path.join(ROOT, ".venv", "bin", "fsck.pmemfs"), "-a", path],
+    fs = subprocess.run([os.path.join(os.path.dirname(FSCK), "fsck.pmemfs"), "-a", path],
                         capture_output=True, text=True, timeout=60)
     assert fs.returncode == 0
 
@@ -413,11 +578,61 @@ def test_backup_file_matches_metadata(populated, tmp_path):
         assert f.read() == meta
 
 
-def test_progress_is_silent_when_fast(populated):
+def _slow_open(path: str) -> list[str]:
+    """strace prefix that delays fsck's first open of the region by 1.5 s: slow work, as
+    a slow device or a loaded machine makes it (the checks themselves take milliseconds)."""
+    strace = shutil.which("strace")
+    assert strace, "strace is needed (./run installs it)"
+    return [strace, "-qq", "-o", "/dev/null", "-P", path, "-e", "trace=openat",
+            "-e", "inject=openat:delay_exit=1500000:when=1"]
+
+
+def _on_terminal(cmd: list[str]) -> tuple[int, str, bytes]:
+    """Run cmd with stderr on a pseudo-terminal, stdout on a pipe: (status, stdout, terminal)."""
+    master, slave = os.openpty()
+    try:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last holder of the terminal closed it
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = p.stdout.read().decode()
+        p.wait(timeout=60)
+    finally:
+        os.close(master)
+    return p.returncode, out, seen
+
+
+def _elapsed(report_line: str) -> float:
+    return float(report_line.rsplit(", ", 1)[1].split(" s)")[0])
+
+
+def test_progress_bar_on_a_terminal_only_when_slow(populated):
     path, _ = populated
-    p = run_cli("-n", path)
-    assert p.stderr == ""
-    _ = time, np
+    code, out, tty = _on_terminal([FSCK, "-n", path])
+    assert code == 0, out
+    assert _elapsed(out) < 1.0, out  # fast work (this region checks in milliseconds) ...
+    assert tty == b"", tty  # ... draws nothing
+    code, out, tty = _on_terminal([*_slow_open(path), FSCK, "-n", path])
+    assert code == 0, out
+    assert _elapsed(out) > 1.0, out
+    text = tty.decode(errors="replace")
+    assert "checking" in text and f"{len(fsckmod.check.CHECK_NAMES)}/{len(fsckmod.check.CHECK_NAMES)}" in text, text
+    assert "checks" in text and "bytes" not in text, text  # it counts checks
+    # The report on stdout is only the report: the bar went to the terminal it asked about.
+    assert out.splitlines() == [out.strip()] and "\x1b" not in out, repr(out)
+    # Slow, but stderr is not a terminal: no bar.
+    p = subprocess.run([*_slow_open(path), FSCK, "-n", path], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and _elapsed(p.stdout) > 1.0, p.stdout
+    assert p.stderr == "", p.stderr
 
 
 def _read(path: str, n: int = -1) -> bytes:

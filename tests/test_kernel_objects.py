@@ -203,8 +203,6 @@ def test_cli_errors_are_one_line(region, mount_factory, cmd):
 
 
 def test_fsck_checks_kernel_objects(region_factory):
-    import numpy as np
-
     from pmemfs import fsck as fsck_mod
     from pmemfs.format import seal
 
@@ -225,4 +223,40 @@ def test_fsck_checks_kernel_objects(region_factory):
     assert any(f.check == "kernel-objects" for f in rep.errors), [f.message for f in rep.errors]
     with pytest.raises(Exception, match="kernel object"):
         Engine(region)  # mount refuses it
-    assert np.uint16(0) == 0
+
+
+def test_cli_lifecycle_preserve_freeze_retrieve_finish(region_factory, mount_factory):
+    """The handover as an operator types it: pmemfs kernel preserve, freeze, the restart,
+    retrieve, finish (with an object nobody claims, then --reclaim)."""
+    m = mount_factory(region_factory(size=128 * MiB))
+
+    def ok(*args: str) -> str:
+        r = pmemfs("kernel", *args)
+        assert r.returncode == 0, (args, r.stderr)
+        return r.stdout
+
+    def states() -> dict[str, str]:
+        return {o["name"]: o["state"] for o in json.loads(ok("list", "--json", m.path))}
+
+    k = KernelObjects(m.path)
+    for name, kind in (("iommu", "iommu-page-table"), ("dma", "dma-buffer"), ("spare", "generic")):
+        k.create(name, kind, 8192)
+    with open(k.path("iommu"), "r+b") as f:
+        f.write(b"\x5a" * 8192)
+    assert ok("preserve", m.path, "iommu") == "preserve: iommu\n"
+    ok("preserve", m.path, "dma")
+    assert ok("freeze", m.path) == "freeze: done\n"
+    assert states() == {"iommu": "frozen", "dma": "frozen", "spare": "normal"}
+    r = pmemfs("kernel", "preserve", m.path, "spare")  # the namespace is frozen
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    m.restart()  # the kexec
+    listed = {o["name"]: (o["state"], o["checksum"]) for o in json.loads(ok("list", "--json", m.path))}
+    assert listed["iommu"] == listed["dma"] == ("restored", "verified"), listed
+    assert ok("retrieve", m.path, "iommu") == "retrieve: iommu\n"
+    with open(k.path("iommu"), "rb") as f:
+        assert f.read() == b"\x5a" * 8192
+    assert ok("finish", m.path) == "finish: 1 unclaimed: dma\n"
+    assert states() == {"iommu": "normal", "dma": "restored", "spare": "normal"}
+    assert ok("finish", "--reclaim", m.path) == "finish: 1 reclaimed: dma\n"
+    m.restart()  # the end of the cycle is what the region holds
+    assert states() == {"iommu": "normal", "spare": "normal"}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import drop_caches
 
 from pmemfs import check, placement
 from pmemfs.engine import Engine, FsError
@@ -69,8 +70,16 @@ def test_random_touches_of_a_big_sparse_file_stay_in_aligned_runs(big_engine):
         e.write(f, b * 2 * MiB + 7, b"p")
     ext = e.extents(f)
     assert gib_aligned(ext)
-    small = [e.extents(e.lookup(1, n)) for n in list(e.children[1])[:50] if n.startswith(b"small")]
-    assert all(pb < CHUNK or not gib_aligned([(0, pb, 1)]) or True for x in small for _, pb, _ in x)
+    for b in blocks[:900]:  # every touch landed where it was written, nothing else did
+        assert bytes(e.read(f, b * 2 * MiB + 6, 3)) == b"\0p\0", b
+    assert bytes(e.read(f, blocks[900] * 2 * MiB, 2 * MiB)) == bytes(2 * MiB)  # untouched: a hole
+    # The churn's survivors still hold their bytes: the big file's runs took no block of theirs.
+    survivors = [n for n in e.children[1] if n.startswith(b"small")]
+    assert survivors
+    for n in survivors:
+        ino = e.lookup(1, n)
+        size = e.stat(ino).size
+        assert bytes(e.read(ino, 0, size)) == b"s" * size, n
 
 
 def test_prealloc_is_one_aligned_extent_of_zeros(big_engine):
@@ -178,6 +187,17 @@ def test_defrag_under_kill_keeps_every_file(region_factory):
     assert runs_after > runs_before
 
 
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def frag(mountpoint: str) -> dict:
+    r = pmemfs("info", "--frag", "--json", mountpoint)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def pmemfs(*args):
     return subprocess.run([os.path.join(BIN, "pmemfs"), *args], capture_output=True, text=True, timeout=120)
 
@@ -197,8 +217,30 @@ def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
     with open(m.p("guest"), "rb") as f:
         f.seek(256 * MiB)
         assert f.read(4) == bytes(4)  # the kernel's cached pages of the carved range were dropped
+    # Fragment the free space: a filler takes what is left of GiB 0, so one-block files
+    # land in a free GiB; the filler goes again, and the files keep that GiB from being
+    # a free run while GiB 0 has room for them.
+    free = frag(m.path)["free_blocks"]  # GiB 0 but its metadata, and GiB 2 and 3
+    r = pmemfs("prealloc", m.p("filler"), f"{(free - 2 * CHUNK) * 2}M")
+    assert r.returncode == 0, r.stderr
+    keep = []
+    for i in range(12):
+        with open(m.p(f"f{i}"), "wb") as f:
+            f.write(hashlib.sha256(b"%d" % i).digest() * 2200)  # 70,400 bytes: too big to pack
+        keep.append(f"f{i}")
+    os.unlink(m.p("filler"))
+    want = {n: file_digest(m.p(n)) for n in [*keep, "guest", "side"]}
+    runs_before = frag(m.path)["aligned_1g_runs"]
     r = pmemfs("defrag", m.path)
     assert r.returncode == 0 and "aligned 1 GiB runs" in r.stdout, r.stderr
+    runs_after = frag(m.path)["aligned_1g_runs"]
+    assert runs_after > runs_before, (runs_before, runs_after, r.stdout)
+    assert f"{runs_before} -> {runs_after}" in r.stdout, r.stdout
+    # Every byte where it was: read from the daemon (the blocks moved; drop the kernel's copies).
+    drop_caches()
+    assert {n: file_digest(m.p(n)) for n in want} == want
+    ext = json.loads(os.getxattr(m.p("guest"), b"user.pmemfs.extents"))
+    assert all((ro - fo) % GiB == 0 for fo, ro, _ in ext), ext  # the guest's runs stay GiB-aligned
     for args, word in ((["carve", m.p("guest"), "3", "5", m.p("bad")], "multiples"),
                        (["carve", m.p("guest"), "0", "2M", m.p("side")], "exists"),
                        (["prealloc", "/tmp/not-pmemfs", "1M"], "not on a mounted pmemfs"),
@@ -223,3 +265,32 @@ def test_a_sized_file_written_in_random_order_stays_one_extent(region_factory):
         assert bytes(e.read(f, 77 * 2 * MiB, 2)) == b"77"
     finally:
         e.close()
+
+
+def test_setfattr_align_policy_on_a_mount(region_factory, mount_factory):
+    """The placement policy as a person sets it: setfattr(1) on a directory of the mount."""
+    m = mount_factory(region_factory(size=4 * GiB))
+    os.mkdir(m.p("vms"))
+
+    def attr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+    r = attr("setfattr", "-n", "user.pmemfs.align", "-v", "1G", m.p("vms"))
+    assert r.returncode == 0, r.stderr
+    r = attr("getfattr", "--only-values", "-n", "user.pmemfs.align", m.p("vms"))
+    assert r.returncode == 0 and r.stdout == "1G", (r.stdout, r.stderr)
+    os.mkdir(m.p("vms", "sub"))
+    for where in (m.p("vms", "disk"), m.p("vms", "sub", "disk")):
+        with open(where, "wb") as f:  # a small file, not at a GiB boundary: placed as a big one
+            f.seek(3 * MiB)
+            f.write(b"x" * MiB)
+        assert os.getxattr(where, "user.pmemfs.align") == b"1G"  # inherited
+        ext = json.loads(os.getxattr(where, "user.pmemfs.extents"))
+        assert ext and all((ro - fo) % GiB == 0 for fo, ro, _ in ext), ext
+    with open(m.p("plain"), "wb") as f:  # no policy: a 2 MiB block wherever it fits
+        f.write(b"y" * MiB)
+    assert b"user.pmemfs.align" not in [n.encode() for n in os.listxattr(m.p("plain"))]
+    r = attr("setfattr", "-n", "user.pmemfs.align", "-v", "3M", m.p("vms"))
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+    r = attr("getfattr", "--only-values", "-n", "user.pmemfs.align", m.p("vms"))
+    assert r.stdout == "1G"  # the bad value changed nothing

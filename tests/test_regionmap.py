@@ -52,6 +52,39 @@ def block_of(e: Engine, ino: int) -> list[int]:
     """Region blocks of a file, in file order."""
     return [pb + i for _, pb, n in e.extents(ino) for i in range(n)]
 
+def png_rgb(path: str) -> np.ndarray:
+    import matplotlib.image
+
+    return (matplotlib.image.imread(path)[..., :3] * 255).round().astype(np.uint8)
+
+
+def png_row_cells(img: np.ndarray, anchor: int) -> list[tuple[int, int]]:
+    """The grid row through the topmost patch of colour `anchor`, as (class, cells) runs.
+
+    Pixels are matched to the map's palette exactly (anti-aliased edges match nothing and
+    are skipped); run widths are divided by the anchor cell's width.
+    """
+    from matplotlib.colors import to_rgb
+
+    palette = {c: tuple(round(v * 255) for v in to_rgb(regionmap.HEX[c])) for c in regionmap.HEX}
+    ys, _ = np.nonzero((img == palette[anchor]).all(-1))
+    assert len(ys), "no pixel of the anchor colour"
+    top = ys.min()
+    height = int(np.argmax(~np.isin(np.arange(top, img.shape[0]), ys)))
+    row = img[top + height // 2]
+    runs: list[list[int]] = []
+    for pixel in map(tuple, row):
+        cls = next((c for c, rgb in palette.items() if rgb == pixel), None)
+        if cls is None:
+            continue
+        if runs and runs[-1][0] == cls:
+            runs[-1][1] += 1
+        else:
+            runs.append([cls, 1])
+    cell = next(n for c, n in runs if c == anchor)
+    return [(c, round(n / cell)) for c, n in runs]
+
+
 
 # ------------------------------------------------------------------ a known layout
 class Layout:
@@ -290,15 +323,21 @@ def test_map_cli(layout, tmp_path):
     assert d["rows"][16] == {"offset": 2 * GiB, "cells": "." * 64}
     png = str(tmp_path / "map.png")
     r = pmemfs("info", "--png", png, layout.path)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "pip install" in one_line_error(r) and not os.path.exists(png)
-        return
     assert r.returncode == 0, r.stderr
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.path.getsize(png) > 5000
+    img = png_rgb(png)
+    # 64 columns and 32 rows of cells: figsize (64 * 0.16 + 2) x (32 * 0.16 + 2) inches at 100 dpi
+    assert img.shape == (712, 1224, 3)
+    # The row at 1 GiB, as the text map draws it "FFF..FFFK" and 55 free: found by the one
+    # kernel-object cell (the topmost patch of its colour; the legend's is below the grid).
+    assert png_row_cells(img, KOBJ) == [(FILE, 3), (FREE, 2), (FILE, 3), (KOBJ, 1), (FREE, 55)]
+    # Without matplotlib, --png is a one-line error naming what to install, and writes nothing.
+    code = ("import sys; sys.modules['matplotlib'] = None; from pmemfs.cli import main; "
+            "sys.argv = ['pmemfs'] + sys.argv[1:]; main()")
+    r = subprocess.run([sys.executable, "-c", code, "info", "--png", str(tmp_path / "m2.png"), layout.path],
+                       capture_output=True, text=True, timeout=120)
+    assert "pip install" in one_line_error(r) and not os.path.exists(tmp_path / "m2.png")
     line = one_line_error(pmemfs("info", "--png", str(tmp_path / "no" / "such" / "m.png"), layout.path))
     assert "No such file or directory" in line
 

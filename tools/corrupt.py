@@ -160,7 +160,8 @@ def dir_cycle(d: Damage) -> dict:
     seal(d.t.dirents, slot)
     d.t.inodes["parent"][top] = sub
     seal(d.t.inodes, top)
-    return {"detail": f"directory {top} moved from {old_parent} into its child {sub}", "victims": []}
+    return {"detail": f"directory {top} moved from {old_parent} into its child {sub}", "victims": [],
+            "top": top}
 
 
 def orphan_inode(d: Damage) -> dict:
@@ -173,7 +174,7 @@ def orphan_inode(d: Damage) -> dict:
     ino = d.rng.choice(cands)
     slot = d.dirent_of(ino)
     d.t.dirents[slot] = np.zeros(1, d.t.dirents.dtype)[0]
-    return {"detail": f"inode {ino} lost its name (dirent {slot})", "victims": []}
+    return {"detail": f"inode {ino} lost its name (dirent {slot})", "victims": [], "ino": ino}
 
 
 def bad_name(d: Damage) -> dict:
@@ -184,13 +185,15 @@ def bad_name(d: Damage) -> dict:
     d.t.dirents["name"][slot] = new
     d.t.dirents["name_len"][slot] = len(new)
     seal(d.t.dirents, slot)
-    return {"detail": f"dirent {slot} renamed {name!r} -> {new!r}", "victims": []}
+    return {"detail": f"dirent {slot} renamed {name!r} -> {new!r}", "victims": [],
+            "ino": int(d.t.dirents["ino"][slot]), "old": name.decode(errors="surrogateescape"),
+            "new": new.decode(errors="surrogateescape")}
 
 
 def journal_truncated(d: Damage) -> dict:
     """An active journal whose record count runs past the area, or whose record is damaged."""
     header = np.frombuffer(d.buf, np.uint8, HEADER_SIZE, JOURNAL_OFFSET)
-    state_at, nrec_at = 24, 28  # offsets of state and nrecords in the journal header
+    state_at = 24  # offset of state in the journal header (nrecords follows it)
     if d.rng.random() < 0.5:
         struct.pack_into("<II", header, state_at, 1, 1 << 30)
         return {"detail": "journal active with 2**30 records", "victims": []}
@@ -201,7 +204,6 @@ def journal_truncated(d: Damage) -> dict:
     struct.pack_into("<QII", d.buf, pos, off, len(data), 0xDEADBEEF)
     d.buf[pos + 16:pos + 16 + len(data)] = data
     struct.pack_into("<II", header, state_at, 1, 1)
-    _ = nrec_at
     return {"detail": "journal active with one damaged record", "victims": []}
 
 

@@ -59,6 +59,10 @@ def main() -> int:
             proc.wait()
             for w in workers:
                 w.join()
+            failed = [w.exitcode for w in workers if w.exitcode != 0]
+            if failed:  # a worker ends quietly only on a dead mount (stress.worker)
+                print(f"iteration {it}: worker(s) failed with {failed}", flush=True)
+                return 1
             m = mounting.spawn(region, mp, set())
             proc = m.proc
             downtime = (time.monotonic() - killed_at) * 1000
