@@ -164,8 +164,14 @@ def connection_id(real: str) -> str | None:
 
 
 def abort_connection(conn: str | None) -> None:
+    """Fail every waiting and future request of the connection at once. (Closing the
+    last descriptor aborts it too; this does not wait for the other holders.)"""
     if conn is None:
         return
+    if not os.path.exists(f"/sys/fs/fuse/connections/{conn}") and os.geteuid() == 0:
+        # fusectl is usually mounted at boot; where it is not, mount it.
+        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
+                       capture_output=True)
     try:
         with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
             f.write("1")

@@ -154,7 +154,7 @@ class Model(RuleBasedStateMachine):
         super().__init__()
         self.mount = mount
         self.roots = (ref, mount.path)
-        self.remounted = self.restarted = False
+        self.remounted = self.restarted = self.taken_over = False
         for r in self.roots:
             empty(r)
 
@@ -322,17 +322,25 @@ class Model(RuleBasedStateMachine):
         self.remounted = True
         OUTCOMES[("daemon", "remounted")] += 1
 
-    # LIVE-UPDATE: the place for the lead's restart rules (a live restart under load, a
-    # --respawn supervisor replacing its daemon): same precondition, same check after.
     @precondition(lambda self: not self.restarted)
     @rule()
     def kill_and_restart(self):
-        """kill -9 of the daemon mid-sequence and a new mount (Mount.restart): nothing
-        acknowledged may change. (The lead's live-update restart belongs here too.)"""
+        """kill -9 of supervisor and daemon mid-sequence (the connection ends) and a new
+        mount (Mount.restart): nothing acknowledged may change."""
         self.mount.restart()
         assert "clean=0" in self.mount.status, self.mount.status
         self.restarted = True
         OUTCOMES[("daemon", "killed and restarted")] += 1
+
+    @precondition(lambda self: not self.taken_over)
+    @rule()
+    def kill_and_take_over(self):
+        """kill -9 of the daemon only: the supervisor's standby takes the live connection
+        over (live update). The kernel keeps its caches, so the next steps also check that
+        what it cached agrees with what the new daemon serves."""
+        self.mount.crash()
+        self.taken_over = True
+        OUTCOMES[("daemon", "killed, taken over")] += 1
 
     @invariant()
     def trees_match(self):
