@@ -28,6 +28,7 @@ import trio
 
 from . import session, supervisor
 from .engine import Engine, check_magic
+from .errors import MountError
 from .fuse_ops import Operations
 from .journal import CrashPoints
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
@@ -102,20 +103,23 @@ def serve(region: str, mountpoint: str, options: set[str], *,
 
 
 def check_can_serve(region: str) -> None:
-    """What a standby checks before it says "ready": the region is one this code can
-    serve (magic, version, feature masks), read without the lock the daemon holds."""
-    from .format import FEATURE_INCOMPAT_KNOWN, read_superblock
+    """What a standby checks before it says "ready": the primary superblock decodes
+    here as it will for the engine (magic, version, feature masks, geometry). Read
+    without the lock the live daemon holds, so a superblock caught mid-update is read
+    again; the backup is not consulted (the engine does not use it either)."""
+    from .format import FormatError, Superblock
     from .region import Region
 
     with Region(region, writable=False, lock=False) as r:
         check_magic(region, r.buf)
-        sb, _ = read_superblock(r.buf, r.size, allow_backup=True, fd=r.fd)
-    unknown = sb.feature_incompat & ~FEATURE_INCOMPAT_KNOWN
-    if unknown:
-        raise RuntimeError(f"{region}: unknown incompatible features 0x{unknown:x} "
-                           "(made by a newer pmemfs)")
-
-
+        for attempt in range(50):
+            try:
+                Superblock.decode(r.buf, r.size)
+                return
+            except FormatError as e:
+                if attempt == 49:
+                    raise MountError(f"{region}: {e}") from None
+                time.sleep(0.002)
 
 
 def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_fd: int) -> int:
@@ -184,7 +188,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
             async def watch_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for sig in signals:
-                        log.info("signal %d: stopping", sig)
+                        log.info("signal %d: unmounting", sig)  # the supervisor unmounts
                         pyfuse3.terminate()
                         return
 
@@ -215,7 +219,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         say("drained")  # the region is closed and unlocked: the successor may start now
         logging.shutdown()
         os._exit(supervisor.EXIT_HANDED_OVER)  # no interpreter teardown in the gap
-    log.info("stopped serving %s; region marked clean", mountpoint)
+    log.info("unmounted %s; region marked clean", mountpoint)
     return status
 
 

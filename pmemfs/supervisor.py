@@ -482,6 +482,9 @@ class Supervisor:
             self.daemon = None
             self.retired.append(old)
         line = self._activate(first=False)
+        if not line.startswith("ok"):  # once more with a fresh standby before giving up
+            log.error("the new daemon failed after the handover (%s): trying another", line)
+            line = self._take_over()
         gap = (time.monotonic() - started) * 1000
         if not line.startswith("ok"):
             self._give_up(f"the new daemon failed after the old one had handed over: {line}")

@@ -167,12 +167,39 @@ def test_a_request_in_flight_at_the_kill_is_answered_once(mounted):
     assert os.path.isdir(mounted.p("made"))
 
 
+def _incompat(region: str, bits: int) -> None:
+    """Set the superblock's incompat mask (and its checksum) in place, under the daemon."""
+    import mmap
+
+    import numpy as np
+
+    from pmemfs.format import SUPERBLOCK_DTYPE, seal
+
+    with open(region, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m:
+        sb = np.frombuffer(m, SUPERBLOCK_DTYPE, 1, 0)
+        sb["feature_incompat"] = bits
+        seal(sb, 0)
+        del sb
+
+
 def test_supervisor_status_and_upgrade_refused_for_unknown_region_features(mounted):
     status = supervisor.ask(mounted.path, {"verb": "status"})
     assert status["mode"] == "live" and status["daemon_pid"] == mounted.pid
     r = subprocess.run([os.path.join(BIN, "pmemfs"), "info", "--json", mounted.path],
                        capture_output=True, text=True)
     assert json.loads(r.stdout)["restart_mode"] == "live"
+    old = mounted.pid
+    _incompat(mounted.region, 0x80000000)  # as if a newer pmemfs had set a feature
+    try:
+        r = subprocess.run([os.path.join(BIN, "pmemfs"), "upgrade", mounted.path],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "unknown incompatible features 0x80000000" in r.stderr
+        assert "the old one goes on serving" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert mounted.pid == old
+        with open(mounted.p("still"), "w") as f:
+            f.write("served")
+    finally:
+        _incompat(mounted.region, 0)
 
 
 def test_an_unprivileged_user_cannot_upgrade(mounted):
@@ -219,7 +246,8 @@ def test_a_region_nobody_can_serve_fails_its_clients_instead_of_hanging(mounted)
         r.write(b"NOTPMEMF")
     try:
         os.kill(mounted.pid, signal.SIGKILL)
-        assert mounted.proc.wait(timeout=60) == 1
+        assert mounted.proc.wait(timeout=60) == 1  # it gave up, as it should
+        mounted.killed = True  # not a failure for the fixture's teardown
         probe = subprocess.run([sys.executable, "-c", f"import os; os.fstatvfs({fd})"], pass_fds=(fd,),
                                capture_output=True, text=True, timeout=30)
         assert probe.returncode != 0 and ("not connected" in probe.stderr or "abort" in probe.stderr)
