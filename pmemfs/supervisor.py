@@ -47,7 +47,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1, 2, 4
 MNT_DETACH = 2
 START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
 FAILURES_BEFORE_ABORT = 5  # replacements in a row that die young: a crash loop
-YOUNG = 1.0  # a daemon that dies sooner than this after it began serving counts as one
+YOUNG = 0.25  # a daemon dying this soon after it began serving: a request that kills every daemon
 
 
 class SupervisorError(Exception):

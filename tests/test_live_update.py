@@ -92,7 +92,7 @@ def interrupt_workload(m, tmp_path, events: int, event, seed: int = 7) -> list[f
             t = time.monotonic()
             event()
             took.append(time.monotonic() - t)
-            time.sleep(1.2)  # longer than supervisor.YOUNG: these are not a crash loop
+            time.sleep(1.0)  # longer than supervisor.YOUNG: these are not a crash loop
     finally:
         open(stop, "w").close()
         counts = finish(clients)

@@ -103,7 +103,7 @@ def run(kind: str, files: int, events: int, workdir: str) -> dict:
                     raise RuntimeError(answer)
             spans.append((t0, time.monotonic()))
             wait_standby(mp)
-            time.sleep(0.2)
+            time.sleep(0.5)  # well past supervisor.YOUNG: these kills are not a crash loop
         open(stop, "w").close()
         client.wait(timeout=60)
     finally:
