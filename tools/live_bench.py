@@ -110,11 +110,14 @@ def run(kind: str, files: int, events: int, workdir: str) -> dict:
         if client and client.poll() is None:
             open(stop, "w").close()
             client.wait(timeout=60)
-        mounting.unmount(mp)
-        m.proc.wait(timeout=60)
-        os.unlink(region)
-        if os.path.exists(stop):
-            os.unlink(stop)
+        try:
+            if mounting.pmemfs_mount_at(mp):
+                mounting.unmount(mp)
+            m.proc.wait(timeout=60)
+        finally:
+            os.unlink(region)
+            if os.path.exists(stop):
+                os.unlink(stop)
     with open(out) as f:
         rows = [tuple(map(float, line.split())) for line in f if line.strip()]
     latencies = [b for _, b in rows]
