@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -224,13 +223,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pmemfs-daemon")
-    p.add_argument("region")
-    p.add_argument("mountpoint")
-    p.add_argument("--options", default="")
-    p.add_argument("--ready-fd", type=int)
-    p.add_argument("--log")
-    p.add_argument("--debug", action="store_true")
+    p = supervisor.arguments("pmemfs-daemon")
     p.add_argument("--single", action="store_true", help="mount and serve in this process (default)")
     p.add_argument("--standby", action="store_true", help="serve the supervisor's connection")
     p.add_argument("--fuse-fd", type=int)

@@ -606,17 +606,22 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
         return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(prog: str):
+    """The arguments `pmemfs mount` passes to the supervisor and to a daemon alike."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="pmemfs-supervisor")
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("region")
     p.add_argument("mountpoint")
     p.add_argument("--options", default="")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--log")
     p.add_argument("--debug", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = arguments("pmemfs-supervisor").parse_args(argv)
     setup_logging(a.log, a.debug)
     options = {o for o in a.options.split(",") if o}
     return supervise(a.region, a.mountpoint, options, ready_pipe(a.ready_fd), a.log, a.debug)
