@@ -40,7 +40,17 @@ import zlib
 
 import numpy as np
 from _common import Demo, cli, fail, proved, step
-from _vm import Guest, Qemu, VMError, cpr_restore, cpr_save, live_migrate, missing, postcopy_probe
+from _vm import (
+    Guest,
+    Qemu,
+    VMError,
+    backend_size,
+    cpr_restore,
+    cpr_save,
+    live_migrate,
+    missing,
+    postcopy_probe,
+)
 
 from pmemfs import direct
 from pmemfs.cli import human, parse_size
@@ -66,7 +76,8 @@ def region_size(ram: int) -> int:
 
 def prepare_ram(mp: str, ram: int) -> str:
     path = os.path.join(mp, "guest-ram")
-    cli("pmemfs", "prealloc", path, str(ram), "--align", ram_alignment(ram))
+    # backend_size: a little more than ram, for QEMU 7.2's TCG migration (see _vm.py)
+    cli("pmemfs", "prealloc", path, str(backend_size(ram)), "--align", ram_alignment(ram))
     exts = extents(path)
     where = ", ".join(f"region {r:#x}+{human(n)}" for _, r, n in exts)
     print(f"  {path}: {human(ram)} preallocated, aligned {ram_alignment(ram)}, "
