@@ -25,7 +25,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import session, supervisor
+from . import session, supervisor, systemd
 from .engine import Engine, check_magic
 from .errors import MountError
 from .fuse_ops import Operations
@@ -128,7 +128,10 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
     reader = ctl.makefile("rb")
 
     def say(line: str) -> None:
-        ctl.sendall(line.encode() + b"\n")
+        try:
+            ctl.sendall(line.encode() + b"\n")
+        except OSError:
+            pass  # the supervisor is gone (its successor is told by systemd, not by us)
 
     try:
         check_can_serve(region)
@@ -178,7 +181,13 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
                     await trio.lowlevel.wait_readable(ctl)
                     data = ctl.recv(4096)
                     if not data:
-                        return  # the supervisor is gone: serve on while the mount lives
+                        if systemd.under_systemd():
+                            # The unit restarts the supervisor, which takes the connection
+                            # from systemd's fd store: hand over to the daemon it starts.
+                            log.info("the supervisor is gone: draining for its successor")
+                            drained = True
+                            pyfuse3.terminate()
+                        return  # else serve on while the mount lives
                     if b"drain" in data:
                         drained = True
                         pyfuse3.terminate()
