@@ -206,8 +206,10 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
     if not os.path.exists(region):
         raise RegionError(f"{region}: no such region (make one with pmemfs-mkfs)")
     if foreground:
-        from .daemon import serve, setup_logging
+        # Only the single daemon needs the heavy imports (numpy, pyfuse3, trio): the
+        # supervisor's start is part of the gap of a `systemctl restart`.
         from .mounting import make_mountpoint, prepare_mountpoint
+        from .supervisor import setup_logging
         from .systemd import inherited_fds, notify, under_systemd
 
         setup_logging(log, debug)
@@ -223,6 +225,8 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
                 notify(f"READY=1\nSTATUS=serving {region} on {mountpoint}")  # Type=notify units
 
         if single:
+            from .daemon import serve
+
             return serve(region, mountpoint, opts - {"force"}, ready=ready)
         from .supervisor import supervise
 
