@@ -51,7 +51,9 @@ UNIT_TEMPLATE = """\
 # `systemctl reload pmemfs@NAME` (SIGHUP) is a live upgrade of the daemon to the installed
 # code: the guests only pause. `systemctl restart pmemfs@NAME` is live too, and replaces the
 # supervisor as well: the FUSE descriptor waits in systemd's fd store meanwhile, the mount
-# stays, and the guests only pause. So does a supervisor that dies (Restart=on-failure).
+# stays, and the guests only pause (Requires= restarts the VM units with it: say
+# `systemctl restart --job-mode=ignore-dependencies pmemfs@NAME` to leave them running).
+# A supervisor that dies is replaced the same way (Restart=on-failure).
 # `systemctl stop` unmounts: the VMs that require the instance are stopped first.
 
 [Unit]
