@@ -65,6 +65,16 @@ def open_engine(region: str, options: set[str], takeover: bool = False) -> Engin
                   noatime="noatime" in options, crash=CrashPoints.from_env(), takeover=takeover)
 
 
+def add_handlers(ops: Operations, fuse_fd: int | None) -> None:
+    """fallocate and SEEK_DATA/SEEK_HOLE, which pyfuse3 lacks (session.install_operations).
+    Without them the kernel answers fallocate EOPNOTSUPP and finds no holes, as before."""
+    try:
+        fd = session.session_fd() if fuse_fd is None else fuse_fd
+        session.install_operations(fd, ops.low_level_handlers())
+    except session.SessionError as e:
+        log.warning("fallocate and SEEK_DATA/SEEK_HOLE are not served: %s", e)
+
+
 def serve(region: str, mountpoint: str, options: set[str], *,
           ready: Callable[[str], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns an exit status."""
@@ -78,6 +88,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     except Exception:
         engine.close()
         raise
+    add_handlers(ops, None)
     state = "clean" if engine.was_clean else (
         f"recovered: {engine.recovered_records} journal records rolled back, {engine.reclaimed} orphans freed")
     log.info("serving %s on %s (generation %d, %s) after %.1f ms", region, mountpoint,
@@ -156,6 +167,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
             engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
         ops = Operations(engine)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
+        add_handlers(ops, fuse_fd)
         session.replay_init(fuse_fd, init)
         if not first:
             session.notify_resend(fuse_fd)
