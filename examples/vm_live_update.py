@@ -16,7 +16,7 @@ its tick counter goes on where it was, its sweep finds no mismatch.
      device state are kernel objects, preserved and frozen in the order memory,
      IOMMU, devices, and retrieved in that order before the guest resumes
   c  live migration from region A to region B (two mounts standing for two hosts):
-     postcopy is tried first (it is refused, see the README), then precopy; A's
+     postcopy is tried first (the destination never runs, see the README), then precopy; A's
      blocks are freed afterwards
   b  the daemon killed, then upgraded, while the guest runs: the supervisor keeps the
      FUSE connection, so the guest only pauses; prints the guest's longest stall, then
@@ -299,8 +299,8 @@ class Run:
         assert self.vm is not None
         dst_ram = prepare_ram(b.mp, self.ram)
         refusal = postcopy_probe(self.guest, dst_ram, self.work)
-        print(f"  postcopy into {dst_ram} (tried with a throwaway source QEMU): refused by the "
-              f"destination: {refusal}")
+        print(f"  postcopy into {dst_ram} (tried with a throwaway source QEMU): the destination "
+              f"never runs: {refusal}")
         started = time.monotonic()
         src = self.vm
         self.vm, info = live_migrate(src, self.guest, dst_ram, self.work, f"qemu{self.n + 1}")
