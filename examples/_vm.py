@@ -487,7 +487,7 @@ def postcopy_probe(guest: Guest, dst_ram: str, workdir: str) -> str:
     fallocate", it discards its RAM first). Now it gets further and then never runs:
     the source reports the migration completed, the destination stays in prelaunch,
     waiting for pages it cannot fault in (userfaultfd refuses a FUSE shared mapping:
-    tests/test_vm.py checks that directly). So it is given 15 s, not a minute.
+    tests/test_vm.py checks that directly). So it is given 8 s, not a minute.
     """
     src = Qemu(guest, None, workdir, "postcopy-probe-src", paused=True).start()
     dst: Qemu | None = None
