@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
@@ -90,11 +91,37 @@ def _cpio_entry(name: str, mode: int, ino: int, data: bytes = b"", rdev: tuple[i
     return head + data + b"\0" * (-len(data) % 4)
 
 
-def build_initramfs(cache_dir: str | None = None) -> str:
-    """Compile vm_guest.c statically and pack it as /init; cached by the source's hash."""
+BALLOON_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+                   "virtio_balloon")  # what vm_guest.c loads, in order
+
+
+def guest_modules(kernel: str) -> dict[str, bytes]:
+    """The virtio-balloon modules of the guest kernel (vmlinuz-VERSION -> /lib/modules/VERSION),
+    uncompressed; {} when the host does not have them (the guest then has no balloon)."""
+    version = os.path.basename(kernel).removeprefix("vmlinuz-")
+    found = {}
+    for name in BALLOON_MODULES:
+        for path in glob.glob(f"/lib/modules/{version}/kernel/drivers/virtio/{name}.ko*"):
+            with open(path, "rb") as f:
+                data = f.read()
+            if path.endswith(".xz"):
+                data = lzma.decompress(data)
+            elif path.endswith(".zst"):
+                continue  # no zstd in the standard library: no balloon then
+            found[name] = data
+    return found if len(found) == len(BALLOON_MODULES) else {}
+
+
+def build_initramfs(cache_dir: str | None = None, kernel: str = "") -> str:
+    """Compile vm_guest.c statically and pack it as /init, with the guest kernel's
+    virtio-balloon modules when there are any; cached by the contents' hash."""
     with open(GUEST_SOURCE, "rb") as f:
         source = f.read()
-    digest = hashlib.sha256(source).hexdigest()[:16]
+    modules = guest_modules(kernel) if kernel else {}
+    h = hashlib.sha256(source)
+    for name in sorted(modules):
+        h.update(name.encode() + hashlib.sha256(modules[name]).digest())
+    digest = h.hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "pmemfs-vm-guest")
     out = os.path.join(cache_dir, f"initramfs-{digest}.cpio")
     if os.path.exists(out):
@@ -109,8 +136,13 @@ def build_initramfs(cache_dir: str | None = None) -> str:
         with open(binary, "rb") as f:
             init = f.read()
         # /dev/console must exist for the kernel to give init its stdin/out/err.
-        archive = (_cpio_entry("dev", 0o040755, 1) + _cpio_entry("dev/console", 0o020600, 2, rdev=(5, 1))
-                   + _cpio_entry("init", 0o100755, 3, init) + _cpio_entry("TRAILER!!!", 0, 0))
+        entries = [_cpio_entry("dev", 0o040755, 1), _cpio_entry("dev/console", 0o020600, 2, rdev=(5, 1)),
+                   _cpio_entry("init", 0o100755, 3, init)]
+        if modules:
+            entries += [_cpio_entry("lib", 0o040755, 4), _cpio_entry("lib/modules", 0o040755, 5)]
+            entries += [_cpio_entry(f"lib/modules/{name}.ko", 0o100644, 6 + i, modules[name])
+                        for i, name in enumerate(BALLOON_MODULES)]
+        archive = b"".join(entries) + _cpio_entry("TRAILER!!!", 0, 0)
         part = os.path.join(tmp, "initramfs.cpio")
         with open(part, "wb") as f:
             f.write(archive)
@@ -216,12 +248,19 @@ class Guest:
     tick_ms: int = 250
     kernel: str = ""
     initramfs: str = ""
+    # Free page reporting: a virtio-balloon device, and the guest gives back the last
+    # give_back_mib of its memory after tick give_back_tick (vm_guest.c).
+    balloon: bool = False
+    give_back_mib: int = 0
+    give_back_tick: int = 0
 
     def __post_init__(self) -> None:
         self.kernel = self.kernel or find_kernel() or ""
         if not self.kernel:
             raise VMError("no kernel: install linux-image-amd64 or set PMEMFS_VM_KERNEL")
-        self.initramfs = self.initramfs or build_initramfs()
+        self.initramfs = self.initramfs or build_initramfs(kernel=self.kernel)
+        if self.balloon and not guest_modules(self.kernel):
+            raise VMError(f"no virtio-balloon modules for {self.kernel} under /lib/modules")
 
     @property
     def backend_size(self) -> int:
@@ -261,7 +300,8 @@ class Qemu:
             "-machine", "pc,memory-backend=ram0", "-m", f"{g.backend_size >> 10}K", "-smp", "1",
             "-object", mem,
             "-kernel", g.kernel, "-initrd", g.initramfs,
-            "-append", f"{KERNEL_CMDLINE} -- {g.check_mib} {g.tick_ms}",
+            "-append", f"{KERNEL_CMDLINE} -- {g.check_mib} {g.tick_ms} {g.give_back_mib} {g.give_back_tick}",
+            *(["-device", "virtio-balloon-pci,free-page-reporting=on"] if g.balloon else []),
             "-chardev", f"file,id=ser0,path={self.serial}", "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-no-reboot",
             *(["-incoming", "defer"] if self.incoming else []), *(["-S"] if self.paused else []),
