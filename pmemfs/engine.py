@@ -82,6 +82,7 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # leave a whiteout (char device 0:0) at the old name: overlayfs upper layers
 FREE_BATCH = 2048
 GROWTH_MIGRATE_BLOCKS = 16  # a file this many blocks long is moved to an aligned GiB run  # extents freed per transaction when a large file goes away
 RELATIME_NS = 24 * 3600 * 10**9
@@ -682,7 +683,8 @@ class Engine:
         if self._done_before(OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags):
             return
         od, nd = self._dir(old_parent), self._dir(new_parent)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
             raise FsError(errno.EINVAL)
         self._check_name(new_name)
         if old_name in (b".", b"..") or new_name in (b".", b".."):
@@ -727,6 +729,12 @@ class Engine:
                 raise FsError(errno.EBUSY, "the file replaced is mapped directly (leased)")
         if src_dir and self._is_ancestor(src, new_parent):
             raise FsError(errno.EINVAL)
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        # The whiteout needs an inode and an entry (a replaced target frees one entry
+        # in the same transaction). No capability is needed: Linux 5.8 and later let
+        # anyone make a whiteout (tmpfs does), the kernel checks the directories.
+        if whiteout and not (self._have_slots("inode", 1) and (dst or self._have_slots("dirent", 1))):
+            raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
             now = time.time_ns()
             if dst:
@@ -745,6 +753,11 @@ class Engine:
                 self.I["nlink"][old_parent] -= 1
                 self.I["nlink"][new_parent] += 1
                 self.I["parent"][src] = new_parent
+            if whiteout:
+                wo = self._new_inode(tx, KIND_CHR, stat.S_IFCHR, ctx, old_parent, rdev=0)
+                self._add_dirent(tx, old_parent, old_name, wo, KIND_CHR)
+            # The record keeps a resent whiteout rename from moving the whiteout itself
+            # over the file it has just renamed.
             self._note(tx, OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags=flags)
         if dst:
             self._maybe_reap(dst)
