@@ -95,6 +95,7 @@ OPERATIONS = {
     "setxattr_replace": lambda e: e.setxattr(ino(e, b"a"), b"user.x", b"2" * 700),
     "removexattr": lambda e: e.removexattr(ino(e, b"a"), b"user.x"),
     "chmod_chown": lambda e: e.setattr(ino(e, b"a"), mode=0o640, uid=7, gid=8),
+    "chattr": lambda e: e.set_attr_flags(ino(e, b"a"), 0x30),
     "kobj_create": lambda e: e.kernel.create("new", "iommu-page-table", 3 * MiB),
     "kobj_preserve": lambda e: e.kernel.preserve("obj2"),
     "kobj_unpreserve": lambda e: e.kernel.unpreserve("obj"),
