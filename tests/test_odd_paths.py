@@ -274,6 +274,7 @@ def _file_battery(root: str, old_fd: int) -> dict:
         "unlink": outcome(os.unlink, f),
         "rename": outcome(os.rename, f, f"{root}/f2"),
         "rename_over": outcome(os.rename, f"{root}/other", f),
+        "rename_own_link": outcome(os.rename, f"{root}/f-link", f),  # two names, one inode: a no-op
         "link": outcome(os.link, f, f"{root}/f3"),
         "chmod": outcome(os.chmod, f, 0o600),
         "chown": outcome(os.chown, f, 1, 1),
@@ -297,6 +298,7 @@ def _chattr_file(root: str) -> dict:
         f.write("abc")
     with open(f"{root}/other", "w") as f:
         f.write("other")
+    os.link(f"{root}/f", f"{root}/f-link")
     old_fd = os.open(f"{root}/f", os.O_RDWR)  # opened before the flag
     try:
         got = {"fresh": hex(getflags(f"{root}/f"))}
@@ -372,6 +374,7 @@ def _chattr_dir(root: str) -> dict:
         got[name] = {
             "create": outcome(lambda n=name: os.close(os.open(f"{d}/new-{n}", os.O_CREAT | os.O_WRONLY))),
             "mkdir": outcome(os.mkdir, f"{d}/dir-{name}"),
+            "mkdir_existing": outcome(os.mkdir, f"{d}/sub"),
             "symlink": outcome(os.symlink, "x", f"{d}/sym-{name}"),
             "unlink": outcome(os.unlink, f"{d}/x"),
             "rmdir": outcome(os.rmdir, f"{d}/sub"),
