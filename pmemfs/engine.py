@@ -884,8 +884,11 @@ class Engine:
         # The whiteout needs an inode and an entry (a replaced target frees one entry
         # in the same transaction). No capability is needed: Linux 5.8 and later let
         # anyone make a whiteout (tmpfs does), the kernel checks the directories.
-        if whiteout and not (self._have_slots("inode", 1) and (dst or self._have_slots("dirent", 1))):
-            raise FsError(errno.ENOSPC)
+        if whiteout:
+            if not (self._have_slots("inode", 1) and (dst or self._have_slots("dirent", 1))):
+                raise FsError(errno.ENOSPC)
+            wo_mode, wo_acls = self._creation_acls(old_parent, stat.S_IFCHR, ctx)  # as tmpfs: a default ACL applies
+            self._check_acl_slots(old_parent, wo_acls, KIND_CHR)
         with self.transaction() as tx:
             now = time.time_ns()
             if dst:
@@ -905,7 +908,8 @@ class Engine:
                 self.I["nlink"][new_parent] += 1
                 self.I["parent"][src] = new_parent
             if whiteout:
-                wo = self._new_inode(tx, KIND_CHR, stat.S_IFCHR, ctx, old_parent, rdev=0)
+                wo = self._new_inode(tx, KIND_CHR, wo_mode, ctx, old_parent, rdev=0)
+                self._store_acls(tx, wo, wo_acls)
                 self._add_dirent(tx, old_parent, old_name, wo, KIND_CHR)
             # The record keeps a resent whiteout rename from moving the whiteout itself
             # over the file it has just renamed.

@@ -143,6 +143,12 @@ def _whiteouts(root: str) -> dict:
         "nobody": as_user(root, lambda: renameat2("d2", "d3", RENAME_WHITEOUT) or "ok"),
     }
     got["tree"] = {n: kind(f"{root}/{n}") for n in sorted(os.listdir(root))}
+    os.mkdir(f"{root}/acl")  # a whiteout gets the directory's default ACL, as any new inode
+    subprocess.run(["setfacl", "-d", "-m", f"u:{NOBODY}:rwx", f"{root}/acl"], check=True)
+    os.close(os.open(f"{root}/acl/f", os.O_CREAT | os.O_WRONLY, 0o644))
+    renameat2(f"{root}/acl/f", f"{root}/acl/g", RENAME_WHITEOUT)
+    got["acl_whiteout"] = kind(f"{root}/acl/f"), subprocess.run(
+        ["getfacl", "-c", "-n", f"{root}/acl/f"], capture_output=True, text=True).stdout
     with open(f"{root}/c") as f:
         got["c"] = f.read()
     got["owner_of_nobody_whiteout"] = os.lstat(f"{root}/d2").st_uid
@@ -156,7 +162,7 @@ def test_rename_whiteout_as_tmpfs(shm, mnt):
     assert got == want
     assert got["file"] == "ok" and got["tree"]["a"] == (stat.S_IFCHR, 0, 0, 1)
     assert got["owner_of_nobody_whiteout"] == NOBODY  # no CAP_MKNOD needed (Linux >= 5.8)
-    assert root_nlink[1] == 3  # "d" moved away and came back as d3: "." + ".." + d3
+    assert root_nlink[1] == 4  # "d" moved away and came back as d3: "." + ".." + d3 + acl
 
 
 def test_resent_whiteout_rename_is_answered_once(region):
@@ -617,3 +623,26 @@ def test_control_channel_honours_acls(mnt):
     assert as_user(mnt, prealloc) == "ok"
     setfacl("-x", f"u:{NOBODY}", p)
     assert as_user(mnt, prealloc) == "EACCES"
+
+
+def test_a_takeover_keeps_acls_flags_and_the_umask(mount, mnt):
+    """kill -9 of the daemon: its successor replays the connection's INIT through the
+    same negotiation, so ACLs stay on, the umask stays the daemon's job, and chattr
+    flags and ACLs set before are in the region."""
+    os.mkdir(f"{mnt}/d")
+    assert setfacl("-m", f"u:{NOBODY}:r", f"{mnt}/d") == "ok"
+    with open(f"{mnt}/f", "w") as f:
+        f.write("x")
+    setflags(f"{mnt}/f", IMMUTABLE)
+    before = getfacl(f"{mnt}/d")
+    mount.crash()
+    assert getfacl(f"{mnt}/d") == before and f"user:{NOBODY}:r--" in before
+    assert outcome(os.unlink, f"{mnt}/f") == "EPERM"
+    setflags(f"{mnt}/f", 0)
+    assert setfacl("-m", f"u:{NOBODY}:rw", f"{mnt}/d") == "ok"
+    old = os.umask(0o077)
+    try:
+        os.close(os.open(f"{mnt}/new", os.O_CREAT | os.O_WRONLY, 0o666))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(f"{mnt}/new").st_mode) == 0o600
