@@ -466,6 +466,8 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except FileNotFoundError:
             pass  # not cached
+        except OSError:  # the flags are set: a stale ctime is no reason to fail
+            log.exception("invalidating the attributes of inode %d failed", ino)
 
     def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi) -> None:
         session.reply_err(req, _sync_call("fallocate", (ino, mode, offset, length),
