@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .format import (
+    ATTR_KNOWN,
     BLOB_CONT,
     BLOB_DATA,
     BLOB_SYMLINK,
@@ -273,6 +274,9 @@ def check_inodes(v: View) -> Iterator[Finding]:
     bad_flags = live[(v.flags[live] & np.uint16(0xFFFF & ~FLAGS_KNOWN)) != 0]
     yield from _many("inodes", "bad-flags", "p", "inode", bad_flags,
                      lambda i: f"inode {i} has unknown flags 0x{int(v.flags[i]):x}", key="ino")
+    bad_attr = live[(ino["attr"][live] & np.uint8(0xFF & ~ATTR_KNOWN)) != 0]
+    yield from _many("inodes", "bad-attr", "p", "inode", bad_attr,
+                     lambda i: f"inode {i} has unknown chattr flags 0x{int(ino['attr'][i]):x}", key="ino")
 
 
 @check("sizes")

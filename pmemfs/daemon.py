@@ -66,13 +66,14 @@ def open_engine(region: str, options: set[str], takeover: bool = False) -> Engin
 
 
 def add_handlers(ops: Operations, fuse_fd: int | None) -> None:
-    """fallocate and SEEK_DATA/SEEK_HOLE, which pyfuse3 lacks (session.install_operations).
-    Without them the kernel answers fallocate EOPNOTSUPP and finds no holes, as before."""
+    """fallocate, SEEK_DATA/SEEK_HOLE and ioctl (chattr), which pyfuse3 lacks, and the
+    POSIX ACL negotiation at INIT (session.install_operations). Without them the kernel
+    answers fallocate EOPNOTSUPP, finds no holes, has no chattr and no ACLs, as before."""
     try:
         fd = session.session_fd() if fuse_fd is None else fuse_fd
-        session.install_operations(fd, ops.low_level_handlers())
+        session.install_operations(fd, ops.low_level_handlers(), after_init=ops.negotiate)
     except session.SessionError as e:
-        log.warning("fallocate and SEEK_DATA/SEEK_HOLE are not served: %s", e)
+        log.warning("fallocate, SEEK_DATA/SEEK_HOLE, chattr and POSIX ACLs are not served: %s", e)
 
 
 def serve(region: str, mountpoint: str, options: set[str], *,

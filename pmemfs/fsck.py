@@ -29,6 +29,7 @@ import numpy as np
 from . import check
 from .check import Finding, View
 from .format import (
+    ATTR_KNOWN,
     BLOB_CONT,
     BLOCK_SIZES,
     FLAG_ORPHAN,
@@ -438,6 +439,11 @@ def fix_flags(r: Repair, fs: list[Finding]) -> None:
         r.set("inode", ino, flags=int(r.t.inodes["flags"][ino]) & FLAGS_KNOWN)
 
 
+def fix_attr(r: Repair, fs: list[Finding]) -> None:
+    for ino in _items(fs, "ino"):
+        r.set("inode", ino, attr=int(r.t.inodes["attr"][ino]) & ATTR_KNOWN)
+
+
 def fix_named_orphan(r: Repair, fs: list[Finding]) -> None:
     for ino in _items(fs, "ino"):
         r.set("inode", ino, flags=int(r.t.inodes["flags"][ino]) & ~FLAG_ORPHAN)
@@ -691,6 +697,7 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("bad-target", fix_clear_inode),
     ("bad-mode", fix_mode),
     ("bad-flags", fix_flags),
+    ("bad-attr", fix_attr),
     ("named-orphan", fix_named_orphan),
     ("root-orphan", fix_named_orphan),
     ("orphan", fix_clear_inode),

@@ -88,6 +88,7 @@ DAMAGE = {
     "bad-kind": ("inodes", "bad-kind", lambda t, sb, i: _set(t, "inode", i["g"], kind=42)),
     "bad-mode": ("inodes", "bad-mode", lambda t, sb, i: _set(t, "inode", i["g"], mode=0o040644)),
     "bad-flags": ("inodes", "bad-flags", lambda t, sb, i: _set(t, "inode", i["g"], flags=0x80)),
+    "bad-attr": ("inodes", "bad-attr", lambda t, sb, i: _set(t, "inode", i["g"], attr=0x01)),
     "root-orphan": ("inodes", "root-orphan", lambda t, sb, i: _set(t, "inode", ROOT_INO, flags=FLAG_ORPHAN)),
     "dir-size": ("sizes", "size-nonzero", lambda t, sb, i: _set(t, "inode", i["d"], size=4096)),
     "past-eof": ("sizes", "past-eof", lambda t, sb, i: _set(t, "inode", i["f"], size=10)),
