@@ -58,6 +58,7 @@ from .format import (
 )
 
 LIMIT = 20  # findings of one kind listed one by one; the rest are summarised
+XATTR_NAMESPACES = (b"user", b"trusted", b"security")  # what the engine serves (engine._check_xattr_ns)
 
 
 @dataclass
@@ -768,8 +769,14 @@ def check_blobs(v: View) -> Iterator[Finding]:
     bad = ~np.isin(kind, (BLOB_XATTR, BLOB_SYMLINK, BLOB_CONT)) & ~dead
     cont = kind == BLOB_CONT
     bad |= cont & (b["value_len"][used] > BLOB_DATA) & ~dead
-    yield from _many("blobs", "bad-blob", "p", "blob", used[dead],
-                     lambda i: f"xattr/symlink record {i} belongs to a missing inode")
+    def dead_msg(i: int) -> str:
+        what = ""
+        if int(b["kind"][i]) == BLOB_XATTR:
+            nl = min(int(b["name_len"][i]), NAME_MAX)
+            what = f" (xattr {bytes(b['data'][i].tobytes()[:nl])!r}: the file it belonged to cannot be told)"
+        return f"xattr/symlink record {i} belongs to a missing inode {int(b['owner'][i])}{what}"
+
+    yield from _many("blobs", "bad-blob", "p", "blob", used[dead], dead_msg)
     yield from _many("blobs", "bad-blob", "y", "blob", used[bad],
                      lambda i: f"xattr/symlink record {i} is malformed")
     heads, ok, visited = blob_chains(v)
@@ -778,6 +785,43 @@ def check_blobs(v: View) -> Iterator[Finding]:
     stray = used[cont & ~dead & ~bad & ~visited[used]]
     yield from _many("blobs", "stray-cont", "p", "blob", stray,
                      lambda i: f"continuation record {i} is not part of any value")
+    # xattr names: a namespace the filesystem serves (user., trusted., security.) and
+    # something after it, no NUL, and one of each name per file (else one hides another).
+    xh = heads[ok & (b["kind"][heads] == BLOB_XATTR)]
+    if not len(xh):
+        return
+    raw = b["data"][xh].view(np.uint8).reshape(len(xh), BLOB_DATA)
+    nl = b["name_len"][xh].astype(np.int64)
+    longest = int(min(nl.max(), NAME_MAX))
+    cols = np.arange(longest)
+    inside = cols[None, :] < nl[:, None]
+    valid = (nl >= 1) & (nl <= NAME_MAX) & ~((raw[:, :longest] == 0) & inside).any(axis=1)
+    ns_ok = np.zeros(len(xh), bool)
+    for ns in XATTR_NAMESPACES:
+        pre = np.frombuffer(ns + b".", np.uint8)
+        ns_ok |= (raw[:, :len(pre)] == pre).all(axis=1) & (nl > len(pre))
+    badname = xh[~(valid & ns_ok)]
+    yield from _many("blobs", "bad-xattr-name", "y", "blob", badname,
+                     lambda i: f"xattr record {i} has a name that is no xattr name "
+                               f"({bytes(b['data'][i].tobytes()[:min(int(b['name_len'][i]), NAME_MAX)])!r})")
+    keep = valid & ns_ok
+    good = xh[keep]
+    if len(good) < 2:
+        return
+    width = -(-longest // 8) * 8
+    masked = np.zeros((len(good), width), np.uint8)
+    masked[:, :longest] = np.where(inside[keep], raw[keep, :longest], 0)
+    words = masked.view("<u8")
+    mult = (np.arange(words.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(axis=1, dtype=np.uint64)
+    owner = b["owner"][good].astype(np.int64)
+    order = np.lexsort((good, h, owner))
+    same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1])
+    dups = [int(good[order][k + 1]) for k in np.flatnonzero(same).tolist()
+            if bytes(masked[order][k]) == bytes(masked[order][k + 1])]
+    yield from _many("blobs", "dup-xattr", "y", "blob", np.array(dups, np.int64),
+                     lambda i: f"xattr record {i} repeats a name its file already has")
 
 
 @check("kernel-objects")

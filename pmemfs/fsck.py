@@ -956,6 +956,11 @@ def _derived(ev: _Evidence, table: str, idx: int, raw: bytes) -> list[tuple[byte
                                     "and size and the blocks no file owns"))
                         if len(out) > 10000:
                             return out
+        for blk, c0, cnt, o in _orphan_chunks(ev):
+            out.append((_with(raw, dt, owner=o, count=cnt, file_block=0, start_block=blk,
+                              flags=EXTENT_PACKED | (c0 << 16)),
+                        "several of its fields were damaged: rebuilt from chunks no file claims and a small "
+                        "file with no data"))
     elif table == "dirent":
         d = ev.r.t.dirents
         n = len(raw) - 4
@@ -975,6 +980,48 @@ def _derived(ev: _Evidence, table: str, idx: int, raw: bytes) -> list[tuple[byte
                 out.append((_with(raw, dt, parent=p, ino=i), "its parent and inode fields were damaged: "
                                                              "solved for, with a file that lacks a name"))
         del d
+    return out
+
+
+def _bare(v: View, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of small regular files with a size but no extent at all, chunks each needs)."""
+    has_ext = np.zeros(v.n, bool)
+    has_ext[v.e_owner[v.e_ok]] = True
+    size = v.inodes["size"].astype(np.int64)
+    bare = v.live & (v.kind == KIND_REG) & ~has_ext & (size > 0) & (size <= SMALL_CHUNKS * chunk)
+    return bare, -(-size // chunk)
+
+
+def _chunk_runs(v: View, r: Repair) -> list[tuple[int, int, int]]:
+    """(block, first chunk, count) of the runs of chunks a sound pack record marks and
+    no packed extent claims."""
+    ok = v.e_ok & v.e_packed
+    out = []
+    for slot in v.pack_used.tolist():
+        if slot in r.suspect["pack"]:
+            continue
+        blk = int(v.packs["block"][slot])
+        marked = np.unpackbits(np.frombuffer(v.packs["bitmap"][slot].tobytes(), np.uint8),
+                               bitorder="little").astype(bool)
+        sel = ok & (v.e_start == blk)
+        for c0, n in zip(v.e_chunk0[sel].tolist(), v.e_count[sel].tolist(), strict=True):
+            marked[c0:c0 + n] = False
+        idx = np.flatnonzero(marked)
+        if len(idx):
+            for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
+                out.append((blk, int(run[0]), len(run)))
+    return out
+
+
+def _orphan_chunks(ev: _Evidence) -> list[tuple[int, int, int, int]]:
+    """(block, first chunk, count, candidate owner) for every pairing of unclaimed chunks
+    with a small file that has no data (a packed extent lost them)."""
+    bare, need = _bare(ev.v, ev.chunk)
+    out = []
+    for blk, c0, n in _chunk_runs(ev.v, ev.r)[:100]:
+        for o in np.flatnonzero(bare & (need <= n)).tolist()[:100]:
+            for start in range(c0, c0 + n - int(need[o]) + 1):
+                out.append((blk, start, int(need[o]), o))
     return out
 
 
@@ -1224,6 +1271,18 @@ def _triage_inode(r: Repair, ev: _Evidence, i: int) -> None:
         clear |= FLAG_PINNED
     if clear:
         r.set("inode", i, flags=flags & ~clear)
+    # What the format fixes for the kernel namespace and its objects (KERNEL-OBJECTS.md).
+    namespace = k == KIND_DIR and _is_namespace(ev, i) and int(ino["flags"][i]) & FLAG_PINNED
+    if namespace and (int(ino["uid"][i]) or mode & 0o7777 != 0o700):
+        r.set("inode", i, uid=0, mode=0o040700)
+        r.note(i, "mode", "the kernel namespace is root's with mode 0700: set so")
+    if k == KIND_KOBJ and not int(ino["flags"][i]) & FLAG_ORPHAN:
+        r.set("inode", i, uid=0, flags=int(ino["flags"][i]) | FLAG_PINNED)
+        run = int(ev.b_count[ev.b_owner == i].sum())
+        if int(ino["size"][i]) > run * ev.bs:
+            r.set("inode", i, size=run * ev.bs)
+            r.note(i, "size", f"a kernel object's payload lies in its one run of blocks: its size "
+                              f"{int(ino['size'][i])} was past it, set to {run * ev.bs}")
     if k in (KIND_REG, KIND_KOBJ):
         mine = ev.b_owner == i
         last = int((ev.b_fb[mine] + ev.b_count[mine]).max()) if mine.any() else 0
@@ -1282,8 +1341,23 @@ def _triage_blob(r: Repair, ev: _Evidence, b: int) -> None:
     while int(bl["kind"][head]) == BLOB_CONT and ev.linked_by[head] > 0 and steps < 300:
         head, steps = int(ev.linked_by[head]), steps + 1
     owner = int(bl["owner"][head])
-    if not (0 < owner < ev.n and ev.live[owner]):
-        return
+    if not (0 < owner < ev.n and ev.live[owner]) and head == b and int(bl["kind"][b]) in (BLOB_XATTR, BLOB_SYMLINK):
+        # Its owner is gone: an orphaned continuation chain of the length its value needs
+        # says whose it was (the chain's records carry their owner too).
+        used = ev.v.blob_used
+        strays = set(used[(bl["kind"][used] == BLOB_CONT) & (ev.linked_by[used] < 0)].tolist())
+        nxt = int(bl["next"][b])
+        if 0 < nxt < r.hwm["blob"] and int(bl["kind"][nxt]) == BLOB_CONT and ev.linked_by[nxt] == b:
+            strays.add(nxt)  # the chain it still links
+        nl = min(int(bl["name_len"][b]), BLOB_DATA)
+        fits = [c for c in sorted(strays) if 0 < int(bl["owner"][c]) < ev.n and ev.live[int(bl["owner"][c])]
+                and int(bl["value_len"][b]) == BLOB_DATA - nl + ev.chain_rest(c)]
+        if len(fits) != 1:
+            return  # the blob checks free it; its file cannot be told
+        owner = int(bl["owner"][fits[0]])
+        r.set("blob", b, owner=owner, next=fits[0])
+        r.outcome[("blob", b)] = "its owner was damaged: taken from the rest of its value"
+
     if int(bl["kind"][head]) == BLOB_SYMLINK:
         what = "symlink target"
     else:
@@ -1447,9 +1521,12 @@ def _uid(r: Repair, ino: int) -> int:
     return int(r.t.inodes["uid"][ino])
 
 
-def _settle_shared(r: Repair, later: int, partners: set[int], cloned: bool, unit: str) -> None:
+def _settle_shared(r: Repair, later: int, partners: set[int], cloned: bool, unit: str,
+                   vouched: bool = False) -> None:
     """Name both sides of a doubly claimed block or chunk; quarantine them when the
-    copy went to a file of another owner, or when no copy could be made."""
+    copy went to a file of another owner, or when no copy could be made. vouched: the
+    partners' claim is a pack block, which its pack record, chunk bitmap and packed
+    extents all confirm: only the later claim is then in doubt."""
     inodes = r.t.inodes
     kobj = {o for o in partners | {later} if int(inodes["kind"][o]) == KIND_KOBJ}
     others = ", ".join(sorted(r.was(p) for p in partners)) or "another of its own extents"
@@ -1468,7 +1545,7 @@ def _settle_shared(r: Repair, later: int, partners: set[int], cloned: bool, unit
     if (foreign or not cloned) and not kobj:
         why = ("it shared data with a file of another owner" if foreign
                else "it shared data with another file and no copy could be made")
-        for o in partners | {later}:
+        for o in ({later} if vouched else partners | {later}):
             r.quarantine(o, f"taken out of its directories for the administrator to inspect: {why}")
 
 
@@ -1488,7 +1565,7 @@ def fix_overlap(r: Repair, fs: list[Finding]) -> None:
             if c < 0:  # a pack block overlapping an extent: copy the extent instead
                 blk = int(r.t.packs["block"][-c])
                 hit = slots[(starts <= blk) & (starts + counts > blk)]
-                pairs = [(int(x), {int(o) for o in v.e_owner[v.e_packed & (v.e_start == blk)].tolist()})
+                pairs = [(int(x), {int(o) for o in v.e_owner[v.e_packed & (v.e_start == blk)].tolist()}, True)
                          for x in hit.tolist()]
             else:
                 k = np.flatnonzero(slots == c)
@@ -1497,10 +1574,11 @@ def fix_overlap(r: Repair, fs: list[Finding]) -> None:
                 s, n = int(starts[k[0]]), int(counts[k[0]])
                 m = (starts < s + n) & (starts + counts > s) & (slots != c)
                 partners = set(owners[m].tolist())
+                packed = set()
                 for blk in pb[(pb >= s) & (pb < s + n)].tolist():
-                    partners |= set(v.e_owner[v.e_packed & (v.e_start == blk)].tolist())
-                pairs = [(int(c), {int(o) for o in partners})]
-            for slot, partners in pairs:
+                    packed |= set(v.e_owner[v.e_packed & (v.e_start == blk)].tolist())
+                pairs = [(int(c), {int(o) for o in partners | packed}, not partners)]
+            for slot, partners, vouched in pairs:
                 if slot in done or not r.t.extents["owner"][slot]:
                     continue
                 done.add(slot)
@@ -1509,7 +1587,7 @@ def fix_overlap(r: Repair, fs: list[Finding]) -> None:
                 cloned = _clone_extent(r, slot, free)
                 if not cloned:
                     r.zero("extent", slot)
-                _settle_shared(r, later, partners, cloned, "block")
+                _settle_shared(r, later, partners, cloned, "block", vouched)
 
 
 def fix_trim(r: Repair, fs: list[Finding]) -> None:
@@ -1651,6 +1729,9 @@ def fix_free_blobs(r: Repair, fs: list[Finding]) -> None:
         o = _blob_owner_live(r, slot)
         if o and int(r.t.blobs["kind"][slot]) != BLOB_CONT:
             r.note(o, "xattr-removed", f"its {_blob_what(r, slot)} (record {slot}) was malformed: removed")
+        elif o:  # part of a value whose first record is gone: its file lost an xattr or its target
+            what = "target-removed" if int(r.t.inodes["kind"][o]) == KIND_SYMLINK else "xattr-removed"
+            r.note(o, what, "part of one of its xattrs or of its target lost the record that starts it: removed")
         r.zero("blob", slot)
 
 
@@ -1663,7 +1744,8 @@ def fix_free_chains(r: Repair, fs: list[Finding]) -> None:
             # A symlink record on an inode that is not a symlink is not part of any file.
             if o and f.code != "stray-target":
                 what = "target-removed" if int(r.t.blobs["kind"][slot]) == 2 else "xattr-removed"
-                how = "a second target" if f.code == "extra-target" else "its value chain was broken"
+                how = {"extra-target": "a second target", "bad-xattr-name": "its name is no xattr name (damaged)",
+                       "dup-xattr": "the file has another xattr of that name"}.get(f.code, "its value chain was broken")
                 r.note(o, what, f"its {_blob_what(r, slot)} (record {slot}) was removed: {how}")
             r.free_chain(slot)
 
@@ -1920,31 +2002,14 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
             r.t.extents[slot] = (o, d, fb, s, 0, 0)
             r.rebuilt(o, f"its extent record for file block {fb} ({d} block(s)) was lost: rebuilt from its "
                          "block count, its size and blocks no file owned")
-    # Packed: chunks a pack bitmap marks that no packed extent claims.
+    # Packed: chunks a pack bitmap marks that no packed extent claims, and the one small
+    # file with no data whose size needs exactly that many.
     v = r.view()
-    ok = v.e_ok & v.e_packed
-    has_ext = np.zeros(v.n, bool)
-    has_ext[v.e_owner[v.e_ok]] = True
-    size = ino["size"][: v.n].astype(np.int64)
-    bare = v.live & (v.kind == KIND_REG) & ~has_ext & (size > 0) & (size <= SMALL_CHUNKS * chunk)
-    bare_chunks = -(-size // chunk)
-    orphan_runs: list[tuple[int, int, int]] = []  # (block, first chunk, count)
-    for slot in v.pack_used.tolist():
-        if slot in r.suspect["pack"]:
-            continue
-        blk = int(r.t.packs["block"][slot])
-        marked = np.unpackbits(np.frombuffer(r.t.packs["bitmap"][slot].tobytes(), np.uint8),
-                               bitorder="little").astype(bool)
-        for c0, n in zip(v.e_chunk0[ok & (v.e_start == blk)].tolist(), v.e_count[ok & (v.e_start == blk)].tolist(),
-                         strict=True):
-            marked[c0:c0 + n] = False
-        idx = np.flatnonzero(marked)
-        if len(idx):
-            for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
-                orphan_runs.append((blk, int(run[0]), len(run)))
-    for blk, c0, n in orphan_runs:
-        cands = np.flatnonzero(bare & (bare_chunks == n)).tolist()
-        same = [x for x in orphan_runs if x[2] == n]
+    bare, need = _bare(v, chunk)
+    runs_c = _chunk_runs(v, r)
+    for blk, c0, n in runs_c:
+        cands = np.flatnonzero(bare & (need == n)).tolist()
+        same = [x for x in runs_c if x[2] == n]
         if len(cands) == 1 and len(same) == 1 and cands[0] not in r.suspect["inode"]:
             o = cands[0]
             slot = r.alloc("extent")
@@ -1959,6 +2024,15 @@ def fix_pack_bitmaps(r: Repair, fs: list[Finding]) -> None:
     """Rebuild each pack block's chunk bitmap from the packed extents in it; a pack
     block left with no chunks is given up (fix_bitmap then frees its block)."""
     v = r.view()
+    chunk = r.sb.geometry.block_size // PACK_CHUNKS
+    bare, need = _bare(v, chunk)
+    for _, _, n in _chunk_runs(v, r):
+        # Chunks no file claims: a packed extent was lost, and the file it belonged to
+        # is one of those with a size but no data. Each of them is named.
+        for o in np.flatnonzero(bare & (need <= n)).tolist():
+            r.note(o, "lost-blocks", f"it has a size but no data, and {n} chunk(s) of a pack block that no "
+                                     "file claims were given up: they may have been its data (an extent "
+                                     "record was lost)")
     ok = v.e_ok & v.e_packed
     want: dict[int, np.ndarray] = {int(b): np.zeros(PACK_CHUNKS, bool)
                                    for b in v.packs["block"][v.pack_used].tolist()}
@@ -2013,6 +2087,8 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("bad-blob", fix_free_blobs),
     ("stray-cont", fix_free_blobs),
     ("bad-chain", fix_free_chains),
+    ("bad-xattr-name", fix_free_chains),
+    ("dup-xattr", fix_free_chains),
     ("stray-target", fix_free_chains),
     ("extra-target", fix_free_chains),
     ("symlink-size", fix_symlink_size),

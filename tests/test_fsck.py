@@ -300,6 +300,84 @@ def test_interrupted_transaction_rolled_back_like_mount(populated, region_factor
     verify(path, expected)
 
 
+def test_a_rollback_names_the_files_it_changes(populated):
+    """The journal keeps the undo records of its last transaction after the commit;
+    damage that sets its state word back to active makes fsck (and mount) roll that
+    committed transaction back. fsck cannot tell that from a crash, but it names the
+    file whose change it undid."""
+    path, expected = populated
+    e = Engine(path)
+    f1 = e.lookup(1, b"f1")
+    e.setxattr(f1, b"user.last", b"v")  # the last transaction before the "crash"
+    e.region.close()  # no unmount: that would be the last transaction instead
+    from pmemfs.format import JOURNAL_OFFSET
+    from pmemfs.journal import HEADER_SIZE
+
+    with open(path, "r+b") as f:
+        f.seek(JOURNAL_OFFSET + 24)  # the state word (FORMAT.md, "Journal")
+        f.write((1).to_bytes(4, "little"))
+        assert HEADER_SIZE == 64
+    rep = fsck(path, "y")
+    assert rep.exit_code == 1
+    (change,) = [c for c in rep.files if c.inode == f1]
+    assert change.what == ["rolled-back"] and change.path in ("/c/hardlink", "/f1")
+    e = Engine(path)
+    try:
+        assert b"user.last" not in e.listxattr(f1)
+    finally:
+        e.close()
+    verify(path, expected)
+
+
+@pytest.mark.parametrize("room", ["copy", "full"])
+def test_shared_blocks_of_two_owners_are_quarantined(populated, room):
+    """Two sound extents claim one block and their files belong to different users:
+    the later claim gets its own copy (or, with no free block left, loses the block),
+    and both files are taken out of their directories into /lost+found (root's, 0700),
+    named in the report as quarantined: neither user can read the other's data."""
+    path, _ = populated
+    was = tree(path)
+    from pmemfs.format import Superblock, Tables, seal
+    from pmemfs.region import Region
+
+    big = [i for i, rec in was["inodes"].items() if len(rec.get("data", b"")) > BS]  # whole-block files
+    with Region(path) as r:  # the first extent of one of them onto the other's first block
+        sb = Superblock.decode(r.buf, r.size)
+        t = Tables(r.buf, sb)
+        slot = {int(t.extents["owner"][k]): k for k in range(sb.hwm["extent"] - 1, 0, -1)
+                if int(t.extents["owner"][k]) in big}
+        a, b = sorted(slot, key=slot.get)[:2]  # b's extent has the later slot: it is the later claim
+        t.extents["start_block"][slot[b]] = t.extents["start_block"][slot[a]]
+        seal(t.extents, slot[b])
+        del t
+    with Region(path) as r:
+        sb = Superblock.decode(r.buf, r.size)
+        t = Tables(r.buf, sb)
+        t.inodes["uid"][b] = 1000
+        seal(t.inodes, b)
+        if room == "full":  # every free block marked used, as a leak would (fsck frees them after)
+            t.bitmap[:] = 0xFF
+        del t
+    rep = fsck(path, "y")
+    assert rep.exit_code == 1, [f.as_dict() for f in rep.errors]
+    assert fsck(path, "n").exit_code == 0
+    files = {c.inode: c for c in rep.files}
+    after = tree(path)
+    for ino in (a, b):
+        assert "quarantined" in files[ino].what and "moved" in files[ino].what, files[ino]
+        assert files[ino].path == f"/lost+found/#{ino}" == next(p for p, i in after["paths"].items() if i == ino)
+        assert files[ino].was == sorted(p for p, i in was["paths"].items() if i == ino)
+    lf = after["inodes"][after["paths"]["/lost+found"]]
+    assert lf["uid"] == 0 and lf["mode"] & 0o777 == 0o700
+    assert after["inodes"][a]["data"] == was["inodes"][a]["data"]  # the earlier claim keeps its blocks
+    if room == "copy":  # b holds a copy of a's first block (its own, private)
+        assert "cloned" in files[b].what and "shared-blocks" in files[a].what
+        assert after["inodes"][b]["data"][:BS] == was["inodes"][a]["data"][:BS]
+    else:  # no room for a copy: b's claim is dropped, it reads zeros there
+        assert "lost-blocks" in files[b].what and "shared-blocks" in files[a].what
+        assert after["inodes"][b]["data"][:BS] == bytes(BS)
+
+
 def test_orphans_and_truncating_are_finished(populated):
     path, expected = populated
     e = Engine(path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import stat as statmod
 import sys
 import tempfile
@@ -273,14 +274,18 @@ def _compare(path: str, before: dict, rep, stats: dict) -> list[str]:
     stats["changed"] += len(changed)
     stats["named"] += len(named)
     stats["named_unchanged"] += len(named - changed)
-    stats["restored"] += sum(f.message.count("restored exactly") for f in rep.findings)
+    for f in rep.findings:
+        if f.code in ("checksum", "free-damaged"):
+            stats["damaged_records"] += len(f.data.get("index", []))
+            many = re.search(r"\((\d+) restored exactly", f.message)
+            stats["restored"] += int(many.group(1)) if many else f.message.count("restored exactly")
     stats["untouched"] += not changed
     return [f"inode {i}: {why}" for i, why in sorted(silent.items())]
 
 
 def new_stats() -> dict[str, int]:
-    return dict.fromkeys(("clean", "repaired", "refused", "changed", "named", "named_unchanged", "restored",
-                          "untouched"), 0)
+    return dict.fromkeys(("clean", "repaired", "refused", "changed", "named", "named_unchanged",
+                          "damaged_records", "restored", "untouched"), 0)
 
 
 def main() -> int:
@@ -314,7 +319,8 @@ def main() -> int:
     print(f"{a.seeds} seeds in {time.monotonic() - started:.0f} s: {stats}")
     print(f"repaired seeds whose every file reads as before: {stats['untouched']}; files changed by damage or "
           f"repair: {stats['changed']}, named: {stats['named']} ({stats['named_unchanged']} of them unchanged); "
-          f"records restored exactly from their checksums: {stats['restored']}")
+          f"records that failed their checksum: {stats['damaged_records']}, restored exactly from it: "
+          f"{stats['restored']}")
     if broken:
         print(f"{len(broken)} seed(s) broke a rule: {sorted(broken)}")
         return 1
