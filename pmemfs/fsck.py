@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import stat as statmod
+import struct
 import sys
 import time
 import zlib
@@ -68,6 +69,7 @@ from .format import (
     Geometry,
     Superblock,
     Tables,
+    max_file_blocks,
     max_file_size,
 )
 from .journal import HEADER_SIZE, JOURNAL_RECORD_HEADER, Journal, JournalFull, format_journal
@@ -381,7 +383,7 @@ class Repair:
         # far as everything else agrees with them (docs/FSCK.md).
         self.suspect: dict[str, set[int]] = {n: set() for n in TABLE_NAMES}
         self.outcome: dict[tuple[str, int], str] = {}  # (table, slot) -> what became of it
-        self.lost_hints: list[tuple[int, int, int, int]] = []  # dropped extents: (start, count, file block, flags)
+        self.lost_hints: list[tuple[int, int, int, int, int]] = []  # dropped: (owner, start, count, file block, flags)
         self.mode = "y"
         self.before: Paths | None = None
 
@@ -601,6 +603,7 @@ SOLVE_FIELDS = {
     "pack": ("block", "used"),
 }
 SIZELESS = (KIND_DIR, KIND_FIFO, KIND_SOCK, KIND_CHR, KIND_BLK)
+EXTENT_HEAD = struct.Struct("<IIQQI")  # an extent record but its checksum
 XATTR_NAMESPACES = (b"user", b"trusted", b"security")
 
 
@@ -723,6 +726,36 @@ class _Evidence:
     def pack_bits(self, pslot: int) -> np.ndarray:
         raw = np.frombuffer(self.r.t.packs["bitmap"][pslot].tobytes(), np.uint8)
         return np.unpackbits(raw, bitorder="little").astype(bool)
+
+    def short_files(self) -> list[tuple[int, int, int]]:
+        """(file, file block, count): files whose block count says they have more blocks
+        than their extents map, with a hole where those could go (at most 100 files)."""
+        if not hasattr(self, "_short"):
+            deficit = self.nblocks.astype(np.int64) - self.sums
+            short = np.flatnonzero(self.live & np.isin(self.kind, (KIND_REG, KIND_KOBJ)) & (deficit > 0))[:100]
+            self._short = []
+            for o in short.tolist():
+                mine = self.b_owner == o
+                for fb, gap in _gaps(self.b_fb[mine].tolist(), self.b_count[mine].tolist(), self.need(o))[:10]:
+                    cnt = min(int(deficit[o]), gap)
+                    if cnt <= self.g.block_count and fb + cnt <= max_file_blocks(self.bs):  # (damaged counts)
+                        self._short.append((o, fb, cnt))
+        return self._short
+
+    def unowned(self, s: int, n: int) -> bool:
+        """Are blocks [s, s + n) in the data area and owned by nobody? (Marked or not: for
+        a record the checksum confirms whole, the bitmap, checksummed by nothing, is no
+        evidence against it.)"""
+        if not hasattr(self, "_unowned"):
+            free = check.block_owners(self.v) == 0
+            free[: self.g.data_start_block] = False
+            self._unowned = free
+        return n > 0 and s + n <= len(self._unowned) and bool(self._unowned[s:s + n].all())
+
+    def orphan_chunks(self) -> list[tuple[int, int, int, int]]:
+        if not hasattr(self, "_orphans"):
+            self._orphans = _orphan_chunks(self)
+        return self._orphans
 
     def chain_rest(self, slot: int) -> int:
         b = self.r.t.blobs
@@ -926,39 +959,38 @@ def _derived(ev: _Evidence, table: str, idx: int, raw: bytes) -> list[tuple[byte
     checksum then matches, so the guesses cost nothing when wrong."""
     dt = ev.r.tables[table].dtype
     out: list[tuple[bytes, str]] = []
-    if table == "blob" and raw[12] != BLOB_CONT:
+    if table == "blob" and idx < len(ev.linked_by) and ev.linked_by[idx] < 0:  # a head (nobody links it)
         b, hwm = ev.r.t.blobs, ev.r.hwm["blob"]
         used = ev.v.blob_used
-        strays = used[(b["kind"][used] == BLOB_CONT) & (ev.linked_by[used] < 0)]
-        for c in strays[:1000].tolist():
-            if 0 < c < hwm:
-                out.append((_with(raw, dt, owner=int(b["owner"][c]), next=c),
-                            "its owner and next fields were damaged: both taken from its continuation"))
+        strays = used[(b["kind"][used] == BLOB_CONT) & (ev.linked_by[used] < 0) & (used != idx)]
+        n = len(raw) - 4
+        stored = int.from_bytes(raw[n:], "little")
+        for nxt in [0, *strays[:100].tolist()]:
+            for kind in (BLOB_XATTR, BLOB_SYMLINK):
+                # owner, next and kind damaged: the owner solved for, for each next and kind it could have
+                base = _with(raw, dt, owner=0, next=nxt, kind=kind)
+                o = _solve(n, 0, 32, stored ^ zlib.crc32(base[:n]))
+                if not (o and o < ev.n and ev.live[o]):
+                    continue
+                if kind == BLOB_SYMLINK and int(ev.kind[o]) != KIND_SYMLINK:
+                    continue
+                if nxt and not (nxt < hwm and int(b["owner"][nxt]) == o):
+                    continue
+                out.append((_with(base, dt, owner=o), "its owner, next and kind fields were damaged: solved "
+                                                      "for, with a continuation nobody links (or none)"))
     elif table == "extent":
-        g = ev.g
-        deficit = ev.nblocks.astype(np.int64) - ev.sums
-        short = np.flatnonzero(ev.live & np.isin(ev.kind, (KIND_REG, KIND_KOBJ)) & (deficit > 0))[:100]
-        owners = check.block_owners(ev.v)
-        leaked = ev.bits & (owners == 0)
-        leaked[: g.data_start_block] = False
-        blocks = np.flatnonzero(leaked)
-        runs = [(int(x[0]), len(x)) for x in np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)] \
-            if len(blocks) else []
-        for o in short.tolist():
-            d = int(deficit[o])
-            mine = ev.b_owner == o
-            for fb, gap in _gaps(ev.b_fb[mine].tolist(), ev.b_count[mine].tolist(), ev.need(o)):
-                for start, length in runs:
-                    for st in range(start, start + length - min(d, gap) + 1) if length >= min(d, gap) else ():
-                        out.append((_with(raw, dt, owner=o, count=min(d, gap), file_block=fb, start_block=st,
-                                          flags=0),
-                                    "several of its fields were damaged: rebuilt from the file's block count "
-                                    "and size and the blocks no file owns"))
-                        if len(out) > 10000:
-                            return out
-        for blk, c0, cnt, o in _orphan_chunks(ev):
-            out.append((_with(raw, dt, owner=o, count=cnt, file_block=0, start_block=blk,
-                              flags=EXTENT_PACKED | (c0 << 16)),
+        n = len(raw) - 4
+        stored = int.from_bytes(raw[n:], "little")
+        for o, fb, cnt in ev.short_files():
+            # owner, count, file block and flags from the evidence; the start block solved for.
+            base = EXTENT_HEAD.pack(o, cnt, fb, 0, 0) + raw[28:n]
+            st = _solve(n, 16, 32, stored ^ zlib.crc32(base))
+            if st is not None and ev.unowned(st, cnt):
+                out.append((EXTENT_HEAD.pack(o, cnt, fb, st, 0) + raw[28:],
+                            "several of its fields were damaged: rebuilt from the file's block count and size "
+                            "and blocks no file owns"))
+        for blk, c0, cnt, o in ev.orphan_chunks()[:2000]:
+            out.append((EXTENT_HEAD.pack(o, cnt, 0, blk, EXTENT_PACKED | (c0 << 16)) + raw[28:],
                         "several of its fields were damaged: rebuilt from chunks no file claims and a small "
                         "file with no data"))
     elif table == "dirent":
@@ -971,10 +1003,8 @@ def _derived(ev: _Evidence, table: str, idx: int, raw: bytes) -> list[tuple[byte
         base = bytearray(raw[:n])
         base[0:16] = bytes(16)  # parent and ino unknown
         t0 = int.from_bytes(raw[n:], "little") ^ zlib.crc32(bytes(base))
-        for i in np.flatnonzero(missing)[:10000].tolist():
-            if int(ev.kind[i]) != raw[26]:
-                continue
-            lin_i = int(check.crc_of_field(n, 8, np.array([i]), 32)[0])
+        cands = np.flatnonzero(missing & (ev.kind == raw[26]))[:2000]
+        for i, lin_i in zip(cands.tolist(), check.crc_of_field(n, 8, cands, 32).tolist(), strict=True):
             p = _solve(n, 0, 32, t0 ^ lin_i)
             if p is not None and 0 < p < ev.n and ev.v.is_dir[p]:
                 out.append((_with(raw, dt, parent=p, ino=i), "its parent and inode fields were damaged: "
@@ -1017,11 +1047,13 @@ def _orphan_chunks(ev: _Evidence) -> list[tuple[int, int, int, int]]:
     """(block, first chunk, count, candidate owner) for every pairing of unclaimed chunks
     with a small file that has no data (a packed extent lost them)."""
     bare, need = _bare(ev.v, ev.chunk)
-    out = []
+    out: list[tuple[int, int, int, int]] = []
     for blk, c0, n in _chunk_runs(ev.v, ev.r)[:100]:
         for o in np.flatnonzero(bare & (need <= n)).tolist()[:100]:
             for start in range(c0, c0 + n - int(need[o]) + 1):
                 out.append((blk, start, int(need[o]), o))
+                if len(out) >= 2000:
+                    return out
     return out
 
 
@@ -1105,6 +1137,12 @@ def _revive(r: Repair, ev: _Evidence, table: str, i: int) -> bool:
         return False
     if table == "dirent":
         ino, kind = int(t.dirents["ino"][i]), int(t.dirents["kind"][i])
+        space = _namespace_ino(r)
+        if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_KOBJ == kind and space:
+            r.set("dirent", i, parent=space)  # a kernel object is named in /.kernel and nowhere else
+            r.note(ino, "unverified", "its directory entry failed its checksum and looked free: put back "
+                                      "in /.kernel, where kernel objects live")
+            return True
         if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_DIR == kind and ev.names[ino] == 0:
             p = int(t.inodes["parent"][ino])
             if 0 < p < ev.n and v.is_dir[p]:
@@ -1169,10 +1207,13 @@ def _triage(r: Repair, free_left: set[tuple[str, int]], bad_left: set[tuple[str,
             r.zero(table, i, keep_generation=table == "inode")
     for table, i in bad_left:
         r.suspect[table].add(i)
-    for j in sorted(r.suspect["extent"]):
-        _triage_extent(r, _Evidence(r), j)
+    ev = _Evidence(r)
+    for j in sorted(r.suspect["extent"]):  # (the evidence is rebuilt only after a change)
+        if _triage_extent(r, ev, j):
+            ev = _Evidence(r)
+    ev = _Evidence(r)
     for i in sorted(r.suspect["inode"]):
-        _triage_inode(r, _Evidence(r), i)
+        _triage_inode(r, ev, i)
     ev = _Evidence(r)
     for k in sorted(r.suspect["dirent"]):
         if _triage_dirent(r, ev, k):
@@ -1189,11 +1230,12 @@ def _triage(r: Repair, free_left: set[tuple[str, int]], bad_left: set[tuple[str,
                 r.outcome.setdefault((table, i), "kept: it agrees with everything that refers to it")
 
 
-def _triage_extent(r: Repair, ev: _Evidence, j: int) -> None:
+def _triage_extent(r: Repair, ev: _Evidence, j: int) -> bool:
+    """Returns whether it dropped the extent."""
     e = r.t.extents
     o, n, fb, s, fl = (int(e[x][j]) for x in ("owner", "count", "file_block", "start_block", "flags"))
     if not o:
-        return
+        return False
     g = ev.g
     sound = ev.b_slot[~np.isin(ev.b_slot, list(r.suspect["extent"]))]
     packed = bool(fl & EXTENT_PACKED)
@@ -1228,16 +1270,28 @@ def _triage_extent(r: Repair, ev: _Evidence, j: int) -> None:
             why = "the file's block count does not count it"
     unit = "chunk" if packed else "block"
     if why:
-        r.lost_hints.append((s, n, fb, fl))
+        r.lost_hints.append((o, s, n, fb, fl))
         r.zero("extent", j)
         r.suspect["extent"].discard(j)
         r.outcome[("extent", j)] = f"dropped: {why}"
         if ev.data_inode(o):
             r.note(o, "lost-blocks", f"its extent record {j} ({n} {unit}(s) at file block {fb}) failed its "
                                      f"checksum and {why}: dropped, those bytes now read as zeros")
-    else:
-        r.note(o, "unverified", f"its extent record {j} failed its checksum; kept: it agrees with the "
-                                "allocation bitmap and the file's size and block count")
+        return True
+    r.note(o, "unverified", f"its extent record {j} failed its checksum; kept: it agrees with the "
+                            "allocation bitmap and the file's size and block count")
+    return False
+
+
+def _namespace_ino(r: Repair) -> int:
+    """The /.kernel directory (root's pinned entry named .kernel), or 0."""
+    v = r.view()
+    slots = v.dir_used[v.d_linked & (v.d_parent == ROOT_INO)]
+    for slot in slots[v.dirents["name"][slots] == b".kernel"].tolist():
+        ino = int(v.dirents["ino"][slot])
+        if v.is_dir[ino] and int(v.inodes["flags"][ino]) & FLAG_PINNED:
+            return ino
+    return 0
 
 
 def _is_namespace(ev: _Evidence, i: int) -> bool:
@@ -1279,7 +1333,7 @@ def _triage_inode(r: Repair, ev: _Evidence, i: int) -> None:
     if k == KIND_KOBJ and not int(ino["flags"][i]) & FLAG_ORPHAN:
         r.set("inode", i, uid=0, flags=int(ino["flags"][i]) | FLAG_PINNED)
         run = int(ev.b_count[ev.b_owner == i].sum())
-        if int(ino["size"][i]) > run * ev.bs:
+        if run and int(ino["size"][i]) > run * ev.bs:
             r.set("inode", i, size=run * ev.bs)
             r.note(i, "size", f"a kernel object's payload lies in its one run of blocks: its size "
                               f"{int(ino['size'][i])} was past it, set to {run * ev.bs}")
@@ -1802,6 +1856,16 @@ def fix_reconnect(r: Repair, fs: list[Finding]) -> None:
         done.update(path)
         done.add(x)
     tops.extend(np.flatnonzero(unreachable & ~v.is_dir & (names == 0)).tolist())
+    space = _namespace_ino(r)
+    if space:  # kernel objects are named in /.kernel and nowhere else: they go back there
+        for ino in [i for i in tops if v.kind[i] == KIND_KOBJ]:
+            tops.remove(ino)
+            taken = r.names_in(space)
+            name, k = b"#%d" % ino, 1
+            while name in taken:
+                name, k = b"#%d.%d" % (ino, k), k + 1
+            r.add_dirent(space, name, ino)
+            r.note(ino, "moved", f"it was not reachable from the root: now /.kernel/{_decode(name)}")
     if not tops:
         return
     lf = r.lost_and_found()
@@ -1972,11 +2036,31 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
     sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
     short = v.has_data & (ino["nblocks"][: v.n].astype(np.int64) > sums)
     # Candidate runs: where a dropped extent lay (if still unowned), then maximal leaked runs.
+    taken = np.zeros(g.block_count, bool)
+    # First the extents triage dropped, where the fields that survived agree with
+    # everything else: their file is short of exactly that many blocks, with a hole
+    # exactly there, and their blocks are marked used and owned by nobody.
+    for o, s, n, fb, _ in r.lost_hints:
+        if not (0 < o < v.n and short[o]) or o in r.suspect["inode"] or not (s >= 0 and s + n <= g.block_count):
+            continue
+        d = int(ino["nblocks"][o]) - int(sums[o])
+        mine = (v.e_owner == o) & v.e_blk
+        holes = _gaps(v.e_fb[mine].tolist(), v.e_count[mine].tolist(), -(-int(ino["size"][o]) // bs))
+        if n == d and (fb, n) in holes and leaked[s:s + n].all() and not taken[s:s + n].any():
+            taken[s:s + n] = True
+            slot = r.alloc("extent")
+            r.save("extent", slot)
+            r.t.extents[slot] = (o, n, fb, s, 0, 0)
+            sums[o] += n
+            short[o] = False
+            r.rebuilt(o, f"its extent for file block {fb} ({n} block(s)) failed its checksum and was "
+                         "dropped: rebuilt from what of it agrees with its block count, size and the bitmap")
     runs: dict[tuple[int, int], None] = {}
-    for s, n, _, fl in r.lost_hints:
-        if not fl & EXTENT_PACKED and s >= 0 and s + n <= g.block_count and leaked[s:s + n].all():
+    for _, s, n, _, fl in r.lost_hints:
+        if not fl & EXTENT_PACKED and s >= 0 and s + n <= g.block_count and leaked[s:s + n].all() \
+                and not taken[s:s + n].any():
             runs[(s, n)] = None
-    idx = np.flatnonzero(leaked)
+    idx = np.flatnonzero(leaked & ~taken)
     if len(idx):
         for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
             runs[(int(run[0]), len(run))] = None
@@ -1990,7 +2074,6 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
         fits = [a for a, n in _gaps(v.e_fb[mine].tolist(), v.e_count[mine].tolist(), need) if n == d]
         if len(fits) == 1:
             wants.append((o, fits[0], d))
-    taken = np.zeros(g.block_count, bool)
     for o, fb, d in wants:
         mates = [s for s, n in runs if n == d and not taken[s:s + n].any()]
         rivals = [w for w in wants if w[2] == d]
@@ -2283,10 +2366,10 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
             if code not in todo:
                 continue
             if not (fixer in ran and fixer in ONCE_PER_PASS):
-                ran.add(fixer)
                 name = next(f.check for f in flat if f.code == code)
                 fresh = [f for f in check.run_check(name, r.view()) if f.code == code and _allowed(f, mode)]
-                if fresh:
+                if fresh:  # (a fixer that found nothing to do for one code may still be needed by the next)
+                    ran.add(fixer)
                     fixer(r, fresh)
             for f in flat:
                 if f.code == code and _allowed(f, mode):
