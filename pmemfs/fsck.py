@@ -11,6 +11,12 @@ region's own undo journal, so a crash during a repair is itself recoverable.
 
 Exit codes follow fsck(8): 0 clean, 1 errors corrected, 4 errors left uncorrected,
 8 operational error, 16 usage error. docs/FSCK.md describes checks and repairs.
+
+A repair never changes a file silently: records that fail their checksum are restored
+exactly when one explanation of the damage fits the checksum, and otherwise trusted
+only as far as everything that refers to them agrees; every file a repair may have
+changed is in the report's per-file list (Report.files, "files" in --json, CHANGED
+lines in the text) by path, with what happened to it.
 """
 
 from __future__ import annotations
