@@ -110,13 +110,13 @@ DAMAGE = {
     "dup-name": ("names", "dup-name", lambda t, sb, i: _set(t, "dirent", dirent(t, b"s"), name=b"g", name_len=1)),
     "nlink": ("links", "nlink", lambda t, sb, i: _set(t, "inode", i["d"], nlink=9)),
     "named-orphan": ("links", "named-orphan", lambda t, sb, i: _set(t, "inode", i["g"], flags=FLAG_ORPHAN)),
-    "unreachable": ("tree", "unreachable", lambda t, sb, i: t.dirents.__setitem__(dirent(t, b"d"), 0)),
+    "unreachable": ("tree", "unreachable", lambda t, sb, i: _free(t.dirents, dirent(t, b"d"))),
     "cycle": ("tree", "unreachable", lambda t, sb, i: (_set(t, "dirent", dirent(t, b"d"), parent=i["sub"]),
                                                        _set(t, "inode", i["d"], parent=i["sub"]))),
     "dotdot": ("tree", "dotdot", lambda t, sb, i: _set(t, "inode", i["sub"], parent=ROOT_INO)),
     "dir-names": ("tree", "dir-names", lambda t, sb, i: _add_dirent(t, 1, b"again", i["sub"], 2)),
     "orphan-dir-with-entries": ("orphans", "orphan", lambda t, sb, i: (
-        t.dirents.__setitem__(dirent(t, b"d"), 0), _set(t, "inode", i["d"], flags=FLAG_ORPHAN, nlink=0))),
+        _free(t.dirents, dirent(t, b"d")), _set(t, "inode", i["d"], flags=FLAG_ORPHAN, nlink=0))),
     "dead-blob": ("blobs", "bad-blob", lambda t, sb, i: _set(
         t, "blob", slot_of(t, "blob", lambda r: r["owner"] == i["f"]), owner=999)),
     "bad-chain": ("blobs", "bad-chain", lambda t, sb, i: _set(
@@ -128,6 +128,11 @@ DAMAGE = {
         slot_of(t, "blob", lambda r: r["owner"] == i["s"]), np.zeros(1, t.blobs.dtype)[0])),
     "symlink-size": ("symlinks", "symlink-size", lambda t, sb, i: _set(t, "inode", i["s"], size=99)),
 }
+
+
+def _free(arr, idx: int) -> None:
+    """Free a record as pmemfs does: all zero (assigning a scalar 0 would store the name "0")."""
+    arr[idx] = np.zeros(1, arr.dtype)[0]
 
 
 def _leak(t, sb) -> None:
@@ -244,7 +249,7 @@ def test_reachability_deep_chain(region_factory):
         v = check.View(t, sb, dict(sb.hwm))
         reached, _, cyclic = check.reachability(v)
         assert reached[chain].all() and not cyclic.any()
-        t.dirents[dirent(t, b"d150")] = 0
+        _free(t.dirents, dirent(t, b"d150"))
         v = check.View(t, sb, dict(sb.hwm))
         reached, _, _ = check.reachability(v)
         assert reached[chain[:150]].all() and not reached[chain[150:]].any()
