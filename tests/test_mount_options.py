@@ -3,6 +3,7 @@ force, SIGTERM/SIGINT, --log/--debug, regions on hugetlbfs and with 1 GiB blocks
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 import pytest
 from conftest import drop_caches, superblock_state, wait_for
@@ -55,28 +57,14 @@ def region_digest(region: str) -> str:
 
 
 # ------------------------------------------------------------------ ro
-def test_ro_refuses_every_write_path_and_changes_no_byte(region, mount_factory):
-    rw = mount_factory(region)
-    with open(rw.p("f"), "wb") as f:
-        f.write(b"kept" * 1000)
-    os.mkdir(rw.p("d"))
-    os.symlink("f", rw.p("l"))
-    os.setxattr(rw.p("f"), "user.x", b"1")
-    rw.unmount()
-    before = region_digest(region)
-    m = mount_factory(region, {"ro"}, name="ro")
-    assert "ro" in mount_options(m.path)
-    # Reads, the listing, xattrs and the read-only control queries all answer.
-    with open(m.p("f"), "rb") as f:
-        assert f.read() == b"kept" * 1000
-    assert sorted(os.listdir(m.path)) == ["d", "f", "l"] and os.readlink(m.p("l")) == "f"
-    assert os.getxattr(m.p("f"), "user.x") == b"1"
-    assert json.loads(os.getxattr(m.p("f"), "user.pmemfs.extents"))
+def write_attempts(m) -> dict[str, int]:
+    """Every write path and every region-changing control verb, tried on the mount m
+    (which holds f, d and l from prepare_for_writes): what -> errno (0: it worked)."""
     writes = {
-        "open O_WRONLY": lambda: os.open(m.p("f"), os.O_WRONLY),
-        "open O_RDWR": lambda: os.open(m.p("f"), os.O_RDWR),
-        "open O_TRUNC": lambda: os.open(m.p("f"), os.O_RDONLY | os.O_TRUNC),
-        "create": lambda: os.open(m.p("new"), os.O_CREAT | os.O_WRONLY, 0o644),
+        "open O_WRONLY": lambda: os.close(os.open(m.p("f"), os.O_WRONLY)),
+        "open O_RDWR": lambda: os.close(os.open(m.p("f"), os.O_RDWR)),
+        "open O_TRUNC": lambda: os.close(os.open(m.p("f"), os.O_RDONLY | os.O_TRUNC)),
+        "create": lambda: os.close(os.open(m.p("new"), os.O_CREAT | os.O_WRONLY, 0o644)),
         "truncate": lambda: os.truncate(m.p("f"), 0),
         "mkdir": lambda: os.mkdir(m.p("d2")),
         "rmdir": lambda: os.rmdir(m.p("d")),
@@ -96,13 +84,45 @@ def test_ro_refuses_every_write_path_and_changes_no_byte(region, mount_factory):
         "carve": lambda: os.setxattr(m.p("f"), "user.pmemfs.carve",
                                      json.dumps({"src": "f", "offset": 0, "length": 2 * MiB}).encode()),
         "lease rw": lambda: os.setxattr(m.p("f"), "user.pmemfs.lease", b"rw"),
+        "lease ro": lambda: os.setxattr(m.p("f"), "user.pmemfs.lease", b"ro"),
         "defrag": lambda: os.setxattr(m.path, "trusted.pmemfs.defrag", b""),
         "kernel create": lambda: os.setxattr(m.path, "trusted.pmemfs.kernel.create", json.dumps(
             {"name": "k", "type": "generic", "size": 4096}).encode()),
         "kernel freeze": lambda: os.setxattr(m.path, "trusted.pmemfs.kernel.freeze", b""),
     }
-    got = {what: errno_of(fn) for what, fn in writes.items()}
-    assert got == {what: errno.EROFS for what in writes}, {k: errno.errorcode.get(v, v) for k, v in got.items()}
+    return {what: errno_of(fn) for what, fn in writes.items()}
+
+
+def prepare_for_writes(root: str) -> None:
+    with open(os.path.join(root, "f"), "wb") as f:
+        f.write(b"kept" * 1000)
+    os.mkdir(os.path.join(root, "d"))
+    os.symlink("f", os.path.join(root, "l"))
+    os.setxattr(os.path.join(root, "f"), "user.x", b"1")
+
+
+def assert_all_erofs(got: dict[str, int]) -> None:
+    assert got == {what: errno.EROFS for what in got}, {k: errno.errorcode.get(v, v) for k, v in got.items()}
+
+
+def assert_reads_answer(m) -> None:
+    """Reads, the listing, xattrs and the read-only control queries all answer."""
+    with open(m.p("f"), "rb") as f:
+        assert f.read() == b"kept" * 1000
+    assert {"d", "f", "l"} <= set(os.listdir(m.path)) and os.readlink(m.p("l")) == "f"
+    assert os.getxattr(m.p("f"), "user.x") == b"1"
+    assert json.loads(os.getxattr(m.p("f"), "user.pmemfs.extents"))
+
+
+def test_ro_refuses_every_write_path_and_changes_no_byte(region, mount_factory):
+    rw = mount_factory(region)
+    prepare_for_writes(rw.path)
+    rw.unmount()
+    before = region_digest(region)
+    m = mount_factory(region, {"ro"}, name="ro")
+    assert "ro" in mount_options(m.path)
+    assert_reads_answer(m)
+    assert_all_erofs(write_attempts(m))
     for args in (["prealloc", m.p("f"), "4M"], ["defrag", m.path],
                  ["kernel", "create", "--size", "4K", m.path, "k"]):
         r = pmemfs(*args)
@@ -187,22 +207,110 @@ def atime_changes(root: str) -> tuple[bool, bool]:
     return out[0], out[1]
 
 
-@pytest.mark.parametrize("options", [set(), {"noatime"}], ids=["relatime", "noatime"])
-def test_atime_follows_the_mount_option_as_on_tmpfs(region, mount_factory, tmp_path, options):
-    ref = str(tmp_path / "tmpfs")
-    os.mkdir(ref)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=16m", *options]), "tmpfs", ref],
+@contextlib.contextmanager
+def tmpfs(where: str, options: Iterable[str] = ()):
+    """A tmpfs at `where` mounted with these options: Linux's own answer."""
+    os.makedirs(where, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=16m", *options]), "tmpfs", where],
                    check=True, capture_output=True)
     try:
-        want = atime_changes(ref)
+        yield where
     finally:
-        subprocess.run(["umount", ref], check=True)
+        subprocess.run(["umount", where], check=True)
+
+
+@pytest.mark.parametrize("options", [set(), {"noatime"}, {"strictatime"}, {"nodiratime"}],
+                         ids=["relatime", "noatime", "strictatime", "nodiratime"])
+def test_atime_follows_the_mount_option_as_on_tmpfs(region, mount_factory, tmp_path, options):
+    with tmpfs(str(tmp_path / "tmpfs"), options) as ref:
+        want = atime_changes(ref)
     m = mount_factory(region, options)
-    assert options <= mount_options(m.path)
-    assert want == ((False, False) if options else (True, True))  # what tmpfs does
+    flags = mount_options(m.path)
+    # strictatime is shown as neither relatime nor noatime
+    assert not flags & {"relatime", "noatime"} if options == {"strictatime"} else options <= flags
+    assert want == ((False, False) if options == {"noatime"} else (True, True))  # what tmpfs does
     assert atime_changes(m.path) == want
     m.restart()  # and it is what the region holds, not a cached attribute
     assert atime_changes(m.path) == want
+
+
+STALE, FRESH = "stale", "fresh"  # atime older than mtime; atime newer than mtime and ctime
+
+
+def access_outcomes(root: str) -> dict[str, bool]:
+    """Whether reading a file, listing a directory, reading a symlink and following one
+    change atime, when it was stale (before mtime: relatime updates it) and when it was
+    fresh (after mtime and ctime, under a day old: only strictatime updates it)."""
+    made = {}
+    for case in (STALE, FRESH):
+        f, d, ln = (os.path.join(root, f"{what}-{case}") for what in ("file", "dir", "link"))
+        with open(f, "wb") as out:
+            out.write(b"a" * 100)
+        os.mkdir(d)
+        with open(os.path.join(d, "child"), "wb"):
+            pass
+        os.symlink(os.path.basename(f), ln)
+        made[case] = (f, d, ln)
+    drop_caches()  # every read below reaches the daemon (see docs/DESIGN.md, atime)
+    out = {}
+    for case, (f, d, ln) in made.items():
+        def aged(path: str) -> int:
+            at = 10**18 if case == STALE else time.time_ns() + 3600 * 10**9
+            os.utime(path, ns=(at, time.time_ns()), follow_symlinks=False)  # ctime: now
+            return at
+        at = aged(f)
+        with open(f, "rb") as fh:
+            fh.read()
+        out[f"read file, {case}"] = os.stat(f).st_atime_ns != at
+        at = aged(d)
+        os.listdir(d)
+        out[f"list dir, {case}"] = os.stat(d).st_atime_ns != at
+        at = aged(ln)
+        os.readlink(ln)
+        out[f"readlink, {case}"] = os.lstat(ln).st_atime_ns != at
+        at = aged(ln)
+        os.stat(ln)
+        out[f"follow link, {case}"] = os.lstat(ln).st_atime_ns != at
+    return out
+
+
+def expected_outcomes(options: set[str]) -> dict[str, bool]:
+    """Linux's rule (touch_atime, relatime_need_update), written out."""
+    out = {}
+    for case in (STALE, FRESH):
+        for what in ("read file", "list dir", "readlink", "follow link"):
+            if "noatime" in options or (what == "list dir" and "nodiratime" in options):
+                changes = False
+            else:
+                changes = case == STALE or "strictatime" in options
+            out[f"{what}, {case}"] = changes
+    return out
+
+
+@pytest.mark.parametrize("options", [set(), {"strictatime"}, {"noatime"}, {"nodiratime"},
+                                     {"strictatime", "nodiratime"}],
+                         ids=["relatime", "strictatime", "noatime", "nodiratime", "strictatime+nodiratime"])
+def test_atime_of_files_directories_and_links_as_on_tmpfs(region, mount_factory, tmp_path, options):
+    with tmpfs(str(tmp_path / "tmpfs"), options) as ref:
+        want = access_outcomes(ref)
+    assert want == expected_outcomes(options)  # tmpfs does what Linux says
+    m = mount_factory(region, options)
+    assert access_outcomes(m.path) == want
+
+
+def test_atime_options_change_at_a_remount(region, mount_factory):
+    m = mount_factory(region)
+    steps = [  # remount with these words -> the mount's atime flags, the daemon's rule
+        ("noatime", {"noatime"}, {"noatime"}),
+        ("strictatime,nodiratime", {"nodiratime"}, {"strictatime", "nodiratime"}),
+        ("relatime,diratime", {"relatime"}, set()),
+    ]
+    for i, (words, flags, options) in enumerate(steps):
+        r = pmemfs("mount", "-o", "remount," + words, m.path)
+        assert r.returncode == 0, r.stderr
+        assert mount_options(m.path) & {"noatime", "relatime", "nodiratime"} == flags, words
+        os.mkdir(m.p(f"step{i}"))
+        assert access_outcomes(m.p(f"step{i}")) == expected_outcomes(options), words
 
 
 # ------------------------------------------------------------------ force
