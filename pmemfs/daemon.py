@@ -171,27 +171,37 @@ async def serve_control(remounter: Remounter, address: str) -> None:
         while True:
             conn, _ = await sock.accept()
             with conn:
-                _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-                data = b""
-                with trio.move_on_after(5.0):
-                    while not data.endswith(b"\n"):
-                        chunk = await conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
                 try:
-                    request = json.loads(data or b"{}")
-                    assert isinstance(request, dict)
-                except (ValueError, AssertionError):
-                    request = {}
-                if request.get("verb") != "status" and uid not in (0, os.geteuid()):
-                    answer = {"ok": False, "error": "only root or the mount's owner may do that"}
-                else:
-                    answer = remounter.handle(request)
-                try:
-                    await conn.sendall(json.dumps(answer).encode() + b"\n")
-                except OSError:
-                    pass
+                    await _answer(remounter, conn)
+                except Exception:  # a client's mistake never ends the daemon
+                    log.exception("control request failed")
+
+
+async def _answer(remounter: Remounter, conn) -> None:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    data = b""
+    with trio.move_on_after(5.0):
+        while not data.endswith(b"\n"):
+            chunk = await conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        request = json.loads(data or b"{}")
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        request = {}
+    if request.get("verb") != "status" and uid not in (0, os.geteuid()):
+        answer = {"ok": False, "error": "only root or the mount's owner may do that"}
+    else:
+        answer = remounter.handle(request)
+    out = memoryview(json.dumps(answer).encode() + b"\n")
+    try:
+        while out:
+            out = out[await conn.send(out):]
+    except OSError:
+        pass  # the client went away
 
 
 def serve(region: str, mountpoint: str, options: set[str], *,

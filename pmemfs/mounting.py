@@ -282,9 +282,12 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
         raise MountFailed(f"{mountpoint}: no pmemfs is mounted there")
     region = entry.source
     stale = is_stale(mountpoint)
+    pids = [] if stale else _serving_pids(os.path.realpath(mountpoint))
     fusermount(mountpoint, lazy=stale)
     deadline = time.monotonic() + timeout
-    while region_holder(region):
+    # This mount's daemon (and supervisor) when they say who they are: read-only mounts
+    # share a region's lock, so another mount's daemon may hold it too.
+    while any(_alive(p) for p in pids) if pids else region_holder(region):
         if time.monotonic() > deadline:
             raise MountFailed(f"{mountpoint}: unmounted, but the daemon still holds {region} "
                               f"after {timeout:.0f} s")
@@ -365,3 +368,23 @@ def _mount_flags_text(real: str) -> str:
             if len(fields) > 5 and _unescape(fields[4]) == real:
                 text = fields[5]
     return text
+
+
+def _serving_pids(real: str) -> list[int]:
+    from .supervisor import SupervisorError, ask_daemon
+
+    try:
+        s = ask_daemon(real, {"verb": "status"}, timeout=5.0)
+    except (SupervisorError, OSError, ValueError):
+        return []
+    return [p for p in (s.get("daemon_pid"), s.get("supervisor_pid")) if isinstance(p, int)]
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie has exited: its parent has not asked yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")
