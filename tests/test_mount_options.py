@@ -598,6 +598,9 @@ def test_a_remount_survives_live_updates(region, mount_factory):
     # The new daemon is read-only: a read-write one would have marked the region dirty
     # and counted a mount.
     assert (superblock_state(region), generation(region), region_digest(region)) == (STATE_CLEAN, gen, before)
+    r = pmemfs("upgrade", m.path)  # and so is the daemon an upgrade starts
+    assert r.returncode == 0, r.stderr
+    assert (superblock_state(region), generation(region), region_digest(region)) == (STATE_CLEAN, gen, before)
     # Back to read-write: this daemon mapped the region read-only, and opens it anew.
     assert remount(m.path, "rw").returncode == 0
     with open(m.p("g"), "wb") as f:
@@ -610,6 +613,21 @@ def test_a_remount_survives_live_updates(region, mount_factory):
     assert_clean(region)
     m.start()
     assert sorted(os.listdir(m.path)) == ["f", "g", "h"]
+
+
+def test_without_live_update_the_remount_after_a_death_keeps_the_flags(region, mount_factory):
+    m = mount_factory(region, {"live=off", "nodiratime"})
+    with open(m.p("f"), "wb") as f:
+        f.write(b"kept")
+    assert remount(m.path, "ro,strictatime").returncode == 0
+    m.crash()  # the fallback clears the dead mount and mounts again, as the mount was
+    assert wait_for(lambda: not mounting.is_stale(m.path) and os.path.ismount(m.path), 60)
+    mine, sb = mountinfo_flags(m.path)
+    assert {"ro", "nodiratime"} <= mine and "ro" in sb and not mine & {"relatime", "noatime"}, mine
+    assert superblock_state(region) == STATE_CLEAN
+    assert errno_of(os.mkdir, m.p("d")) == errno.EROFS
+    with open(m.p("f"), "rb") as f:
+        assert f.read() == b"kept"
 
 
 def test_kill_while_remounted_ro_leaves_the_region_clean(region, mount_factory):
