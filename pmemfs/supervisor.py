@@ -581,6 +581,11 @@ class Supervisor:
             self.conn = connection_id(self.real)
             self.stored = True
             log.info("took the FUSE connection of %s from systemd's fd store", self.mountpoint)
+            from .mounting import kernel_options_at
+
+            now = kernel_options_at(self.real)  # a remount since the unit's options were read
+            if now is not None and now != self.options & REMOUNTABLE:
+                self.set_options(now)
             return True
         log.warning("not serving the connection in systemd's fd store (%s): mounting afresh", why)
         self.stored = True
@@ -665,7 +670,7 @@ class Supervisor:
         self.options = (self.options - REMOUNTABLE) | (options & REMOUNTABLE)
         i = self.daemon_cmd.index("--options")
         self.daemon_cmd[i + 1] = ",".join(sorted(self.options))
-        log.info("remounted %s: options now %s", self.mountpoint, ",".join(sorted(self.options)) or "defaults")
+        log.info("options of %s now %s", self.mountpoint, ",".join(sorted(self.options)) or "defaults")
 
     def status(self) -> dict:
         return {"mode": self.mode, "supervisor_pid": os.getpid(), "options": sorted(self.options),
