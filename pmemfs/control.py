@@ -214,6 +214,11 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
     who = creds.of(ctx)
     if len(value) > XATTR_VALUE_MAX:
         raise FsError(errno.E2BIG)
+    if engine.readonly:
+        # Every command is a setxattr, refused on a read-only mount: the kernel refuses
+        # it first, and a daemon remounted read-only before the kernel (or after it,
+        # mount -o remount) must not change the region either.
+        raise FsError(errno.EROFS)
     if name.startswith(USER_PREFIX):
         _user_xattr(engine, ino, who, write=True)
         if engine.attr_flags(ino) & (ATTR_IMMUTABLE | ATTR_APPEND) and not (

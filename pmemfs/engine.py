@@ -90,6 +90,7 @@ RENAME_WHITEOUT = 4  # leave a whiteout (char device 0:0) at the old name: overl
 FREE_BATCH = 2048
 GROWTH_MIGRATE_BLOCKS = 16  # a file this many blocks long is moved to an aligned GiB run  # extents freed per transaction when a large file goes away
 RELATIME_NS = 24 * 3600 * 10**9
+ATIME_MODES = ("relatime", "strictatime", "noatime")
 ALIGN_POLICY = b"user.pmemfs.align"  # placement policy xattr, inherited by new files
 
 _DIRENT_KIND = {KIND_REG: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK,
@@ -171,23 +172,31 @@ class Engine:
     """One mounted region. Not thread-safe: the daemon calls it from one trio thread."""
 
     def __init__(self, path: str, *, readonly: bool = False, sync: bool = False,
-                 noatime: bool = False, crash: CrashPoints | None = None,
-                 check_on_mount: bool = True, takeover: bool = False):
+                 noatime: bool = False, atime: str = "relatime", nodiratime: bool = False,
+                 crash: CrashPoints | None = None, check_on_mount: bool = True,
+                 takeover: bool = False, lock: bool | None = None):
         """takeover: serve a FUSE connection an earlier instance served (live update):
         the kernel may still hold any inode that exists now, with counts this instance
-        never saw, so none of them is freed before the next fresh mount."""
+        never saw, so none of them is freed before the next fresh mount.
+
+        atime: "relatime", "strictatime" or "noatime" (noatime=True is the last);
+        nodiratime: directories never get atime updates. lock: take the region's lock
+        (default: only read-write; a read-only mount takes it shared)."""
         self.path = path
         self.sync = sync
         # FUSE leaves atime to the daemon (the kernel marks FUSE inodes S_NOATIME), so the
-        # noatime mount option is ours to honour: reads then never write atime.
-        self.noatime = noatime
+        # atime mount options are ours to honour (touch_atime).
+        if atime not in ATIME_MODES:
+            raise ValueError(f"atime mode {atime!r} is not one of {', '.join(ATIME_MODES)}")
+        self.atime = "noatime" if noatime else atime
+        self.nodiratime = nodiratime
         self.takeover = takeover
         self.unsettled: int | None = None
         # POSIX ACLs are served when the kernel enforces them (FUSE_POSIX_ACL, set by the
         # daemon once negotiated); otherwise system.posix_acl_* are refused as before.
         self.acl = False
         try:
-            self.region = Region(path, writable=not readonly, lock=not readonly)
+            self.region = Region(path, writable=not readonly, lock=not readonly if lock is None else lock)
         except Exception:
             raise
         try:
@@ -367,6 +376,50 @@ class Engine:
             if not handover:  # a successor maps the same memory: nothing to flush for it
                 self.region.sync()
         self.region.close()
+
+    # ---------------------------------------------------------------- remount
+    def check_remount_ro(self) -> None:
+        """What a switch to read-only needs (mount -o remount,ro): no process may hold a
+        read-write direct-access lease, because it writes the region past the engine
+        (as the kernel refuses with open files that are being written)."""
+        writers = self.leases.writers()
+        if writers:
+            raise FsError(errno.EBUSY, f"{len(writers)} file(s) are mapped read-write directly "
+                          f"(inode {writers[0]}): release the leases first")
+
+    def remount(self, readonly: bool) -> None:
+        """Switch a live engine between read-only and read-write (mount -o remount).
+
+        To read-only, as an unmount leaves the region: the superblock is marked clean and
+        the mapping written back (msync), so a killed daemon, a copy of the region or
+        fsck then see a clean filesystem; orphans stay until the next read-write mount
+        (the kernel may still have them open). Back to read-write, as a mount: marked
+        dirty. The mount generation does not change: it is the same mount. An engine
+        whose region is mapped read-only (mounted ro) cannot be switched here: the
+        daemon opens a read-write engine instead (daemon.Remounter)."""
+        if readonly == self.readonly:
+            return
+        if readonly:
+            self.check_remount_ro()
+            self.settle()
+            with self.transaction() as tx:
+                self._save_sb(tx)
+                self.sbv["state"] = STATE_CLEAN
+                self.sbv["last_umount_ns"] = time.time_ns()
+            self.region.sync()
+            self.readonly = True
+            return
+        if not self.region.writable:
+            raise FsError(errno.EROFS, "the region is mapped read-only")
+        self.readonly = False
+        try:
+            with self.transaction() as tx:
+                self._save_sb(tx)
+                self.sbv["state"] = STATE_DIRTY
+                self.sbv["last_mount_ns"] = time.time_ns()
+        except BaseException:
+            self.readonly = True
+            raise
 
     # ---------------------------------------------------------- transactions
     @contextmanager
@@ -989,6 +1042,8 @@ class Engine:
         self._maybe_reap(ino)
 
     def _maybe_reap(self, ino: int) -> None:
+        if self.readonly:
+            return  # remounted read-only: the orphan stays, the next read-write mount frees it
         if ino < len(self.inherited) and self.inherited[ino]:
             return  # the kernel may hold it with a count we never saw: the next fresh mount frees it
         if (not self.refs.get(ino) and self._exists(ino)
@@ -1395,7 +1450,7 @@ class Engine:
         if offset >= fsize or size <= 0:
             return b""
         end = min(fsize, offset + size)
-        self._relatime(ino)
+        self.touch_atime(ino)
         if ino in self.packer.packed:
             covered, base = self.packer.covered(ino), self.packer.address(ino)
             if end <= covered:
@@ -1428,12 +1483,18 @@ class Engine:
                 pos = run_end
         return bytes(out)
 
-    def _relatime(self, ino: int) -> None:
-        if self.readonly or self.noatime or int(self.I["attr"][ino]) & ATTR_NOATIME:
+    def touch_atime(self, ino: int) -> None:
+        """An access (a read, a directory listing, a symlink followed): update atime as
+        the mount's atime options say (the kernel's touch_atime and relatime rule), unless
+        the file has the chattr noatime flag."""
+        if self.readonly or self.atime == "noatime" or int(self.I["attr"][ino]) & ATTR_NOATIME:
+            return
+        if self.nodiratime and int(self.I["kind"][ino]) == KIND_DIR:
             return
         at = int(self.I["atime_ns"][ino])
         now = time.time_ns()
-        if at <= int(self.I["mtime_ns"][ino]) or at <= int(self.I["ctime_ns"][ino]) or now - at > RELATIME_NS:
+        if (self.atime == "strictatime" or at <= int(self.I["mtime_ns"][ino])
+                or at <= int(self.I["ctime_ns"][ino]) or now - at > RELATIME_NS):
             with self.transaction() as tx:
                 self._save_inode(tx, ino)
                 self.I["atime_ns"][ino] = now

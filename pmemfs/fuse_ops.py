@@ -203,7 +203,9 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode, ctx):
-        return self.engine.readlink(inode)
+        target = self.engine.readlink(inode)
+        self.engine.touch_atime(inode)  # following a link accesses it, as on tmpfs
+        return target
 
     @replying
     @handler
@@ -331,6 +333,9 @@ class Operations(pyfuse3.Operations):
             # One listing per pass over the directory; later calls resume by cookie.
             snapshot = self.engine.readdir(ino)
             self.dir_handles[fh] = (ino, snapshot)
+        # Every getdents reads the directory (iterate_dir's file_accessed): the kernel
+        # leaves atime to us, under the mount's atime options.
+        self.engine.touch_atime(ino)
         i = _after(snapshot, start_id)
         engine = self.engine
         for cookie, name, child in snapshot[i:]:
