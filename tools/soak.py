@@ -44,8 +44,8 @@ supervisor (live update), runs the phase, and checks it:
 Every round ends with an unmount after which fsck -n (pmemfs-fsck's check, run in this
 process) must find nothing and the daemon's log must have no traceback and no ERROR line. One line per round (phase, seed,
 result, time, what was checked), a summary at the end, --json for a report. The first
-problem stops the run: the line says what failed, the seed and how to replay it, and the
-exit status is 1. Always cleans up: mounts, daemons (by PID), region files, scratch
+problem stops the run (--keep-going: goes on, and the summary lists every problem): the
+line says what failed, the seed and how to replay it, and the exit status is 1. Always cleans up: mounts, daemons (by PID), region files, scratch
 directories, also on SIGINT/SIGTERM. Runs the code of this checkout (PYTHONPATH is set
 for the daemons it starts).
 """
@@ -1127,6 +1127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of the first round; each round adds 1")
     p.add_argument("--small", action="store_true", help="small sizes (the suite's representative run)")
     p.add_argument("--json", help="write a report here")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a problem, go on with the next round (the exit status is still 1)")
     p.add_argument("--workdir", help="where mountpoints and logs go (default: a new directory in /tmp)")
     p.add_argument("--inject-fault", action="store_true",
                    help="self-test: the fsx phase changes a byte behind its model, which must be caught")
@@ -1164,8 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
     report: dict = {"tool": "tools/soak.py", "started": started, "machine": machine(),
                     "args": {k: v for k, v in vars(a).items()}, "scale": scale_name, "work_dir": work,
-                    "shm_dir": shm, "rounds": [], "problem": None}
-    per: dict[str, dict] = {ph: {"rounds": 0, "seconds": 0.0} for ph in a.phases}
+                    "shm_dir": shm, "rounds": [], "problem": None, "problem_rounds": []}
+    per: dict[str, dict] = {ph: {"rounds": 0, "seconds": 0.0, "problems": 0} for ph in a.phases}
     status = 0
     print(f"soak: phases {','.join(a.phases)}, {scale_name} sizes, first seed {a.seed}, "
           + (f"{rounds} rounds" if rounds else "") + (" or " if rounds and seconds else "")
@@ -1204,9 +1206,14 @@ def main(argv: list[str] | None = None) -> int:
                     print("  " + problem.detail.strip().replace("\n", "\n  ")[-3000:], flush=True)
                 print(f"  replay: {replay}", flush=True)
                 entry.update(problem=str(problem), detail=problem.detail, replay=replay)
-                report["problem"] = entry
+                report["problem"] = report["problem"] or entry
+                report["problem_rounds"].append(entry)
+                per[phase]["problems"] += 1
                 status = 1
-                break
+                if not a.keep_going:
+                    break
+                k += 1
+                continue
             print(f"round {r.number:4d}  {phase:<7} seed {r.seed:<7d} ok {secs:6.1f} s  {checked}", flush=True)
             k += 1
     except (KeyboardInterrupt, SystemExit) as e:
@@ -1224,14 +1231,14 @@ def main(argv: list[str] | None = None) -> int:
             print("soak: cleanup at exit: " + "; ".join(leftovers), flush=True)
     elapsed = time.monotonic() - t0
     done = sum(v["rounds"] for v in per.values())
-    problems = 1 if report["problem"] else 0
+    problems = len(report["problem_rounds"])
     report.update(elapsed_seconds=round(elapsed, 1), per_phase={p: {**v, "seconds": round(v["seconds"], 1)}
                                                                   for p, v in per.items()},
                   problems=problems, status=status)
     print(f"soak: {done} rounds in {elapsed / 60:.1f} min ("
           + ", ".join(f"{p} {v['rounds']}" for p, v in per.items()) + f"); {problems} problem(s)"
-          + (f"; first: round {report['problem']['round']} {report['problem']['phase']} seed "
-             f"{report['problem']['seed']}" if problems else ""), flush=True)
+          + "".join(f"; round {x['round']} {x['phase']} seed {x['seed']}: {x['problem'][:200]}"
+                    for x in report["problem_rounds"]), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
