@@ -223,6 +223,29 @@ def pmemfs(*args):
     return subprocess.run([os.path.join(BIN, "pmemfs"), *args], capture_output=True, text=True, timeout=120)
 
 
+def test_the_kernel_sees_the_size_prealloc_and_carve_set(mounted):
+    """prealloc grows a file and carve sizes its destination behind the kernel's back:
+    the very next read must see the new size, with no stat() in between to refresh the
+    kernel's cached attributes (found by tools/soak.py: a read answered EOF)."""
+    path, src, dst = mounted.p("f"), mounted.p("src"), mounted.p("dst")
+    with open(src, "wb") as f:
+        f.write(b"S" * (4 * MiB))
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    dfd = os.open(dst, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 100, 0)
+        assert os.fstat(fd).st_size == 100 and os.fstat(dfd).st_size == 0  # cached by the kernel
+        os.setxattr(path, "user.pmemfs.prealloc", b"5M")
+        prealloc_read = os.pread(fd, 10, 3 * MiB)
+        os.setxattr(dst, "user.pmemfs.carve", json.dumps({"src": "/src", "offset": 0, "length": 2 * MiB}).encode())
+        carve_read = os.pread(dfd, 4, MiB)
+    finally:
+        os.close(fd)
+        os.close(dfd)
+    assert prealloc_read == bytes(10)
+    assert carve_read == b"SSSS"
+
+
 def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
     m = mount_factory(region_factory(size=4 * GiB))
     r = pmemfs("prealloc", m.p("guest"), "1G", "--align", "1G")
