@@ -1201,7 +1201,11 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 problem = Problem(f"{type(e).__name__}: {e}", traceback.format_exc())
             finally:
+                logs = {m.path: m.log() for m in janitor.mounts} if problem else {}
                 leftovers = janitor.release()
+            for path, text in logs.items():  # the daemons' last words go into the report
+                tail = "\n".join(text.splitlines()[-25:])
+                problem.detail += f"\n--- end of the daemon log of {path}:\n{tail}"
             if leftovers and problem is None:
                 problem = Problem("cleanup: " + "; ".join(leftovers))
             secs = time.monotonic() - began
