@@ -1248,6 +1248,18 @@ def main(argv: list[str] | None = None) -> int:
             print("soak: cleanup at exit: " + "; ".join(leftovers), flush=True)
     elapsed = time.monotonic() - t0
     done = sum(v["rounds"] for v in per.values())
+    for ph, v in per.items():  # what each phase checked in all, over its rounds that passed
+        totals: collections.Counter = collections.Counter()
+        for x in report["rounds"]:
+            if x["phase"] == ph and x["result"] == "ok":
+                totals.update({k: n for k, n in x["numbers"].items()
+                               if isinstance(n, int) and not isinstance(n, bool) and not k.startswith(("max", "largest"))})
+                if "mode" in x["numbers"]:
+                    totals[f"{x['numbers']['mode']} rounds"] += 1
+        v["totals"] = {k: n for k, n in totals.items() if n}
+        if v["rounds"]:
+            print(f"  {ph:<7} {v['rounds']} rounds, {v['seconds'] / 60:.1f} min, {v['problems']} problem(s); "
+                  + ", ".join(f"{k} {n}" for k, n in v["totals"].items()), flush=True)
     problems = len(report["problem_rounds"])
     report.update(elapsed_seconds=round(elapsed, 1), per_phase={p: {**v, "seconds": round(v["seconds"], 1)}
                                                                   for p, v in per.items()},
