@@ -42,12 +42,14 @@ supervisor (live update), runs the phase, and checks it:
           it again.
 
 Every round ends with an unmount after which fsck -n (pmemfs-fsck's check, run in this
-process) must find nothing and the daemon's log must have no traceback and no ERROR line. One line per round (phase, seed,
-result, time, what was checked), a summary at the end, --json for a report. The first
-problem stops the run (--keep-going: goes on, and the summary lists every problem): the
-line says what failed, the seed and how to replay it, and the exit status is 1. Always cleans up: mounts, daemons (by PID), region files, scratch
+process) must find nothing and the daemon's log must have no traceback and no ERROR
+line. One line per round (phase, seed, result, time, what was checked), per-phase totals
+and a summary at the end, --json for a report. The first problem stops the run
+(--keep-going: the run goes on and the summary lists every problem): the line says what
+failed, the seed and how to replay it, the end of the daemon's log follows, and the exit
+status is 1. Always cleans up: mounts, daemons (by PID), region files, scratch
 directories, also on SIGINT/SIGTERM. Runs the code of this checkout (PYTHONPATH is set
-for the daemons it starts).
+for the daemons it starts). docs/RELIABILITY.md has the details.
 """
 
 from __future__ import annotations
