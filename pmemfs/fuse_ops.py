@@ -381,7 +381,13 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode, name, value, ctx):
         if control.is_control(name):
-            for ino in control.command(self.engine, inode, name, value, _ctx(ctx)):
+            moved = control.command(self.engine, inode, name, value, _ctx(ctx))
+            # A command may set a size behind the kernel's back (prealloc grows the file,
+            # carve sizes its destination): the cached attributes go before the answer,
+            # or the caller's next read stops at the old size.
+            for ino in {inode, *moved}:
+                _drop_cached_attrs(ino)
+            for ino in moved:
                 _drop_cached_pages(ino)
             return
         self.engine.setxattr(inode, name, value, 0, _ctx(ctx))
@@ -507,6 +513,17 @@ def _sync_call(name: str, args: tuple, fn: Callable[[], object]) -> int:
 def _in_bytes(address: int | None, size: int) -> bytes:
     """The input buffer of a low-level request (a C pointer and a size)."""
     return ctypes.string_at(address, size) if address and size else b""
+
+
+def _drop_cached_attrs(ino: int) -> None:
+    """Make the kernel ask for ino's attributes again. Safe from the handler itself: an
+    attribute-only invalidation waits on no page and no lock the pending request holds."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except FileNotFoundError:
+        pass  # the kernel has forgotten the inode: nothing cached
+    except OSError:
+        log.exception("invalidating the attributes of inode %d failed", ino)
 
 
 def _drop_cached_pages(ino: int) -> None:

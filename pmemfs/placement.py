@@ -87,18 +87,21 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
             e.packer.unpack(tx, ino)
         if size > old_size:
             e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
+        # Best: the whole file in one aligned run; blocks it already has are copied there.
+        # The run holds every block the file has, also those past `size` (block f goes
+        # to start + f): a shorter run would drop them and write past its own end.
+        run = max(want, fm.end())
         try:
-            # Best: the whole file in one aligned run; blocks it already has are copied there.
-            start = e.alloc.find_contiguous(want, align_blocks)
+            start = e.alloc.find_contiguous(run, align_blocks)
         except NoSpace:
             start = None
         if start is not None:
             old = list(zip(fm.fblk, fm.pblk, fm.cnt, fm.slot, strict=True))
-            e.alloc.mark(tx, start, want, True)
-            kept = np.zeros(want, bool)
+            e.alloc.mark(tx, start, run, True)
+            kept = np.zeros(run, bool)
             for f, p, n, _ in old:
                 e.u8[(start + f) * bs:(start + f + n) * bs] = e.u8[p * bs:(p + n) * bs]
-                kept[f:min(f + n, want)] = True
+                kept[f:f + n] = True
             for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
                 e.u8[(start + f) * bs:(start + f + 1) * bs] = 0
             for _, p, n, slot in old:
@@ -106,8 +109,8 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
                 e.alloc.mark(tx, p, n, False)
             for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
                 lst.clear()
-            e._add_extent(tx, ino, fm, 0, start, want)
-            _grow(e, tx, ino, size, old_size, want - sum(n for _, _, n, _ in old))
+            e._add_extent(tx, ino, fm, 0, start, run)
+            _grow(e, tx, ino, size, old_size, run - sum(n for _, _, n, _ in old))
         else:
             holes = e._unmapped(fm, 0, want)
             plan: list[tuple[int, int, int]] = []  # (file block, region block, count)

@@ -58,6 +58,10 @@ class SupervisorError(Exception):
     """One line for a person."""
 
 
+class DiedEarly(SupervisorError):
+    """A standby closed its socket without a word: it died (a signal, a crash)."""
+
+
 def control_address(mountpoint: str, resolved: bool = False) -> str:
     """The supervisor's control socket (abstract namespace), named by the mountpoint."""
     real = mountpoint if resolved else os.path.realpath(mountpoint)
@@ -369,8 +373,9 @@ class Supervisor:
             line = f"error not ready within {START_TIMEOUT:.0f} s"
         if line != "ready":
             child.kill()
-            raise SupervisorError(line[len("error "):] if line.startswith("error ") else
-                                  (line or "the new daemon exited before it was ready"))
+            if line == "":
+                raise DiedEarly("the new daemon exited before it was ready")
+            raise SupervisorError(line[len("error "):] if line.startswith("error ") else line)
         child.ready = True
         return child
 
@@ -401,7 +406,9 @@ class Supervisor:
         # the mount is now, not as it was.
         child.send(("go-first " if first else "go ") + self.init.hex() + " "
                    + (",".join(sorted(self.options)) or "-"))
-        line = child.read_line(START_TIMEOUT) or ""
+        line = child.read_line(START_TIMEOUT)
+        if line is None:
+            line = f"error no answer within {START_TIMEOUT:.0f} s"
         if line.startswith("ok"):
             child.serving_since = time.monotonic()
             self.daemon = child
@@ -489,8 +496,15 @@ class Supervisor:
             self._give_up(f"{self.failures} daemons in a row died within {YOUNG:.0f} s of starting")
             return 1
         line = self._take_over()
+        while line == "" and self.failures < FAILURES_BEFORE_ABORT:
+            # The replacement died without a word before it served (killed as well, by
+            # the same hand or the OOM killer): one more crash, not a region nobody can
+            # serve. A fresh standby takes over; the crash-loop rule still bounds this.
+            self.failures += 1
+            log.warning("the replacement died before it served: another one takes over")
+            line = self._take_over()
         if not line.startswith("ok"):
-            self._give_up(f"no daemon can serve {self.region}: {line or 'it exited'}")
+            self._give_up(f"no daemon can serve {self.region}: {line or 'each replacement died before serving'}")
             return 1
         self.restarts += 1
         self.last_gap_ms = (time.monotonic() - died) * 1000
@@ -500,11 +514,16 @@ class Supervisor:
         return None
 
     def _take_over(self) -> str:
+        """Make the standby (or a fresh one) serve: its "ok ..." line, "error ..." when it
+        cannot, "" when it died without a word before serving."""
         try:
             if self.standby is None or self.standby.proc.poll() is not None:
                 self.standby = self._start_standby()
             elif not self.standby.ready:
                 self.standby = self._await_ready(self.standby)  # it is nearly there
+        except DiedEarly:
+            self.standby = None
+            return ""
         except SupervisorError as e:
             self.standby = None
             return f"error {e}"
@@ -644,8 +663,9 @@ class Supervisor:
             line = self._take_over()
         gap = (time.monotonic() - started) * 1000
         if not line.startswith("ok"):
-            self._give_up(f"the new daemon failed after the old one had handed over: {line}")
-            return {"ok": False, "error": f"the new daemon failed after the handover: {line}"}
+            why = line or "it died before serving"
+            self._give_up(f"the new daemon failed after the old one had handed over: {why}")
+            return {"ok": False, "error": f"the new daemon failed after the handover: {why}"}
         self.upgrades += 1
         self.last_gap_ms = gap
         self.standby = self._start_standby_async()

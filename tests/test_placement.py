@@ -100,6 +100,27 @@ def test_prealloc_is_one_aligned_extent_of_zeros(big_engine):
     assert err.value.errno == errno.ENOSPC
 
 
+def test_prealloc_shorter_than_the_file_keeps_its_later_blocks(region_factory):
+    """prealloc(size) smaller than a file that has blocks past size: the blocks past it
+    keep their bytes, and no other file's block is written (found by tools/soak.py)."""
+    e = Engine(region_factory(size=64 * MiB))
+    try:
+        bs = e.block_size
+        f = e.create(1, b"f", 0o644).ino
+        e.write(f, 0, b"a" * bs)
+        g = e.create(1, b"g", 0o644).ino  # takes the block after f's first
+        e.write(g, 0, b"g" * bs)
+        e.write(f, bs, b"b" * (bs // 2))  # f's second block lands after g's
+        before = {ino: bytes(e.read(ino, 0, e.stat(ino).size)) for ino in (f, g)}
+        placement.prealloc(e, f, 1000)  # one block: [0, 1000) already has one
+        assert e.stat(f).size == bs + bs // 2
+        assert bytes(e.read(f, 0, e.stat(f).size)) == before[f]
+        assert bytes(e.read(g, 0, bs)) == before[g]
+    finally:
+        e.close()
+    assert not [x for x in check.check_region(e.path) if x.severity == "error"]
+
+
 def test_align_policy_is_inherited(big_engine):
     e = big_engine
     d = e.mkdir(1, b"vms", 0o755).ino
@@ -200,6 +221,29 @@ def frag(mountpoint: str) -> dict:
 
 def pmemfs(*args):
     return subprocess.run([os.path.join(BIN, "pmemfs"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_kernel_sees_the_size_prealloc_and_carve_set(mounted):
+    """prealloc grows a file and carve sizes its destination behind the kernel's back:
+    the very next read must see the new size, with no stat() in between to refresh the
+    kernel's cached attributes (found by tools/soak.py: a read answered EOF)."""
+    path, src, dst = mounted.p("f"), mounted.p("src"), mounted.p("dst")
+    with open(src, "wb") as f:
+        f.write(b"S" * (4 * MiB))
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    dfd = os.open(dst, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 100, 0)
+        assert os.fstat(fd).st_size == 100 and os.fstat(dfd).st_size == 0  # cached by the kernel
+        os.setxattr(path, "user.pmemfs.prealloc", b"5M")
+        prealloc_read = os.pread(fd, 10, 3 * MiB)
+        os.setxattr(dst, "user.pmemfs.carve", json.dumps({"src": "/src", "offset": 0, "length": 2 * MiB}).encode())
+        carve_read = os.pread(dfd, 4, MiB)
+    finally:
+        os.close(fd)
+        os.close(dfd)
+    assert prealloc_read == bytes(10)
+    assert carve_read == b"SSSS"
 
 
 def test_cli_prealloc_carve_defrag_map(region_factory, mount_factory):
