@@ -71,7 +71,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     started = time.monotonic()
     engine = open_engine(region, options)
     if "prefault" in options and not engine.readonly:
-        engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
+        engine.prefault()
     ops = Operations(engine)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(region, options))
@@ -150,7 +150,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         return 1
     try:
         if first and "prefault" in options and not engine.readonly:
-            engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
+            engine.prefault()
         ops = Operations(engine)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
         session.replay_init(fuse_fd, init)

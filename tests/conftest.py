@@ -35,14 +35,20 @@ def assert_clean(region: str) -> None:
     assert not errors, "region fails its checks: " + "; ".join(f.message for f in errors[:5])
 
 
+SPARSE_ABOVE = 1 << 30
+
+
 @pytest.fixture
 def region_factory():
+    """Regions up to 1 GiB are reserved as pmemfs-mkfs makes them by default; larger
+    ones are overcommitted (--sparse), as the tests that make them rely on: the few
+    blocks they use are memory, the rest are holes. sparse= says it explicitly."""
     made: list[str] = []
 
-    def make(size: int = SMALL, **kw) -> str:
+    def make(size: int = SMALL, sparse: bool | None = None, **kw) -> str:
         path = new_region_path()
         made.append(path)
-        make_filesystem(path, size=size, **kw)
+        make_filesystem(path, size=size, sparse=size > SPARSE_ABOVE if sparse is None else sparse, **kw)
         return path
 
     make.paths = made
