@@ -68,6 +68,7 @@ def open_engine(region: str, options: set[str], takeover: bool = False) -> Engin
 def serve(region: str, mountpoint: str, options: set[str], *,
           ready: Callable[[str], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns an exit status."""
+    supervisor.set_oom_score_adj(supervisor.OOM_SCORE_ADJ_DAEMON, "the daemon")  # also `mount -f --single`
     started = time.monotonic()
     engine = open_engine(region, options)
     if "prefault" in options and not engine.readonly:
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctl-fd", type=int)
     a = p.parse_args(argv)
     setup_logging(a.log, a.debug)
+    supervisor.set_oom_score_adj(supervisor.OOM_SCORE_ADJ_DAEMON, "the daemon")
     options = {o for o in a.options.split(",") if o}
     try:
         if a.standby:

@@ -1605,11 +1605,15 @@ class Engine:
         inodes_free = len(self.free_slots["inode"]) + g.inode_count - self.hwm["inode"]
         per = g.block_size // self.packer.chunk
         free = self.blocks_available()  # never more than the backing can still give
+        # Overcommitted, the size is what is used plus what can still be had (at most the
+        # region), so that df's "Used" is what files use, not the part of the region
+        # the backing cannot hold now.
+        blocks = g.data_blocks - self.alloc.free + free
         return {
-            "block_size": g.block_size, "blocks": g.data_blocks, "blocks_free": free,
+            "block_size": g.block_size, "blocks": blocks, "blocks_free": free,
             # In pack chunks too, so df shows what small files really use (free chunks of
             # pack blocks are reserved memory already).
-            "fragment_size": self.packer.chunk, "fragments": g.data_blocks * per,
+            "fragment_size": self.packer.chunk, "fragments": blocks * per,
             "fragments_free": free * per + self.packer.free_chunks(),
             "files": inodes_total, "files_free": inodes_free, "namemax": NAME_MAX,
         }

@@ -43,6 +43,25 @@ from . import session
 log = logging.getLogger("pmemfs.supervisor")
 
 EXIT_HANDED_OVER = 75  # a daemon that drained for a successor exits with this
+# Memory pressure the mount did not cause must not end it (docs/DESIGN.md, "The
+# backing"): killing the daemon frees none of the region, whose pages count in its
+# RSS. The supervisor, which holds the connection, is never chosen; the daemon and its
+# standby only when nothing else is left. Only root (CAP_SYS_RESOURCE) may lower these.
+OOM_SCORE_ADJ_SUPERVISOR = -1000
+OOM_SCORE_ADJ_DAEMON = -900
+
+
+def set_oom_score_adj(value: int, who: str = "this process") -> bool:
+    """Set this process's oom_score_adj; False, and a line in the log, when it may not
+    (lowering it needs CAP_SYS_RESOURCE): it then keeps the value it inherited."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+        return True
+    except OSError as e:
+        log.warning("cannot set oom_score_adj to %d (%s; lowering it needs CAP_SYS_RESOURCE): "
+                    "the OOM killer may choose %s", value, e.strerror, who)
+        return False
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1, 2, 4, 1024, 2048, 1 << 21
 MNT_DETACH = 2
 START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
@@ -588,6 +607,7 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
               log_file: str | None = None, debug: bool = False) -> int:
     """Hold the connection and keep a daemon serving it (or, where a takeover cannot
     work here, remount on a death). Returns when the mount ends."""
+    set_oom_score_adj(OOM_SCORE_ADJ_SUPERVISOR, "the supervisor")  # its daemons set their own
     daemon = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
     tail = ["--log", os.path.abspath(log_file)] if log_file else []
     if debug:
