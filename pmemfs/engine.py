@@ -1138,10 +1138,11 @@ class Engine:
                 break
             a, b = max(start, e0), min(end, e1)
             if a < b:
-                # Whole pages become holes (region.zero): zeroing the rest of a 1 GiB block
-                # after a short write must not cost a GiB of memory on a sparse region.
                 base = fm.pblk[i] * bs - e0
-                self.region.zero(base + a, b - a)
+                b0 = (base + a) // bs
+                if not self.alloc.known_zero(b0, (base + b - 1) // bs + 1 - b0):
+                    # (blocks this transaction reserved from holes read as zeros already)
+                    self.region.zero(base + a, b - a)
             i += 1
 
     def _file(self, ino: int) -> int:

@@ -428,7 +428,30 @@ class Region:
             self._memset(start, lo - start)
             self._memset(hi, end - hi)
             return
+        if self.kind == "file" and self.memory and not self.prefaulted:
+            # tmpfs: a page never written (a hole, or reserved by fallocate and not
+            # touched since) reads as zeros already; storing into it would fault it in.
+            for a, b in self._data_segments(start, end):
+                self._memset(a, b - a)
+            return
         self._memset(start, end - start)
+
+    def _data_segments(self, start: int, end: int):
+        """(a, b) ranges of [start, end) that may hold bytes (SEEK_DATA / SEEK_HOLE)."""
+        pos = start
+        while pos < end:
+            try:
+                a = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return  # nothing but holes to the end of the file
+                yield pos, end  # cannot tell: treat the rest as data
+                return
+            if a >= end:
+                return
+            b = min(os.lseek(self.fd, a, os.SEEK_HOLE), end)
+            yield a, b
+            pos = b
 
     def _memset(self, start: int, length: int) -> None:
         import ctypes
