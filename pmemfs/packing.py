@@ -211,11 +211,15 @@ class Packer:
         if ino not in self.packed:
             return
         have = self.covered(ino)
-        data = bytes(e.u8[self.address(ino):self.address(ino) + have])
-        self._drop(tx, ino)
+        src = self.address(ino)
         fm = e._map(ino)
+        # The new block is taken while the pack block is still in use, so that it is not
+        # the pack block itself (freed by the drop below): a block reserved from holes
+        # needs no zeroing, which with 1 GiB blocks is a GiB of stores. (The write that
+        # unpacks counted this block and its extent slot already.)
         ((_, pb, _), *_) = e._allocate(tx, ino, fm, 0, 1)
         at = pb * e.block_size
-        if not e.alloc.known_zero(pb, 1):  # reserved from holes: zeros already
-            e.region.zero(at, e.block_size)
-        e.u8[at:at + have] = np.frombuffer(data, np.uint8)
+        if not e.alloc.known_zero(pb, 1):
+            e.region.zero(at + have, e.block_size - have)
+        e.u8[at:at + have] = e.u8[src:src + have]
+        self._drop(tx, ino)

@@ -418,6 +418,11 @@ class Region:
         for 2 MiB on tmpfs, where punching and reserving again costs 1.5 ms and the
         faults after it as much again). A file on a disk filesystem has its whole pages
         punched out instead, so zeroing a large, still sparse table costs no disk.
+
+        (Storing only into pages ever written was tried: SEEK_DATA on tmpfs walks page
+        by page to the next boundary, 9 ms a call after a written GiB and seconds in a
+        large reserved region, and mincore calls a swapped-out page absent. Callers
+        skip what they know reads as zeros instead: BlockAllocator.known_zero.)
         """
         end = min(self.size, start + length)
         if start >= end:
@@ -428,30 +433,7 @@ class Region:
             self._memset(start, lo - start)
             self._memset(hi, end - hi)
             return
-        if self.kind == "file" and self.memory and not self.prefaulted:
-            # tmpfs: a page never written (a hole, or reserved by fallocate and not
-            # touched since) reads as zeros already; storing into it would fault it in.
-            for a, b in self._data_segments(start, end):
-                self._memset(a, b - a)
-            return
         self._memset(start, end - start)
-
-    def _data_segments(self, start: int, end: int):
-        """(a, b) ranges of [start, end) that may hold bytes (SEEK_DATA / SEEK_HOLE)."""
-        pos = start
-        while pos < end:
-            try:
-                a = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    return  # nothing but holes to the end of the file
-                yield pos, end  # cannot tell: treat the rest as data
-                return
-            if a >= end:
-                return
-            b = min(os.lseek(self.fd, a, os.SEEK_HOLE), end)
-            yield a, b
-            pos = b
 
     def _memset(self, start: int, length: int) -> None:
         import ctypes

@@ -1,26 +1,33 @@
 #!/usr/bin/env python3
-"""Measure the ways of zeroing a block of a region on tmpfs and hugetlbfs.
+"""Measure what the backing costs: zeroing a block, and reserving and releasing blocks.
 
-    python tools/zero_bench.py [--runs 7] [--no-hugetlbfs] [--big-mib 1024]
+    python tools/backing_bench.py [--runs 7] [--no-hugetlbfs] [--big-mib 1024] [--only zero,mount]
 
-A block that a file takes over may hold an old file's bytes, so what the file does not
-write must read as zeros. On memory the block must also stay reserved (docs/DESIGN.md,
-"The backing"). The ways, each timed on a block whose pages are populated and dirty (a
-block freed by another file):
+**zero**: a block that a file takes over may hold an old file's bytes, so what the file
+does not write must read as zeros. On memory the block must also stay reserved
+(docs/DESIGN.md, "The backing"). The ways, each timed on a block whose pages are
+populated and dirty (a block freed by another file):
 
   store     write zeros through the mapping as region.zero did (buf[a:b] = bytes(n))
-  memset    write zeros through the mapping with libc's memset
+  memset    write zeros through the mapping with libc's memset (what zero() does now)
   punch     fallocate(PUNCH_HOLE): the memory goes back to the backing; *not allowed* on
             a reserved region, shown as the floor
   punch+re  PUNCH_HOLE then fallocate(KEEP_SIZE): reserved again, zeroed by the kernel
             when a page is next touched
 
 and then the cost of touching every page of the block afterwards (one byte per 4 KiB),
-which is where punch+re pays its zeroing. "fresh" is the sparse region's case: reserving
-a block that was a hole (fallocate), which reads as zeros with no zeroing at all.
+which is where the punching ways pay their zeroing. "fresh" is the overcommitted
+region's case: reserving a block that was a hole (fallocate), which reads as zeros
+with no zeroing at all.
 
-Needs root for the hugetlbfs part (it reserves huge pages and gives them back, and
-mounts a hugetlbfs under /tmp that it unmounts). Prints a table; --json for numbers.
+**mount**: through a real mount, a reserved and an overcommitted (--sparse) region of
+1 GiB on /dev/shm: a 512 MiB file written sequentially in 1 MiB writes (every block
+new), then overwritten (no block new), 4 KiB written into each of 128 new blocks (the
+rest of each is zeroed or known to be zeros), and the time from unlink until statfs
+shows the space free again (the sparse region punches the blocks).
+
+Needs root (mounts; the hugetlbfs part reserves huge pages and gives them back, and
+mounts a hugetlbfs under /tmp that it unmounts). Prints tables; --json for numbers.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pmemfs.region import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
 
 MiB = 1 << 20
+GiB = 1 << 30
 KNOB = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 
 
@@ -149,15 +157,81 @@ def hugetlbfs(pages: int):
     return where, undo
 
 
+def through_a_mount(runs: int) -> dict[str, dict[str, float]]:
+    """Median seconds of each step, per region kind (see the module's docstring)."""
+    from pmemfs import mounting
+    from pmemfs.mkfs import make_filesystem
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for kind in ("reserved", "sparse"):
+        times: dict[str, list[float]] = {}
+        region = f"/dev/shm/pmemfs-backing-bench-{os.getpid()}-{kind}.region"
+        mp = tempfile.mkdtemp(prefix="pmemfs-backing-bench-")
+        m = None
+        try:
+            make_filesystem(region, size=GiB, sparse=kind == "sparse")
+            m = mounting.spawn(region, mp, set())
+            chunk = os.urandom(MiB)
+            small = os.urandom(4096)
+
+            def free(mp: str = mp) -> int:
+                st = os.statvfs(mp)
+                return st.f_bavail * st.f_frsize
+
+            empty = free()
+            for _ in range(runs):
+                path = os.path.join(mp, "f")
+                t0 = time.perf_counter()
+                with open(path, "wb") as f:
+                    for _ in range(512):
+                        f.write(chunk)
+                t1 = time.perf_counter()
+                with open(path, "r+b") as f:
+                    for _ in range(512):
+                        f.write(chunk)
+                t2 = time.perf_counter()
+                os.unlink(path)
+                while free() < empty:
+                    time.sleep(0.0005)
+                t3 = time.perf_counter()
+                with open(path, "wb") as f:
+                    for k in range(128):
+                        f.seek(k * 2 * MiB + 100)
+                        f.write(small)
+                        f.flush()
+                t4 = time.perf_counter()
+                os.unlink(path)
+                while free() < empty:
+                    time.sleep(0.0005)
+                for name, v in (("write 512 MiB, new blocks", t1 - t0), ("overwrite 512 MiB", t2 - t1),
+                                ("unlink 512 MiB until free", t3 - t2),
+                                ("4 KiB into 128 new blocks", t4 - t3)):
+                    times.setdefault(name, []).append(v)
+        finally:
+            if m is not None:
+                mounting.unmount(mp)
+                m.proc.wait(timeout=60)
+            os.rmdir(mp)
+            if os.path.exists(region):
+                os.unlink(region)
+        out[kind] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--big-mib", type=int, default=1024, help="the big block (a 1 GiB block by default)")
     ap.add_argument("--no-hugetlbfs", action="store_true")
+    ap.add_argument("--only", default="zero,mount", help="sections: zero, mount")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    sections = set(a.only.split(","))
+    mounted = through_a_mount(max(3, a.runs // 2)) if "mount" in sections else {}
     results = []
-    for block in (2 * MiB, a.big_mib * MiB):
+    if "zero" not in sections:
+        a.no_hugetlbfs = True
+    for block in (2 * MiB, a.big_mib * MiB) if "zero" in sections else ():
         path = f"/dev/shm/pmemfs-zero-bench-{os.getpid()}"
         results.append(("tmpfs", block, measure(path, block, a.runs, 4096)))
     if not a.no_hugetlbfs:
@@ -175,13 +249,19 @@ def main() -> int:
             finally:
                 undo()
     if a.json:
-        print(json.dumps([{"backing": k, "block": b, **r} for k, b, r in results]))
+        print(json.dumps({"zero": [{"backing": k, "block": b, **r} for k, b, r in results], "mount": mounted}))
         return 0
-    print(f"{'backing':10} {'block':>8}  {'way':9} {'zero ms':>9} {'touch ms':>9} {'total ms':>9}")
+    if results:
+        print(f"{'backing':10} {'block':>8}  {'way':9} {'zero ms':>9} {'touch ms':>9} {'total ms':>9}")
     for kind, block, r in results:
         for name, v in r.items():
             print(f"{kind:10} {block // MiB:>6}M  {name:9} {v['zero'] * 1e3:9.3f} {v['touch'] * 1e3:9.3f} "
                   f"{(v['zero'] + v['touch']) * 1e3:9.3f}")
+    if mounted:
+        names = list(next(iter(mounted.values())))
+        print(f"\n{'through a mount (ms)':28} " + " ".join(f"{k:>10}" for k in mounted))
+        for name in names:
+            print(f"{name:28} " + " ".join(f"{mounted[k][name] * 1e3:10.1f}" for k in mounted))
     return 0
 
 
