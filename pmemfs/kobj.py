@@ -152,6 +152,8 @@ class KernelObjects:
         from .allocator import NoSpace
 
         try:
+            if count > e.blocks_available():  # an overcommitted region's backing may hold fewer
+                raise NoSpace
             start = e.alloc.find_contiguous(count, align)
         except NoSpace:
             raise FsError(errno.ENOSPC, f"no free contiguous run of {count} blocks") from None

@@ -26,6 +26,7 @@ from pmemfs.engine import Engine, FsError
 from pmemfs.format import FEATURE_COMPAT_SPARSE, read_superblock
 from pmemfs.journal import CrashPoints
 from pmemfs.mkfs import make_filesystem
+from pmemfs.placement import prealloc
 from pmemfs.region import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Region, _fallocate
 
 MiB = 1 << 20
@@ -404,6 +405,12 @@ def test_tables_grow_into_the_backing_or_get_enospc(small_tmpfs):
             while True:
                 e.write(big, int(e.stat(big).size), b"z" * BS)
         assert err.value.errno == errno.ENOSPC
+        assert e.alloc.free > 90  # the bitmap has blocks; the backing has none
+        for call in (lambda: e.kernel.create("state", "device-state", BS),
+                     lambda: prealloc(e, big, 40 * BS)):
+            with pytest.raises(FsError) as err:
+                call()
+            assert err.value.errno == errno.ENOSPC
         # The inode table's next records need memory too: the create that needs them fails.
         made = 0
         with pytest.raises(FsError) as err:
