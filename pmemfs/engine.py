@@ -233,9 +233,9 @@ class Engine:
         # backing as they are allocated and given back when freed. Made so with mkfs
         # --sparse, or found so: a memory region whose file the backing does not wholly
         # hold (an older mkfs, a copy) is served the same way, as it is safe either way.
-        self.sparse = (self.region.memory and not readonly
-                       and bool(sb.feature_compat & FEATURE_COMPAT_SPARSE
-                                or self.region.allocated() < self.region.size))
+        # (Read-only, nothing is reserved or released, but statfs is capped all the same.)
+        self.sparse = self.region.memory and bool(sb.feature_compat & FEATURE_COMPAT_SPARSE
+                                                  or self.region.allocated() < self.region.size)
         if readonly and self.journal.state != 0:
             raise MountError(f"{self.path}: the journal holds an interrupted transaction; "
                              "mount it read-write once (or run pmemfs-fsck) to recover")
@@ -246,7 +246,7 @@ class Engine:
                                  f"({len(findings)} problem(s)); run pmemfs-fsck")
         self._load()
         self.released_runs = 0
-        if self.sparse:
+        if self.sparse and not readonly:
             self._reserve_metadata()
             if not self.was_clean:
                 # A crash may have left memory with blocks that are free now (freed by the
@@ -283,7 +283,7 @@ class Engine:
         self.alloc = BlockAllocator(t.bitmap, t.badmap, self.geometry.offsets["bitmap"],
                                     self.geometry.block_count, self.geometry.data_start_block,
                                     self.geometry.block_size,
-                                    backing=self.region if self.sparse else None)
+                                    backing=self.region if self.sparse and not self.readonly else None)
         ih, eh, dh, bh, ph = (self.hwm[n] for n in TABLE_NAMES)
         kinds = t.inodes["kind"][:ih]
         self.free_slots = {
