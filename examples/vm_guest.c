@@ -16,7 +16,12 @@
  * the longest since the fill; both measured with the guest's own clock. C, not a
  * busybox shell loop: under TCG a shell would verify a few MiB a second.
  *
- * Kernel command line: ... -- MIB TICK_MS   (MIB 0: three quarters of free RAM)
+ * Kernel command line: ... -- MIB TICK_MS [GIVE_MIB AT_TICK]   (MIB 0: three quarters
+ * of free RAM). With GIVE_MIB, the first sweep after tick AT_TICK ends by unmapping the
+ * last GIVE_MIB of the memory: the guest kernel's free page reporting (virtio-balloon,
+ * when the modules in /lib/modules load) tells QEMU, which punches that memory out of
+ * the RAM file; the sweep goes on over the rest. The virtio modules, if the initramfs
+ * has them, are loaded first (finit_module).
  */
 #include <stdarg.h>
 #include <stdint.h>
@@ -26,6 +31,8 @@
 #include <sys/mman.h>
 #include <sys/reboot.h>
 #include <sys/sysinfo.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,10 +73,33 @@ static void halt(void)
         pause();
 }
 
+/* The virtio-balloon driver and what it needs, in load order (absent ones are skipped). */
+static const char *const modules[] = {
+    "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+    "virtio_balloon",
+};
+
+static void load_modules(void)
+{
+    for (unsigned i = 0; i < sizeof modules / sizeof modules[0]; i++) {
+        char path[128];
+        snprintf(path, sizeof path, "/lib/modules/%s.ko", modules[i]);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        if (syscall(SYS_finit_module, fd, "", 0) != 0)
+            say("vmcheck: cannot load %s\n", modules[i]);
+        close(fd);
+    }
+}
+
 int main(int argc, char **argv)
 {
+    load_modules();
     uint64_t mib = argc > 1 ? strtoull(argv[1], NULL, 10) : 0;
     uint64_t tick_ms = argc > 2 ? strtoull(argv[2], NULL, 10) : 500;
+    uint64_t give_mib = argc > 3 ? strtoull(argv[3], NULL, 10) : 0;
+    uint64_t give_at = argc > 4 ? strtoull(argv[4], NULL, 10) : 0;
     if (mib == 0) {
         struct sysinfo si;
         sysinfo(&si);
@@ -131,5 +161,13 @@ int main(int argc, char **argv)
             }
         }
         gen++;
+        if (give_mib && tick >= give_at && give_mib < mib) {
+            munmap((char *)mem + ((mib - give_mib) << 20), give_mib << 20);
+            mib -= give_mib;
+            words = mib << 17;
+            say("vmcheck: gave back %llu MiB, keeping %llu MiB\n", (unsigned long long)give_mib,
+                (unsigned long long)mib);
+            give_mib = 0;
+        }
     }
 }

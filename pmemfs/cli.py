@@ -222,12 +222,18 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
     if not os.path.exists(region):
         raise RegionError(f"{region}: no such region (make one with pmemfs-mkfs)")
     if foreground:
-        from .daemon import serve, setup_logging
-        from .mounting import prepare_mountpoint
+        # Only the single daemon needs the heavy imports (numpy, pyfuse3, trio): the
+        # supervisor's start is part of the gap of a `systemctl restart`.
+        from .mounting import make_mountpoint, prepare_mountpoint
+        from .supervisor import setup_logging
+        from .systemd import inherited_fds, notify, under_systemd
 
         setup_logging(log, debug)
-        prepare_mountpoint(region, mountpoint, "force" in opts)
-        from .systemd import notify
+        inherited = {} if single else inherited_fds()
+        if not inherited:  # else the mount is there, unserved: a stat would wait for us
+            if under_systemd():
+                make_mountpoint(mountpoint)  # the unit's job: MOUNTPOINT= may not exist yet
+            prepare_mountpoint(region, mountpoint, "force" in opts)
 
         def ready(msg: str) -> None:
             click.echo(f"mounted {region} on {mountpoint} ({msg})", err=True)
@@ -235,10 +241,12 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
                 notify(f"READY=1\nSTATUS=serving {region} on {mountpoint}")  # Type=notify units
 
         if single:
+            from .daemon import serve
+
             return serve(region, mountpoint, opts - {"force"}, ready=ready)
         from .supervisor import supervise
 
-        return supervise(region, mountpoint, opts - {"force"}, ready, log, debug)
+        return supervise(region, mountpoint, opts - {"force"}, ready, log, debug, inherited)
     m = spawn(region, mountpoint, opts, log=log, debug=debug, single=single)
     note = " (cleared a dead mount first)" if m.recovered_stale else ""
     who = "daemon" if single else "supervisor"

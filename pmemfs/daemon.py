@@ -25,7 +25,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import session, supervisor
+from . import session, supervisor, systemd
 from .engine import Engine, check_magic
 from .errors import MountError
 from .fuse_ops import Operations
@@ -65,6 +65,16 @@ def open_engine(region: str, options: set[str], takeover: bool = False) -> Engin
                   noatime="noatime" in options, crash=CrashPoints.from_env(), takeover=takeover)
 
 
+def add_handlers(ops: Operations, fuse_fd: int | None) -> None:
+    """fallocate and SEEK_DATA/SEEK_HOLE, which pyfuse3 lacks (session.install_operations).
+    Without them the kernel answers fallocate EOPNOTSUPP and finds no holes, as before."""
+    try:
+        fd = session.session_fd() if fuse_fd is None else fuse_fd
+        session.install_operations(fd, ops.low_level_handlers())
+    except session.SessionError as e:
+        log.warning("fallocate and SEEK_DATA/SEEK_HOLE are not served: %s", e)
+
+
 def serve(region: str, mountpoint: str, options: set[str], *,
           ready: Callable[[str], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns an exit status."""
@@ -79,6 +89,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     except Exception:
         engine.close()
         raise
+    add_handlers(ops, None)
     state = "clean" if engine.was_clean else (
         f"recovered: {engine.recovered_records} journal records rolled back, {engine.reclaimed} orphans freed")
     log.info("serving %s on %s (generation %d, %s) after %.1f ms", region, mountpoint,
@@ -129,7 +140,10 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
     reader = ctl.makefile("rb")
 
     def say(line: str) -> None:
-        ctl.sendall(line.encode() + b"\n")
+        try:
+            ctl.sendall(line.encode() + b"\n")
+        except OSError:
+            pass  # the supervisor is gone (its successor is told by systemd, not by us)
 
     try:
         check_can_serve(region)
@@ -154,6 +168,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
             engine.prefault()
         ops = Operations(engine)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
+        add_handlers(ops, fuse_fd)
         session.replay_init(fuse_fd, init)
         if not first:
             session.notify_resend(fuse_fd)
@@ -179,7 +194,13 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
                     await trio.lowlevel.wait_readable(ctl)
                     data = ctl.recv(4096)
                     if not data:
-                        return  # the supervisor is gone: serve on while the mount lives
+                        if systemd.under_systemd():
+                            # The unit restarts the supervisor, which takes the connection
+                            # from systemd's fd store: hand over to the daemon it starts.
+                            log.info("the supervisor is gone: draining for its successor")
+                            drained = True
+                            pyfuse3.terminate()
+                        return  # else serve on while the mount lives
                     if b"drain" in data:
                         drained = True
                         pyfuse3.terminate()

@@ -945,17 +945,20 @@ class Engine:
         """Runs (file block, count) in [b0, b1) that have no block yet."""
         runs = []
         fb = b0
+        # i: the first extent that ends after fb (extents are sorted and disjoint).
         i = bisect_right(fm.fblk, fb) - 1
+        if i < 0:
+            i = 0
+        elif fb >= fm.fblk[i] + fm.cnt[i]:
+            i += 1
         while fb < b1:
-            if i >= 0 and i < len(fm.fblk) and fm.fblk[i] <= fb < fm.fblk[i] + fm.cnt[i]:
-                fb = fm.fblk[i] + fm.cnt[i]
+            if i < len(fm.fblk) and fm.fblk[i] <= fb:
+                fb = fm.fblk[i] + fm.cnt[i]  # mapped: skip to the extent's end
                 i += 1
                 continue
-            nxt = fm.fblk[i + 1] if i + 1 < len(fm.fblk) else b1
-            end = min(nxt, b1)
+            end = min(fm.fblk[i] if i < len(fm.fblk) else b1, b1)
             runs.append((fb, end - fb))
             fb = end
-            i += 1
         return runs
 
     def _goal(self, fm: FileMap, fb: int) -> int | None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import control, creds
+from . import control, creds, holes, session
 from .engine import Ctx, Engine, FsError, Stat
 from .pagecache import DirectWriters
 
@@ -383,6 +383,41 @@ class Operations(pyfuse3.Operations):
     @handler
     async def removexattr(self, inode, name, ctx):
         self.engine.removexattr(inode, name, _ctx(ctx))
+
+
+    # ------------------------------------------- handlers pyfuse3 does not have
+    def low_level_handlers(self) -> dict[str, Callable]:
+        """fallocate and lseek, installed into libfuse's session by session.py."""
+        return {"fallocate": self._fallocate, "lseek": self._lseek}
+
+    def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi) -> None:
+        session.reply_err(req, _sync_call("fallocate", (ino, mode, offset, length),
+                                          lambda: holes.fallocate(self.engine, ino, mode, offset, length)))
+
+    def _lseek(self, req: int, ino: int, offset: int, whence: int, _fi) -> None:
+        found: list[int] = []
+        err = _sync_call("lseek", (ino, offset, whence),
+                         lambda: found.append(holes.seek(self.engine, ino, offset, whence)))
+        if err:
+            session.reply_err(req, err)
+        else:
+            session.reply_lseek(req, found[0])
+
+
+def _sync_call(name: str, args: tuple, fn: Callable[[], object]) -> int:
+    """Run a synchronous handler; its errno (0 when it succeeded). Called from C: an
+    exception must not escape (ctypes would print it and answer nothing)."""
+    try:
+        fn()
+        err = 0
+    except FsError as e:
+        err = e.errno
+    except Exception:
+        log.exception("%s%r failed", name, args)
+        err = errno.EIO
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s%s -> %s", name, _brief(args), os.strerror(err) if err else "ok")
+    return err
 
 
 def _drop_cached_pages(ino: int) -> None:

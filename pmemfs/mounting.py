@@ -100,6 +100,16 @@ class Mounted:
     downtime_ms: float
 
 
+def make_mountpoint(mountpoint: str) -> None:
+    """Make the mountpoint (and its parents) if it is missing. It is never stat'ed: a
+    mount that nobody serves yet may be there, and a stat would wait for its daemon."""
+    os.makedirs(os.path.dirname(os.path.abspath(mountpoint)), exist_ok=True)
+    try:
+        os.mkdir(mountpoint, 0o755)
+    except FileExistsError:
+        pass
+
+
 def prepare_mountpoint(region: str, mountpoint: str, force: bool) -> bool:
     """Check the mountpoint; clear a dead pmemfs mount there. Returns True if one was cleared."""
     region_real = os.path.realpath(region)

@@ -13,13 +13,22 @@ options, same code), sets its private state (got_init, conn, bufsize) itself, an
 writes an INIT reply whose request id the kernel no longer knows; the kernel answers
 that write with ENOENT, which libfuse ignores by design (it is what an interrupted
 request gets). No private structure is read or written, so nothing here depends on
-libfuse's internal layout. What it depends on is found and checked before use:
+libfuse's internal layout for the takeover. What it depends on is found and checked
+before use:
 
 - the address of pyfuse3's `session` variable, from the symbol table of pyfuse3's
   shared object (it is built from source and not stripped), checked by asking
   libfuse for the session's fd and comparing it with the fd pyfuse3 was given;
 - FUSE_NOTIFY_RESEND (kernel 6.9+), which moves the requests a dead daemon had read
   but not answered back to the queue; refused with EINVAL by older kernels.
+
+The second use is handlers pyfuse3 does not have (fallocate, lseek): libfuse
+dispatches each request through the copy of the operations table it keeps in the
+session, and pyfuse3 leaves those slots NULL. `install_operations` finds that copy
+without knowing the session's layout: it is byte for byte pyfuse3's own `fuse_ops`
+table (another symbol of pyfuse3's object), so it searches the session for those bytes,
+checks that the match is unique and that the slots it fills are still NULL, and only
+then writes the function pointers. Anything unexpected leaves the session untouched.
 """
 
 from __future__ import annotations
@@ -30,11 +39,16 @@ import errno
 import functools
 import os
 import struct
+from collections.abc import Callable
 
 FUSE_NOTIFY_RESEND = 7
 FUSE_INIT = 26
 IN_HEADER = struct.Struct("<IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
 SESSION_SYMBOL = b"__pyx_v_7pyfuse3_session"
+OPS_SYMBOL = b"__pyx_v_7pyfuse3_fuse_ops"
+# struct fuse_lowlevel_ops of libfuse 3.x: 44 function pointers; the slots we fill.
+OPS_SLOTS = 44
+OPS_INDEX = {"fallocate": 40, "lseek": 43}
 
 
 class SessionError(Exception):
@@ -90,7 +104,35 @@ def _libfuse() -> ctypes.PyDLL:
     lib.fuse_session_fd.restype = ctypes.c_int
     lib.fuse_session_process_buf.argtypes = [ctypes.c_void_p, ctypes.POINTER(_FuseBuf)]
     lib.fuse_session_process_buf.restype = None
+    lib.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.fuse_reply_err.restype = ctypes.c_int
+    lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.fuse_reply_lseek.restype = ctypes.c_int
+    lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
+    lib.fuse_req_ctx.restype = ctypes.POINTER(RequestContext)
     return lib
+
+
+class RequestContext(ctypes.Structure):
+    """struct fuse_ctx: who sent the request."""
+
+    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
+                ("umask", ctypes.c_uint32)]
+
+
+class FileInfo(ctypes.Structure):
+    """struct fuse_file_info of libfuse 3.x, as far as fh."""
+
+    _fields_ = [("flags", ctypes.c_int), ("bits", ctypes.c_uint), ("padding2", ctypes.c_uint),
+                ("fh", ctypes.c_uint64)]
+
+
+# The C signatures of the handlers we add (fuse_lowlevel.h).
+FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.POINTER(FileInfo))
+LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int,
+                         ctypes.POINTER(FileInfo))
+_installed: list = []  # the C callbacks must live as long as the session
 
 
 @functools.cache
@@ -172,3 +214,83 @@ def takeover_unavailable() -> str | None:
     except (OSError, SessionError) as e:
         return str(e)
     return None
+
+
+# ------------------------------------------------------------ extra handlers
+def _ops_table() -> bytes:
+    """pyfuse3's own `fuse_ops` table, as libfuse copied it into the session."""
+    import pyfuse3
+
+    so = pyfuse3.__file__
+    address = _load_base(so) + elf_symbol(so, OPS_SYMBOL)
+    return ctypes.string_at(address, OPS_SLOTS * 8)
+
+
+def find_session_ops(se: int, search: int = 4096) -> int:
+    """Address of the session's copy of the operations table (see the module's doc)."""
+    table = _ops_table()
+    if table.count(b"\0" * 8) == OPS_SLOTS:
+        raise SessionError("pyfuse3's operations table is empty: pyfuse3.init not called")
+    memory = ctypes.string_at(se, search)
+    at = memory.find(table)
+    if at < 0 or memory.find(table, at + 1) >= 0:
+        raise SessionError("cannot find libfuse's copy of pyfuse3's operations (unknown layout)")
+    return se + at
+
+
+def install_operations(fd: int, handlers: dict[str, Callable]) -> list[str]:
+    """Give pyfuse3's session handlers it lacks: {"fallocate": f, "lseek": g}.
+
+    fallocate(req, ino, mode, offset, length, fi) and lseek(req, ino, off, whence, fi)
+    are called synchronously while libfuse processes the request, with the GIL; each
+    must reply (reply_err / reply_lseek) before it returns. Call after pyfuse3.init().
+    Returns the names installed; raises SessionError and changes nothing otherwise.
+    """
+    lib = _libfuse()
+    se = session_pointer()
+    if not se:
+        raise SessionError("pyfuse3 has no session (pyfuse3.init not called)")
+    if lib.fuse_session_fd(se) != fd:
+        raise SessionError("pyfuse3's session is not the one on this descriptor: unknown layout")
+    ops = find_session_ops(se)
+    kinds = {"fallocate": FALLOCATE, "lseek": LSEEK}
+    slots = {}
+    for name in handlers:
+        if name not in OPS_INDEX:
+            raise SessionError(f"no such low-level operation {name!r}")
+        slot = ctypes.c_void_p.from_address(ops + OPS_INDEX[name] * 8)
+        if slot.value:
+            raise SessionError(f"pyfuse3 already handles {name}: not replacing it")
+        slots[name] = slot
+    for name, fn in handlers.items():
+        c_fn = kinds[name](fn)
+        _installed.append(c_fn)
+        slots[name].value = ctypes.cast(c_fn, ctypes.c_void_p).value
+    return sorted(handlers)
+
+
+def session_fd() -> int:
+    """The /dev/fuse descriptor of pyfuse3's session (when pyfuse3 mounted it itself)."""
+    se = session_pointer()
+    if not se:
+        raise SessionError("pyfuse3 has no session (pyfuse3.init not called)")
+    fd = _libfuse().fuse_session_fd(se)
+    try:
+        if fd < 0 or os.readlink(f"/proc/self/fd/{fd}") != "/dev/fuse":
+            raise SessionError(f"pyfuse3's session reports fd {fd}, which is not /dev/fuse: unknown layout")
+    except OSError:
+        raise SessionError(f"pyfuse3's session reports fd {fd}, which is not open: unknown layout") from None
+    return fd
+
+
+def reply_err(req: int, err: int) -> None:
+    """Answer a request with an errno (0: success with no data)."""
+    _libfuse().fuse_reply_err(req, err)
+
+
+def reply_lseek(req: int, offset: int) -> None:
+    _libfuse().fuse_reply_lseek(req, offset)
+
+
+def request_context(req: int) -> RequestContext:
+    return _libfuse().fuse_req_ctx(req).contents

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import session
+from . import session, systemd
 
 log = logging.getLogger("pmemfs.supervisor")
 
@@ -269,7 +269,9 @@ class Child:
 
 class Supervisor:
     def __init__(self, region: str, mountpoint: str, options: set[str], daemon_cmd: list[str],
-                 ready: Callable[[str], None]):
+                 ready: Callable[[str], None], inherited: dict[str, int] | None = None):
+        self.inherited = inherited or {}  # from systemd's fd store: a predecessor's connection
+        self.stored = False  # our connection is in systemd's fd store
         self.region = region
         self.mountpoint = mountpoint
         self.real = os.path.realpath(mountpoint)  # before mounting: after, a stat may block
@@ -298,12 +300,16 @@ class Supervisor:
         signal.set_wakeup_fd(sigw)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, lambda s, _f: self.pending.append(s))
-        self.fuse_fd = fuse_mount(self.region, self.mountpoint, self.options)
-        self.conn = connection_id(self.real)
+        adopted = self._adopt(self.inherited) if self.inherited else False
+        if not adopted:
+            self.fuse_fd = fuse_mount(self.region, self.mountpoint, self.options)
+            self.conn = connection_id(self.real)
         try:
-            self.init = read_init(self.fuse_fd)
+            if not adopted:
+                self.init = read_init(self.fuse_fd)
+                self._store()
             self.standby = self._start_standby()
-            line = self._activate(first=True)
+            line = self._activate(first=not adopted)
         except BaseException as e:
             self._give_up(f"{e}")
             raise
@@ -385,8 +391,11 @@ class Supervisor:
                 for sig in pending[:]:
                     pending.remove(sig)
                     if sig in (signal.SIGTERM, signal.SIGINT):
+                        if sig == signal.SIGTERM and self.stored and systemd.restart_pending(self.unit, 2):
+                            return self._hand_to_successor()
                         log.info("signal %d: unmounting %s", sig, self.mountpoint)
                         self.stopping = True
+                        self._forget()
                         fuse_unmount(self.real)
                     elif sig == signal.SIGHUP:
                         log.info("SIGHUP: upgrading the daemon")
@@ -469,6 +478,7 @@ class Supervisor:
     def _give_up(self, why: str) -> None:
         """Nobody can serve the connection: fail its clients instead of leaving them blocked."""
         log.error("giving up the mount of %s: %s; clients now get ENOTCONN", self.region, why)
+        self._forget()
         if self._connected():
             abort_connection(self.conn)
             fuse_unmount(self.real)
@@ -480,6 +490,94 @@ class Supervisor:
         p = select.poll()
         p.register(self.fuse_fd, select.POLLIN)
         return not any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+
+    # ------------------------------------------------------ systemd's fd store
+    @property
+    def unit(self) -> str:
+        return os.environ.get("PMEMFS_UNIT", "")
+
+    def _store(self) -> None:
+        """Under a unit that keeps descriptors, put the connection and the FUSE_INIT in
+        systemd's fd store: a restarted supervisor (or one after our death) takes them."""
+        if not systemd.under_systemd():
+            return
+        state = systemd.state_memfd({"format": 1, "region": os.path.abspath(self.region),
+                                     "mountpoint": self.real, "init": self.init.hex()})
+        try:
+            self.stored = systemd.store_fd(systemd.FUSE_FD_NAME, self.fuse_fd) and \
+                systemd.store_fd(systemd.STATE_FD_NAME, state)
+        except OSError as e:
+            log.warning("cannot keep the connection in systemd's fd store (%s): a restart will unmount", e)
+        finally:
+            os.close(state)
+
+    def _forget(self) -> None:
+        """The mount ends: systemd must not hand its descriptor to a next supervisor."""
+        if self.stored:
+            self.stored = False
+            for name in (systemd.FUSE_FD_NAME, systemd.STATE_FD_NAME):
+                try:
+                    systemd.forget_fd(name)
+                except OSError:
+                    pass
+
+    def _adopt(self, fds: dict[str, int]) -> bool:
+        """Serve the connection a predecessor left in systemd's fd store, if it is ours
+        and alive; otherwise let it go (aborted, unmounted) and return False."""
+        fuse, state_fd = fds.pop(systemd.FUSE_FD_NAME, None), fds.pop(systemd.STATE_FD_NAME, None)
+        for fd in fds.values():
+            os.close(fd)  # not ours
+        state = systemd.read_state(state_fd) if state_fd is not None else {}
+        if state_fd is not None:
+            os.close(state_fd)
+        why = None
+        if fuse is None or not state:
+            why = "the store holds no connection and state of pmemfs"
+        elif (state.get("region"), state.get("mountpoint")) != (os.path.abspath(self.region), self.real):
+            why = f"it is the mount of {state.get('region')} on {state.get('mountpoint')}"
+        elif os.fstat(fuse).st_rdev != os.makedev(10, 229):
+            why = "the stored descriptor is not /dev/fuse"
+        else:
+            self.fuse_fd = fuse
+            if not self._connected():
+                why = "its connection has ended"
+        if why is None:
+            self.init = bytes.fromhex(state["init"])
+            self.conn = connection_id(self.real)
+            self.stored = True
+            log.info("took the FUSE connection of %s from systemd's fd store", self.mountpoint)
+            return True
+        log.warning("not serving the connection in systemd's fd store (%s): mounting afresh", why)
+        self.stored = True
+        self._forget()
+        if fuse is not None:
+            old = state.get("mountpoint") if isinstance(state.get("mountpoint"), str) else None
+            if old:  # nobody serves it: fail its waiters now, and take it away
+                abort_connection(connection_id(old))
+                fuse_unmount(old)
+            os.close(fuse)
+        self.fuse_fd = -1
+        from .mounting import prepare_mountpoint
+
+        prepare_mountpoint(self.region, self.mountpoint, force=False)
+        return False
+
+    def _hand_to_successor(self) -> int:
+        """systemd restarts us: the daemon drains, the connection stays in the store,
+        and the mount stays for the next supervisor. Clients wait meanwhile."""
+        log.info("SIGTERM during a restart of %s: handing the mount to the next supervisor", self.unit)
+        self.stopping = True
+        if self.standby:
+            self.standby.kill()
+            self.standby = None
+        if self.daemon:
+            self.daemon.send("drain")
+            if self.daemon.read_line(60.0) != "drained":
+                log.warning("daemon %d did not drain: killed; its requests are resent", self.daemon.pid)
+                self.daemon.kill()
+            elif self.daemon.wait(10.0) is None:
+                self.daemon.kill()
+        return 0
 
     # -------------------------------------------------------------- upgrade
     def upgrade(self) -> dict:
@@ -604,7 +702,8 @@ def remount_on_death(region: str, mountpoint: str, options: set[str], single_cmd
 
 
 def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[str], None],
-              log_file: str | None = None, debug: bool = False) -> int:
+              log_file: str | None = None, debug: bool = False,
+              inherited: dict[str, int] | None = None) -> int:
     """Hold the connection and keep a daemon serving it (or, where a takeover cannot
     work here, remount on a death). Returns when the mount ends."""
     set_oom_score_adj(OOM_SCORE_ADJ_SUPERVISOR, "the supervisor")  # its daemons set their own
@@ -619,7 +718,7 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
         if why:
             log.warning("live update unavailable (%s): a daemon that dies is replaced by a remount", why)
             return remount_on_death(region, mountpoint, options, [*daemon, "--single", *opts, *tail], ready)
-        return Supervisor(region, mountpoint, options, [*daemon, *opts, *tail], ready).run()
+        return Supervisor(region, mountpoint, options, [*daemon, *opts, *tail], ready, inherited).run()
     except Exception as e:
         log.error("cannot serve %s: %s", region, e)
         ready(f"error {one_line(e)}")

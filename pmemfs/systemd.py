@@ -1,19 +1,28 @@
-"""systemd integration: the pmemfs@.service template, its per-instance files, sd_notify.
+"""systemd integration: the pmemfs@.service template, its per-instance files, sd_notify
+and the file-descriptor store.
 
 `pmemfs systemd-unit` prints the unit (with this installation's absolute paths) or
 installs it; an instance name maps to /etc/pmemfs/NAME.conf, which names the region
 and the mountpoint. The service runs `pmemfs mount -f`, which tells systemd it is
 ready (sd_notify READY=1) once the mount is set up, so units ordered after it start
 only then, and unmounts cleanly on SIGTERM at stop.
+
+`systemctl restart` is a live update: the supervisor keeps the FUSE descriptor and
+what a successor needs (the kernel's FUSE_INIT) in systemd's fd store. At SIGTERM it
+asks the manager whether a restart is under way; if so it hands the daemon over and
+exits without unmounting, and the next supervisor takes the connection from the store
+(docs/DESIGN.md, "Restarting under systemd").
 """
 
 from __future__ import annotations
 
 import array
+import json
 import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 
 UNIT_NAME = "pmemfs@.service"
@@ -39,27 +48,34 @@ UNIT_TEMPLATE = """\
 #
 # ExecStart runs pmemfs's supervisor in the foreground: it holds the FUSE connection, so a
 # daemon that crashes is replaced under running guests without systemd noticing, and
-# `systemctl reload pmemfs@NAME` (SIGHUP) is a live upgrade to the installed code: the
-# guests only pause. `systemctl restart` is a stop and a start (an unmount): the VMs that
-# require the instance are stopped first. Keeping the descriptor in systemd's fd store,
-# so that restart too could be live, is not built.
+# `systemctl reload pmemfs@NAME` (SIGHUP) is a live upgrade of the daemon to the installed
+# code: the guests only pause. `systemctl restart pmemfs@NAME` is live too, and replaces the
+# supervisor as well: the FUSE descriptor waits in systemd's fd store meanwhile, the mount
+# stays, and the guests only pause (Requires= restarts the VM units with it: say
+# `systemctl restart --job-mode=ignore-dependencies pmemfs@NAME` to leave them running).
+# A supervisor that dies is replaced the same way (Restart=on-failure).
+# `systemctl stop` unmounts: the VMs that require the instance are stopped first.
 
 [Unit]
 Description=pmemfs %i (persistent-memory filesystem)
 After=local-fs.target systemd-modules-load.service
 Before=libvirtd.service virtqemud.service libvirt-guests.service
-AssertPathExists=/etc/pmemfs/%i.conf
+AssertPathExists=@CONF@/%i.conf
 
 [Service]
 Type=notify
 NotifyAccess=main
-Environment=OPTIONS= CREATE_SIZE=
-EnvironmentFile=/etc/pmemfs/%i.conf
-ExecStartPre=/bin/mkdir -p ${MOUNTPOINT}
+Environment=OPTIONS= CREATE_SIZE= PMEMFS_UNIT=%n
+EnvironmentFile=@CONF@/%i.conf
 ExecStartPre=/bin/sh -c '[ -e "$$REGION" ] || [ -z "$$CREATE_SIZE" ] || exec @MKFS@ --size "$$CREATE_SIZE" "$$REGION"'
+# -f makes the mountpoint if missing (never stats it: while a restart is under way it is
+# a mount that nobody serves yet, and a stat would wait for the daemon this starts).
 ExecStart=@PMEMFS@ mount -f -o ${OPTIONS} ${REGION} ${MOUNTPOINT}
 ExecReload=/bin/kill -HUP $MAINPID
-# SIGTERM: the supervisor unmounts, its daemon marks the region clean, both exit.
+# The FUSE descriptor and the saved FUSE_INIT, kept across restarts (not across stop).
+FileDescriptorStoreMax=2
+# SIGTERM: at stop the supervisor unmounts, its daemon marks the region clean, both exit;
+# at restart the daemon drains and the mount stays for the next supervisor.
 KillMode=mixed
 TimeoutStopSec=120
 Restart=on-failure
@@ -90,8 +106,9 @@ def executable(name: str) -> str:
     return os.path.abspath(found)
 
 
-def unit_text() -> str:
-    return UNIT_TEMPLATE.replace("@PMEMFS@", executable("pmemfs")).replace("@MKFS@", executable("pmemfs-mkfs"))
+def unit_text(conf_dir: str = "/" + CONF_DIR) -> str:
+    return (UNIT_TEMPLATE.replace("@PMEMFS@", executable("pmemfs")).replace("@MKFS@", executable("pmemfs-mkfs"))
+            .replace("@CONF@", conf_dir))
 
 
 def conf_text(region: str, mountpoint: str, options: str = "", create_size: str = "") -> str:
@@ -144,7 +161,7 @@ def _write(path: str, text: str, mode: int) -> None:
 def notify(state: str, fds: tuple[int, ...] = ()) -> bool:
     """sd_notify(3): send state (e.g. "READY=1") to $NOTIFY_SOCKET; False when not under systemd.
 
-    fds go along as SCM_RIGHTS (systemd's FDSTORE=1 uses that; the live-update work will).
+    fds go along as SCM_RIGHTS (FDSTORE=1 uses that).
     """
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
@@ -156,3 +173,88 @@ def notify(state: str, fds: tuple[int, ...] = ()) -> bool:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         s.sendmsg([state.encode()], anc)
     return True
+
+
+# ------------------------------------------------------------ the fd store
+FUSE_FD_NAME = "pmemfs-fuse"  # the /dev/fuse descriptor of the mount
+STATE_FD_NAME = "pmemfs-state"  # a memfd: JSON of what a successor needs (the FUSE_INIT bytes)
+
+
+def under_systemd() -> bool:
+    """Run by a unit that keeps our descriptors (PMEMFS_UNIT names it) and listens."""
+    return bool(os.environ.get("PMEMFS_UNIT") and os.environ.get("NOTIFY_SOCKET"))
+
+
+def inherited_fds() -> dict[str, int]:
+    """The descriptors systemd passed us (sd_listen_fds_with_names), by name; the
+    environment variables are removed so that no child takes them for its own."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    fds = {}
+    for i in range(count):
+        fd = 3 + i  # SD_LISTEN_FDS_START
+        os.set_inheritable(fd, False)
+        fds[names[i] if i < len(names) and names[i] else f"fd{i}"] = fd
+    return fds
+
+
+def store_fd(name: str, fd: int) -> bool:
+    return notify(f"FDSTORE=1\nFDNAME={name}", (fd,))
+
+
+def forget_fd(name: str) -> bool:
+    return notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+
+
+def state_memfd(state: dict) -> int:
+    fd = os.memfd_create(STATE_FD_NAME, os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(state).encode())
+    return fd
+
+
+def read_state(fd: int) -> dict:
+    """What a predecessor stored; {} when it is not ours or not readable."""
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0)
+        state = json.loads(data)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) and state.get("format") == 1 else {}
+
+
+def restart_pending(unit: str, stored: int) -> bool:
+    """Is the manager restarting `unit` right now (a restart job, not a stop), with our
+    `stored` descriptors in its fd store to hand to the next supervisor?
+
+    At SIGTERM a supervisor cannot tell a stop from a restart; the manager's job list
+    can. It is asked through systemctl (of the user manager when MANAGERPID says we run
+    under one). The store is checked too: systemd drops what a unit without
+    FileDescriptorStoreMax= sends, without a word. When the manager cannot be asked,
+    the answer is no: the safe side is a clean unmount.
+    """
+    base = ["systemctl", *(["--user"] if os.environ.get("MANAGERPID") else []), "--no-pager"]
+    try:
+        jobs = subprocess.run([*base, "list-jobs", "--no-legend", "--plain"], capture_output=True,
+                              text=True, timeout=10).stdout
+        kept = subprocess.run([*base, "show", "-p", "NFileDescriptorStore", "--value", unit],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if not kept.isdigit() or int(kept) < stored:
+        return False
+    for line in jobs.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] == unit and words[2] in RESTART_JOBS:
+            return True
+    return False
+
+
+RESTART_JOBS = {"restart", "try-restart", "reload-or-restart", "try-reload-or-restart"}
