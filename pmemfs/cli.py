@@ -136,9 +136,9 @@ def progress_bar(label: str, total: int, unit: str = "bytes") -> Callable[[int],
 @click.option("--label", "-L", default="", help="Filesystem label (up to 64 bytes).")
 @click.option("--prefault", is_flag=True, help="Populate the data area now so writes never page-fault.")
 @click.option("--sparse", "--overcommit", "sparse", is_flag=True,
-              help="On tmpfs or hugetlbfs: do not reserve the region now (the default), reserve "
-                   "each block when it is allocated; a region may then be larger than its backing, "
-                   "and writes get ENOSPC when the backing runs out.")
+              help="On tmpfs or hugetlbfs, overcommit: reserve each block from the backing when it "
+                   "is allocated instead of the whole region now; the region may then be larger than "
+                   "its backing, and writes get ENOSPC when the backing runs out.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite a region that already holds a filesystem.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("region")

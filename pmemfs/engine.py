@@ -1222,7 +1222,9 @@ class Engine:
             n, end = cut - offset, cut
             new_size = max(old_size, end)
             holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
-        if holes and not self._have_slots("extent", len(holes)):
+        # (Unpacking takes block 0's extent slot while the packed one is still held.)
+        slots = len(holes) + (1 if unpack and offset >= bs else 0)
+        if slots and not self._have_slots("extent", slots):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
             if unpack:

@@ -83,7 +83,6 @@ FEATURE_INCOMPAT_KNOWN = 0
 FEATURE_RO_COMPAT_KNOWN = 0
 
 
-
 def sparse_requested(head: bytes) -> bool:
     """Does a region whose first bytes are head say it is overcommitted? Read before the
     region is mapped (on hugetlbfs the mapping must then not reserve every page); a

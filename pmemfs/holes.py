@@ -73,7 +73,8 @@ def _allocate_range(e: Engine, ino: int, start: int, end: int, keep_size: bool, 
     need = sum(n for _, n in holes) + (1 if packed and start >= bs else 0)
     if need > e.blocks_available():  # an overcommitted region: what its backing can give
         raise FsError(errno.ENOSPC)
-    if holes and not e._have_slots("extent", len(holes)):
+    slots = len(holes) + (1 if packed and start >= bs else 0)  # unpacking holds two for a moment
+    if slots and not e._have_slots("extent", slots):
         raise FsError(errno.ENOSPC)
     if e.leases.held(ino) and packed:
         raise FsError(errno.EBUSY, "would move a directly mapped (leased) file")
