@@ -14,12 +14,15 @@ functions here too; pmemfs/fsck.py runs them before the table checks.
 
 from __future__ import annotations
 
+import functools
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .format import (
+    ATTR_KNOWN,
     BLOB_CONT,
     BLOB_DATA,
     BLOB_SYMLINK,
@@ -56,6 +59,8 @@ from .format import (
 )
 
 LIMIT = 20  # findings of one kind listed one by one; the rest are summarised
+XATTR_NAMESPACES = (b"user", b"trusted", b"security")  # what the engine serves (engine._check_xattr_ns)
+XATTR_SYSTEM_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")  # acl.NAMES
 
 
 @dataclass
@@ -156,6 +161,74 @@ def _used(keys: np.ndarray) -> np.ndarray:
     return used[used > 0]
 
 
+# The field whose 0 marks a free record, per table (FORMAT.md).
+KEY_FIELD = {"inode": "kind", "extent": "owner", "dirent": "parent", "blob": "owner", "pack": "block"}
+
+
+def table_arrays(v: View) -> dict[str, np.ndarray]:
+    return {"inode": v.inodes, "extent": v.extents, "dirent": v.dirents, "blob": v.blobs, "pack": v.packs}
+
+
+@functools.lru_cache(maxsize=16)
+def crc_bit_columns(length: int) -> np.ndarray:
+    """CRC-32 is affine over GF(2): crc(a ^ b) = crc(a) ^ crc(b) ^ crc(0) for messages of one
+    length. Column k is what flipping bit k (bit k % 8 of byte k // 8) of a `length`-byte
+    message does to its CRC; a damaged record's syndrome is the XOR of the columns of its
+    flipped bits, which is what lets fsck restore records (pmemfs/fsck.py)."""
+    zero = bytes(length)
+    c0 = zlib.crc32(zero)
+    out = np.empty(length * 8, np.uint32)
+    msg = bytearray(length)
+    for k in range(length * 8):
+        msg[k // 8] = 1 << (k % 8)
+        out[k] = zlib.crc32(msg) ^ c0
+        msg[k // 8] = 0
+    return out
+
+
+def crc_of_field(length: int, offset: int, values: np.ndarray, nbits: int = 32) -> np.ndarray:
+    """lin(value placed at byte offset): what a field's bits contribute to the CRC of a
+    zero message (vectorised over values)."""
+    cols = crc_bit_columns(length)[offset * 8: offset * 8 + nbits]
+    values = np.asarray(values, np.uint64)
+    bits = ((values[:, None] >> np.arange(nbits, dtype=np.uint64)) & np.uint64(1)).astype(bool)
+    return np.bitwise_xor.reduce(np.where(bits, cols[None, :], np.uint32(0)), axis=1).astype(np.uint32) \
+        if len(values) else np.zeros(0, np.uint32)
+
+
+def damaged_free(name: str, arr: np.ndarray, hwm: int, chunk: int = 1 << 16) -> np.ndarray:
+    """Slots below hwm whose key field says "free" but which are not empty.
+
+    pmemfs frees a record by zeroing it (an inode keeps its generation) and sealing it,
+    and mkfs leaves unused records all zero, so a free record is all zero but for that
+    and a checksum of 0 or of its zeros. Anything else is damage, most likely to the key
+    field of a record in use: a file that would silently lose a name, blocks or an xattr."""
+    size = arr.dtype.itemsize
+    hwm = min(hwm, len(arr))
+    words = arr[:hwm].view(np.uint64).reshape(hwm, size // 8)  # every record is 8-byte aligned
+    mask = np.full(size // 8, ~np.uint64(0))
+    mask[-1] = np.uint64(0xFFFFFFFF)  # the checksum is the last 4 bytes
+    if name == "inode":
+        mask[2] = np.uint64(0xFFFFFFFF)  # bytes 20..24: the generation a free inode keeps
+    key = arr[KEY_FIELD[name]][:hwm]
+    empty_crc = np.uint32(zlib.crc32(bytes(size - 4)))
+    out = []
+    for lo in range(1, hwm, chunk):
+        hi = min(hwm, lo + chunk)
+        free = key[lo:hi] == 0
+        nonempty = free & (words[lo:hi] & mask).any(axis=1)
+        ck = arr["checksum"][lo:hi]
+        odd = free & ~nonempty & (ck != 0)
+        if name == "inode" and odd.any():
+            k = np.flatnonzero(odd)
+            want = empty_crc ^ crc_of_field(size - 4, 20, arr["generation"][lo:hi][k])
+            odd[k] = ck[k] != want
+        else:
+            odd &= ck != empty_crc
+        out.append(np.flatnonzero(nonempty | odd) + lo)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 CHECKS: list[tuple[str, Callable[[View], Iterator[Finding]]]] = []
 CHECK_NAMES = ["superblock", "layout", "backup-superblock", "journal"]  # region-level, then tables
 
@@ -247,6 +320,13 @@ def check_checksums(v: View) -> Iterator[Finding]:
                        lambda i, name=name: f"{name} record {i} checksum mismatch"):
             f.data["table"] = name
             yield f
+    for name, table in table_arrays(v).items():
+        bad = damaged_free(name, table, len(table))
+        for f in _many("checksums", "free-damaged", "y", f"{name}", bad,
+                       lambda i, name=name: f"{name} record {i} is marked free but is not empty "
+                                            f"(its {KEY_FIELD[name]} field may be damaged)"):
+            f.data["table"] = name
+            yield f
 
 
 @check("inodes")
@@ -273,6 +353,9 @@ def check_inodes(v: View) -> Iterator[Finding]:
     bad_flags = live[(v.flags[live] & np.uint16(0xFFFF & ~FLAGS_KNOWN)) != 0]
     yield from _many("inodes", "bad-flags", "p", "inode", bad_flags,
                      lambda i: f"inode {i} has unknown flags 0x{int(v.flags[i]):x}", key="ino")
+    bad_attr = live[(ino["attr"][live] & np.uint8(0xFF & ~ATTR_KNOWN)) != 0]
+    yield from _many("inodes", "bad-attr", "p", "inode", bad_attr,
+                     lambda i: f"inode {i} has unknown chattr flags 0x{int(ino['attr'][i]):x}", key="ino")
 
 
 @check("sizes")
@@ -691,8 +774,14 @@ def check_blobs(v: View) -> Iterator[Finding]:
     bad = ~np.isin(kind, (BLOB_XATTR, BLOB_SYMLINK, BLOB_CONT)) & ~dead
     cont = kind == BLOB_CONT
     bad |= cont & (b["value_len"][used] > BLOB_DATA) & ~dead
-    yield from _many("blobs", "bad-blob", "p", "blob", used[dead],
-                     lambda i: f"xattr/symlink record {i} belongs to a missing inode")
+    def dead_msg(i: int) -> str:
+        what = ""
+        if int(b["kind"][i]) == BLOB_XATTR:
+            nl = min(int(b["name_len"][i]), NAME_MAX)
+            what = f" (xattr {bytes(b['data'][i].tobytes()[:nl])!r}: the file it belonged to cannot be told)"
+        return f"xattr/symlink record {i} belongs to a missing inode {int(b['owner'][i])}{what}"
+
+    yield from _many("blobs", "bad-blob", "p", "blob", used[dead], dead_msg)
     yield from _many("blobs", "bad-blob", "y", "blob", used[bad],
                      lambda i: f"xattr/symlink record {i} is malformed")
     heads, ok, visited = blob_chains(v)
@@ -701,6 +790,47 @@ def check_blobs(v: View) -> Iterator[Finding]:
     stray = used[cont & ~dead & ~bad & ~visited[used]]
     yield from _many("blobs", "stray-cont", "p", "blob", stray,
                      lambda i: f"continuation record {i} is not part of any value")
+    # xattr names: a namespace the filesystem serves (user., trusted., security., the two
+    # system.posix_acl_* names) and
+    # something after it, no NUL, and one of each name per file (else one hides another).
+    xh = heads[ok & (b["kind"][heads] == BLOB_XATTR)]
+    if not len(xh):
+        return
+    raw = b["data"][xh].view(np.uint8).reshape(len(xh), BLOB_DATA)
+    nl = b["name_len"][xh].astype(np.int64)
+    longest = int(min(nl.max(), NAME_MAX))
+    cols = np.arange(longest)
+    inside = cols[None, :] < nl[:, None]
+    valid = (nl >= 1) & (nl <= NAME_MAX) & ~((raw[:, :longest] == 0) & inside).any(axis=1)
+    ns_ok = np.zeros(len(xh), bool)
+    for ns in XATTR_NAMESPACES:
+        pre = np.frombuffer(ns + b".", np.uint8)
+        ns_ok |= (raw[:, :len(pre)] == pre).all(axis=1) & (nl > len(pre))
+    for full in XATTR_SYSTEM_NAMES:  # system.*: only the two POSIX ACLs
+        whole = np.frombuffer(full, np.uint8)
+        ns_ok |= (nl == len(whole)) & (raw[:, :len(whole)] == whole).all(axis=1)
+    badname = xh[~(valid & ns_ok)]
+    yield from _many("blobs", "bad-xattr-name", "y", "blob", badname,
+                     lambda i: f"xattr record {i} has a name that is no xattr name "
+                               f"({bytes(b['data'][i].tobytes()[:min(int(b['name_len'][i]), NAME_MAX)])!r})")
+    keep = valid & ns_ok
+    good = xh[keep]
+    if len(good) < 2:
+        return
+    width = -(-longest // 8) * 8
+    masked = np.zeros((len(good), width), np.uint8)
+    masked[:, :longest] = np.where(inside[keep], raw[keep, :longest], 0)
+    words = masked.view("<u8")
+    mult = (np.arange(words.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(axis=1, dtype=np.uint64)
+    owner = b["owner"][good].astype(np.int64)
+    order = np.lexsort((good, h, owner))
+    same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1])
+    dups = [int(good[order][k + 1]) for k in np.flatnonzero(same).tolist()
+            if bytes(masked[order][k]) == bytes(masked[order][k + 1])]
+    yield from _many("blobs", "dup-xattr", "y", "blob", np.array(dups, np.int64),
+                     lambda i: f"xattr record {i} repeats a name its file already has")
 
 
 @check("kernel-objects")

@@ -199,24 +199,39 @@ def cli():
 @click.option("--single", is_flag=True,
               help="One process that mounts and serves, without a supervisor "
                    "(a daemon that dies leaves the mount dead; a restart is a remount).")
-@click.option("-o", "options", multiple=True, help="Mount options: allow_other, ro, sync, prefault, force.")
+@click.option("-o", "options", multiple=True,
+              help="Mount options (README, \"Mount options\"): ro, noatime, strictatime, nodiratime, "
+                   "dev, suid, noexec, allow_other, sync, prefault, force, live=off; remount.")
 @click.option("--force", is_flag=True, help="Clear a dead FUSE mount at MOUNTPOINT first.")
 @click.option("--log", type=click.Path(dir_okay=False), help="Write the daemon's log here.")
 @click.option("--debug", is_flag=True, help="Log every request.")
 @click.option("--respawn", is_flag=True, hidden=True,
               help="The default now: a supervisor replaces a daemon that dies.")
 @click.argument("region")
-@click.argument("mountpoint")
+@click.argument("mountpoint", required=False)
 def mount_command(foreground, single, options, force, log, debug, respawn, region, mountpoint):
-    """Mount REGION on MOUNTPOINT (returns once the mount answers)."""
-    from .mounting import MOUNT_OPTIONS_ALLOWED, spawn
+    """Mount REGION on MOUNTPOINT (returns once the mount answers).
 
-    opts = {o.strip() for group in options for o in group.split(",") if o.strip()}
-    opts -= {"rw", "defaults", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "auto", "noauto",
-             "user", "nouser", "_netdev"}  # what mount(8) and fstab pass along
-    unknown = {o for o in opts if o.split("=")[0] not in MOUNT_OPTIONS_ALLOWED | {"force"}}
-    if unknown:
-        raise click.UsageError(f"unknown mount option(s): {', '.join(sorted(unknown))}")
+    With -o remount: change the options of the mount at MOUNTPOINT (REGION may be left
+    out), as mount(8) -o remount does."""
+    from .mounting import OptionError, check_privilege, remount, resolve_options, spawn
+
+    words = [o.strip() for group in options for o in group.split(",") if o.strip()]
+    if "remount" in words:
+        target = mountpoint or region
+        try:
+            flags = remount(target, words)
+        except OptionError as e:
+            raise click.UsageError(str(e)) from None
+        click.echo(f"remounted {target} ({flags})")
+        return 0
+    if mountpoint is None:
+        raise click.UsageError("Missing argument 'MOUNTPOINT'.")
+    try:
+        opts = resolve_options(words)
+        check_privilege(opts)
+    except OptionError as e:
+        raise click.UsageError(str(e)) from None
     if force:
         opts.add("force")
     if not os.path.exists(region):
@@ -646,7 +661,7 @@ def defrag_command(mountpoint):
               help="Make the region at start when it is missing (a /dev/shm region after a cold boot).")
 def systemd_unit_command(do_install, root, instance, region, mountpoint, options, create_size):
     """Print or install pmemfs@.service; an instance NAME mounts /etc/pmemfs/NAME.conf's region."""
-    from .mounting import MOUNT_OPTIONS_ALLOWED
+    from .mounting import OptionError, resolve_options
     from .systemd import UnitError, check_instance, conf_text, install, unit_text
 
     try:
@@ -655,9 +670,10 @@ def systemd_unit_command(do_install, root, instance, region, mountpoint, options
             if not (instance and region and mountpoint):
                 raise UnitError("--instance, --region and --mountpoint go together")
             check_instance(instance)
-            bad = {o for o in options.split(",") if o and o.split("=")[0] not in MOUNT_OPTIONS_ALLOWED}
-            if bad:
-                raise UnitError(f"unknown mount option(s): {', '.join(sorted(bad))}")
+            try:
+                resolve_options(options.split(","))
+            except OptionError as e:
+                raise UnitError(str(e)) from None
             conf = conf_text(os.path.abspath(region), os.path.abspath(mountpoint), options,
                              str(create_size) if create_size else "")
         if not do_install:

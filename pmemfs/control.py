@@ -38,7 +38,15 @@ import stat
 from . import creds
 from .creds import CAP_SYS_ADMIN, Creds, R, W, X
 from .engine import Ctx, Engine, FsError
-from .format import KIND_DIR, KIND_SYMLINK, NAME_MAX, ROOT_INO, XATTR_VALUE_MAX
+from .format import (
+    ATTR_APPEND,
+    ATTR_IMMUTABLE,
+    KIND_DIR,
+    KIND_SYMLINK,
+    NAME_MAX,
+    ROOT_INO,
+    XATTR_VALUE_MAX,
+)
 
 PREFIX = b"trusted.pmemfs."
 USER_PREFIX = b"user.pmemfs."
@@ -206,8 +214,18 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
     who = creds.of(ctx)
     if len(value) > XATTR_VALUE_MAX:
         raise FsError(errno.E2BIG)
+    if engine.readonly:
+        # Every command is a setxattr, refused on a read-only mount: the kernel refuses
+        # it first, and a daemon remounted read-only before the kernel (or after it,
+        # mount -o remount) must not change the region either.
+        raise FsError(errno.EROFS)
     if name.startswith(USER_PREFIX):
         _user_xattr(engine, ino, who, write=True)
+        if engine.attr_flags(ino) & (ATTR_IMMUTABLE | ATTR_APPEND) and not (
+                name == LEASE and value.strip() in (b"ro", b"release")):
+            # As the kernel's xattr_permission for any xattr write: a command changes
+            # the file (a lease only for reading, or giving one back, does not).
+            raise FsError(errno.EPERM, "the file is immutable or append-only (chattr)")
         if name == LEASE:
             return _lease(engine, ino, value.strip(), who, ctx.pid)
         if name == ALIGN:
@@ -262,6 +280,8 @@ def _carve(engine: Engine, dst: int, value: bytes, who: Creds) -> list[int]:
     req = _json_object(value, {"src": str, "offset": int, "length": int})
     src = resolve(engine, _text(req["src"]), who)
     engine.check_access(src, who, R | W)
+    if engine.attr_flags(src) & (ATTR_IMMUTABLE | ATTR_APPEND):
+        raise FsError(errno.EPERM, "the source is immutable or append-only (chattr)")  # it loses bytes
     placement.carve(engine, src, req["offset"], req["length"], dst)
     return [src]
 

@@ -21,10 +21,14 @@ import os
 import stat
 from dataclasses import dataclass
 
+from . import acl
+
 R, W, X = 4, 2, 1  # permission mask bits, as MAY_READ / MAY_WRITE / MAY_EXEC
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
 CAP_FOWNER = 3
+CAP_FSETID = 4
+CAP_LINUX_IMMUTABLE = 9
 CAP_SYS_ADMIN = 21
 ALL_CAPS = (1 << 64) - 1
 
@@ -69,22 +73,25 @@ def of_process(uid: int, gid: int, pid: int) -> Creds:
     return Creds(uid, gid, groups, caps)
 
 
-def permitted(who: Creds, mode: int, uid: int, gid: int, mask: int) -> bool:
+def permitted(who: Creds, mode: int, uid: int, gid: int, mask: int,
+              acl_entries: list[acl.Entry] | None = None) -> bool:
     """May `who` access an inode with this mode and owner for `mask` (R|W|X)?
 
-    The kernel's generic_permission without ACLs: the owner's bits, else the group's
-    when the caller is in the group, else the others'; then CAP_DAC_READ_SEARCH
-    (read; read and search of a directory) and CAP_DAC_OVERRIDE (anything, except
-    executing a file that has no x bit).
+    The kernel's generic_permission: the owner's bits; else the access ACL when there
+    is one and the group bits are not all off; else the group's bits when the caller
+    is in the group, else the others'; then CAP_DAC_READ_SEARCH (read; read and search
+    of a directory) and CAP_DAC_OVERRIDE (anything, except executing a file that has
+    no x bit).
     """
     mask &= R | W | X
     if who.uid == uid:
-        bits = mode >> 6
-    elif who.in_group(gid):
-        bits = mode >> 3
+        granted = not mask & ~(mode >> 6) & 7
+    elif acl_entries is not None and mode & 0o070:
+        granted = acl.permits(acl_entries, who.uid, who.in_group, uid, gid, mask)
     else:
-        bits = mode
-    if not mask & ~bits & 7:
+        bits = mode >> 3 if who.in_group(gid) else mode
+        granted = not mask & ~bits & 7
+    if granted:
         return True
     if stat.S_ISDIR(mode):
         if not mask & W and who.capable(CAP_DAC_READ_SEARCH):

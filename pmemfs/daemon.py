@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -26,12 +29,13 @@ import pyfuse3
 import trio
 
 from . import session, supervisor, systemd
-from .engine import Engine, check_magic
+from .engine import Engine, FsError, check_magic
 from .errors import MountError
 from .fuse_ops import Operations
 from .journal import CrashPoints
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
-from .supervisor import one_line, ready_pipe, setup_logging
+from .region import RegionError
+from .supervisor import REMOUNTABLE, one_line, ready_pipe, setup_logging
 
 log = logging.getLogger("pmemfs.daemon")
 RESEND_WINDOW = 10.0  # seconds after a takeover in which a resent request can arrive
@@ -39,10 +43,16 @@ RESEND_WINDOW = 10.0  # seconds after a takeover in which a resent request can a
 
 
 def fuse_options(region: str, options: set[str]) -> set[str]:
+    """libfuse's options: it mounts (--single) nosuid,nodev unless told suid or dev, and
+    knows no strictatime or nodiratime (serve() sets those afterwards)."""
     opts = set(pyfuse3.default_options)
     opts |= {"default_permissions", f"fsname={os.path.abspath(region)}", "subtype=pmemfs"}
-    opts |= options & {"allow_other", "allow_root", "ro", "noatime", "debug"}
+    opts |= options & {"allow_other", "allow_root", "ro", "noatime", "debug", "suid", "dev", "noexec"}
     return opts
+
+
+def atime_mode(options: set[str]) -> str:
+    return "noatime" if "noatime" in options else "strictatime" if "strictatime" in options else "relatime"
 
 
 async def _run_until_signalled() -> None:
@@ -60,19 +70,150 @@ async def _run_until_signalled() -> None:
 
 
 def open_engine(region: str, options: set[str], takeover: bool = False) -> Engine:
-    """The engine as the mount options ask for it."""
+    """The engine as the mount options ask for it. A read-only mount holds the region's
+    lock shared: other read-only mounts may share the region, nothing may write it."""
     return Engine(region, readonly="ro" in options, sync="sync" in options,
-                  noatime="noatime" in options, crash=CrashPoints.from_env(), takeover=takeover)
+                  atime=atime_mode(options), nodiratime="nodiratime" in options,
+                  crash=CrashPoints.from_env(), takeover=takeover, lock=True)
+
+
+class Remounter:
+    """mount -o remount as the daemon takes it (mounting.remount does the kernel's side):
+    the engine switches between read-only and read-write, and takes the new atime
+    options. Also answers "status" for a daemon without a supervisor."""
+
+    def __init__(self, ops: Operations, region: str, options: set[str]):
+        self.ops = ops
+        self.region = region
+        self.options = set(options)
+        self.retired: list[Engine] = []  # read-only engines replaced by read-write ones
+
+    def handle(self, request: dict) -> dict:
+        verb = request.get("verb")
+        if verb == "status":
+            return {"mode": "single", "daemon_pid": os.getpid(), "options": sorted(self.options),
+                    "readonly": self.ops.engine.readonly}
+        if verb != "remount" or not isinstance(request.get("options"), list):
+            return {"ok": False, "error": f"unknown request {verb!r}"}
+        try:
+            self.remount({str(o) for o in request["options"]}, bool(request.get("check")))
+        except FsError as e:
+            return {"ok": False, "error": str(e), "errno": e.errno}
+        except (MountError, RegionError, OSError) as e:
+            return {"ok": False, "error": one_line(e)}
+        return {"ok": True, "readonly": self.ops.engine.readonly}
+
+    def remount(self, options: set[str], check: bool = False) -> None:
+        e = self.ops.engine
+        ro = "ro" in options
+        if check:  # asked before the kernel turns read-only: can we follow?
+            if ro and not e.readonly:
+                e.check_remount_ro()
+            return
+        if ro != e.readonly:
+            if not ro and not e.region.writable:
+                e = self.ops.engine = self._reopen(e, options)
+            else:
+                e.remount(ro)
+        e.atime, e.nodiratime = atime_mode(options), "nodiratime" in options
+        self.options = (self.options - REMOUNTABLE) | (options & REMOUNTABLE)
+        log.info("remounted: %s", ",".join(sorted(self.options)) or "defaults")
+
+    def _reopen(self, old: Engine, options: set[str]) -> Engine:
+        """A mount that began read-only maps the region read-only; read-write, it gets a
+        read-write engine. Its lock takes the place of the shared one (refused while
+        another read-only mount shares the region), and it inherits the kernel's
+        references. The old engine's descriptor stays open until the end: closing any
+        descriptor of the region drops this process's lock."""
+        if int(old.sbv["mount_generation"][0]) != old.generation or old.journal.state != 0:
+            raise MountError("the region changed since it was mounted read-only: unmount and mount it again")
+        try:
+            new = open_engine(self.region, (options - {"ro"}) | ({"sync"} & self.options),
+                              takeover=old.takeover)
+        except BaseException:
+            try:  # the failed open closed a descriptor of the region, and with it our lock
+                fcntl.lockf(old.region.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                log.error("the region's shared lock is lost after a failed remount")
+            raise
+        new.refs = old.refs
+        new.acl = old.acl  # what the kernel negotiated at INIT holds for the connection
+        new.replies.expire()  # resends were answered long ago, by the read-only engine
+        self.retired.append(old)
+        return new
+
+    def close(self, handover: bool = False) -> None:
+        self.ops.engine.close(handover=handover)
+        for old in self.retired:
+            old.region.close()
+
+
+def expire_resends(engine: Engine) -> None:
+    """The resend window is over. A read-only engine forgets the inherited record without
+    writing it (its mapping may be read-only; nothing could be replayed anyway)."""
+    if engine.readonly:
+        engine.replies.inherited = False
+    else:
+        engine.replies.expire()
+
+
+async def serve_control(remounter: Remounter, address: str) -> None:
+    """A socket for `pmemfs mount -o remount` when no supervisor holds the mount."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(address)
+    except OSError as e:
+        log.warning("no control socket (%s): a remount reaches the kernel only", e)
+        listener.close()
+        return
+    listener.listen(4)
+    sock = trio.socket.from_stdlib_socket(listener)
+    with sock:
+        while True:
+            conn, _ = await sock.accept()
+            with conn:
+                try:
+                    await _answer(remounter, conn)
+                except Exception:  # a client's mistake never ends the daemon
+                    log.exception("control request failed")
+
+
+async def _answer(remounter: Remounter, conn) -> None:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    data = b""
+    with trio.move_on_after(5.0):
+        while not data.endswith(b"\n"):
+            chunk = await conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        request = json.loads(data or b"{}")
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        request = {}
+    if request.get("verb") != "status" and uid not in (0, os.geteuid()):
+        answer = {"ok": False, "error": "only root or the mount's owner may do that"}
+    else:
+        answer = remounter.handle(request)
+    out = memoryview(json.dumps(answer).encode() + b"\n")
+    try:
+        while out:
+            out = out[await conn.send(out):]
+    except OSError:
+        pass  # the client went away
 
 
 def add_handlers(ops: Operations, fuse_fd: int | None) -> None:
-    """fallocate and SEEK_DATA/SEEK_HOLE, which pyfuse3 lacks (session.install_operations).
-    Without them the kernel answers fallocate EOPNOTSUPP and finds no holes, as before."""
+    """fallocate, SEEK_DATA/SEEK_HOLE and ioctl (chattr), which pyfuse3 lacks, and the
+    POSIX ACL negotiation at INIT (session.install_operations). Without them the kernel
+    answers fallocate EOPNOTSUPP, finds no holes, has no chattr and no ACLs, as before."""
     try:
         fd = session.session_fd() if fuse_fd is None else fuse_fd
-        session.install_operations(fd, ops.low_level_handlers())
+        session.install_operations(fd, ops.low_level_handlers(), after_init=ops.negotiate)
     except session.SessionError as e:
-        log.warning("fallocate and SEEK_DATA/SEEK_HOLE are not served: %s", e)
+        log.warning("fallocate, SEEK_DATA/SEEK_HOLE, chattr and POSIX ACLs are not served: %s", e)
 
 
 def serve(region: str, mountpoint: str, options: set[str], *,
@@ -84,12 +225,17 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     if "prefault" in options and not engine.readonly:
         engine.prefault()
     ops = Operations(engine)
+    real = os.path.realpath(mountpoint)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(region, options))
+        if options & {"strictatime", "nodiratime"} and os.geteuid() == 0:
+            # libfuse knows neither: set the mount's own flags (no request reaches us).
+            supervisor.kernel_remount(real, options, bind=True)
     except Exception:
         engine.close()
         raise
     add_handlers(ops, None)
+    remounter = Remounter(ops, region, options)
     state = "clean" if engine.was_clean else (
         f"recovered: {engine.recovered_records} journal records rolled back, {engine.reclaimed} orphans freed")
     log.info("serving %s on %s (generation %d, %s) after %.1f ms", region, mountpoint,
@@ -98,8 +244,15 @@ def serve(region: str, mountpoint: str, options: set[str], *,
         ready(f"ok generation={engine.generation} clean={int(engine.was_clean)} "
               f"recovered={engine.recovered_records} orphans={engine.reclaimed}")
     status = 0
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_control, remounter, supervisor.daemon_address(real))
+            await _run_until_signalled()
+            nursery.cancel_scope.cancel()
+
     try:
-        trio.run(_run_until_signalled)
+        trio.run(run)
     except BaseException:
         log.exception("FUSE main loop failed")
         status = 1
@@ -108,7 +261,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
             pyfuse3.close(unmount=True)
         except Exception:
             log.exception("closing the FUSE session failed")
-        engine.close()
+        remounter.close()
         log.info("unmounted %s; region marked clean", mountpoint)
     return status
 
@@ -157,6 +310,8 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
     if not words or words[0] not in ("go", "go-first"):
         return 0  # the supervisor let us go, or is gone
     first, init = words[0] == "go-first", bytes.fromhex(words[1])
+    if len(words) > 2:  # the mount's options now (a remount since we started changes them)
+        options = {o for o in words[2].split(",") if o and o != "-"}
     started = time.monotonic()
     try:
         engine = open_engine(region, options, takeover=not first)
@@ -167,6 +322,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         if first and "prefault" in options and not engine.readonly:
             engine.prefault()
         ops = Operations(engine)
+        remounter = Remounter(ops, region, options)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
         add_handlers(ops, fuse_fd)
         session.replay_init(fuse_fd, init)
@@ -190,9 +346,10 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         async with trio.open_nursery() as nursery:
             async def watch_supervisor() -> None:
                 nonlocal drained
+                pending = b""
                 while True:
                     await trio.lowlevel.wait_readable(ctl)
-                    data = ctl.recv(4096)
+                    data = ctl.recv(65536)
                     if not data:
                         if systemd.under_systemd():
                             # The unit restarts the supervisor, which takes the connection
@@ -201,10 +358,19 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
                             drained = True
                             pyfuse3.terminate()
                         return  # else serve on while the mount lives
-                    if b"drain" in data:
-                        drained = True
-                        pyfuse3.terminate()
-                        return
+                    pending += data
+                    while b"\n" in pending:
+                        line, _, pending = pending.partition(b"\n")
+                        if line.strip() == b"drain":
+                            drained = True
+                            pyfuse3.terminate()
+                            return
+                        if line.startswith(b"remount "):
+                            try:
+                                request = json.loads(line[len(b"remount "):])
+                            except ValueError:
+                                request = {}
+                            say("remounted " + json.dumps(remounter.handle(request)))
 
             async def watch_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -213,13 +379,13 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
                         pyfuse3.terminate()
                         return
 
-            async def expire_resends() -> None:
+            async def resend_window() -> None:
                 await trio.sleep(RESEND_WINDOW)
-                engine.replies.expire()
+                expire_resends(ops.engine)
 
             nursery.start_soon(watch_supervisor)
             nursery.start_soon(watch_signals)
-            nursery.start_soon(expire_resends)
+            nursery.start_soon(resend_window)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
@@ -234,7 +400,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
             pyfuse3.close(unmount=False)
         except Exception:
             log.exception("closing the FUSE session failed")
-        engine.close(handover=drained or status != 0)
+        remounter.close(handover=drained or status != 0)
     if drained:
         log.info("drained: handing %s over", mountpoint)
         say("drained")  # the region is closed and unlocked: the successor may start now

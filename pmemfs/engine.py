@@ -22,10 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import check, creds
+from . import acl, check, creds
 from .allocator import BlockAllocator, NoSpace
-from .creds import CAP_SYS_ADMIN, Creds
+from .creds import CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN, Creds
 from .format import (
+    ATTR_APPEND,
+    ATTR_IMMUTABLE,
+    ATTR_KNOWN,
+    ATTR_NOATIME,
     BLOB_CONT,
     BLOB_DATA,
     BLOB_SYMLINK,
@@ -84,9 +88,11 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # leave a whiteout (char device 0:0) at the old name: overlayfs upper layers
 FREE_BATCH = 2048
 GROWTH_MIGRATE_BLOCKS = 16  # a file this many blocks long is moved to an aligned GiB run  # extents freed per transaction when a large file goes away
 RELATIME_NS = 24 * 3600 * 10**9
+ATIME_MODES = ("relatime", "strictatime", "noatime")
 ALIGN_POLICY = b"user.pmemfs.align"  # placement policy xattr, inherited by new files
 
 _DIRENT_KIND = {KIND_REG: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK,
@@ -120,6 +126,7 @@ class Ctx:
     gid: int = 0
     pid: int = 0
     creds: Creds | None = None  # None: read the caller's groups and capabilities from /proc
+    umask: int = 0  # applied to a new inode's mode unless its directory has a default ACL
 
 
 ROOT_CTX = Ctx(creds=creds.ROOT)  # the daemon's own work, and engine callers that are root
@@ -174,20 +181,32 @@ class Engine:
     """One mounted region. Not thread-safe: the daemon calls it from one trio thread."""
 
     def __init__(self, path: str, *, readonly: bool = False, sync: bool = False,
-                 noatime: bool = False, crash: CrashPoints | None = None,
-                 check_on_mount: bool = True, takeover: bool = False):
+                 noatime: bool = False, atime: str = "relatime", nodiratime: bool = False,
+                 crash: CrashPoints | None = None, check_on_mount: bool = True,
+                 takeover: bool = False, lock: bool | None = None):
         """takeover: serve a FUSE connection an earlier instance served (live update):
         the kernel may still hold any inode that exists now, with counts this instance
-        never saw, so none of them is freed before the next fresh mount."""
+        never saw, so none of them is freed before the next fresh mount.
+
+        atime: "relatime", "strictatime" or "noatime" (noatime=True is the last);
+        nodiratime: directories never get atime updates. lock: take the region's lock
+        (default: only read-write; a read-only mount takes it shared)."""
         self.path = path
         self.sync = sync
         # FUSE leaves atime to the daemon (the kernel marks FUSE inodes S_NOATIME), so the
-        # noatime mount option is ours to honour: reads then never write atime.
-        self.noatime = noatime
+        # atime mount options are ours to honour (touch_atime).
+        if atime not in ATIME_MODES:
+            raise ValueError(f"atime mode {atime!r} is not one of {', '.join(ATIME_MODES)}")
+        self.atime = "noatime" if noatime else atime
+        self.nodiratime = nodiratime
         self.takeover = takeover
         self.unsettled: int | None = None
+        # POSIX ACLs are served when the kernel enforces them (FUSE_POSIX_ACL, set by the
+        # daemon once negotiated); otherwise system.posix_acl_* are refused as before.
+        self.acl = False
         # An overcommitted region on hugetlbfs is mapped without reserving every huge page.
-        self.region = Region(path, writable=not readonly, lock=not readonly, noreserve=sparse_requested)
+        self.region = Region(path, writable=not readonly, lock=not readonly if lock is None else lock,
+                             noreserve=sparse_requested)
         try:
             self._open(readonly, crash, check_on_mount)
         except BaseException:
@@ -283,7 +302,8 @@ class Engine:
         self.alloc = BlockAllocator(t.bitmap, t.badmap, self.geometry.offsets["bitmap"],
                                     self.geometry.block_count, self.geometry.data_start_block,
                                     self.geometry.block_size,
-                                    backing=self.region if self.sparse and not self.readonly else None)
+                                    # (a remount to ro and back keeps it: the mapping is writable)
+                                    backing=self.region if self.sparse and self.region.writable else None)
         ih, eh, dh, bh, ph = (self.hwm[n] for n in TABLE_NAMES)
         kinds = t.inodes["kind"][:ih]
         self.free_slots = {
@@ -410,6 +430,50 @@ class Engine:
             if not handover:  # a successor maps the same memory: nothing to flush for it
                 self.region.sync()
         self.region.close()
+
+    # ---------------------------------------------------------------- remount
+    def check_remount_ro(self) -> None:
+        """What a switch to read-only needs (mount -o remount,ro): no process may hold a
+        read-write direct-access lease, because it writes the region past the engine
+        (as the kernel refuses with open files that are being written)."""
+        writers = self.leases.writers()
+        if writers:
+            raise FsError(errno.EBUSY, f"{len(writers)} file(s) are mapped read-write directly "
+                          f"(inode {writers[0]}): release the leases first")
+
+    def remount(self, readonly: bool) -> None:
+        """Switch a live engine between read-only and read-write (mount -o remount).
+
+        To read-only, as an unmount leaves the region: the superblock is marked clean and
+        the mapping written back (msync), so a killed daemon, a copy of the region or
+        fsck then see a clean filesystem; orphans stay until the next read-write mount
+        (the kernel may still have them open). Back to read-write, as a mount: marked
+        dirty. The mount generation does not change: it is the same mount. An engine
+        whose region is mapped read-only (mounted ro) cannot be switched here: the
+        daemon opens a read-write engine instead (daemon.Remounter)."""
+        if readonly == self.readonly:
+            return
+        if readonly:
+            self.check_remount_ro()
+            self.settle()
+            with self.transaction() as tx:
+                self._save_sb(tx)
+                self.sbv["state"] = STATE_CLEAN
+                self.sbv["last_umount_ns"] = time.time_ns()
+            self.region.sync()
+            self.readonly = True
+            return
+        if not self.region.writable:
+            raise FsError(errno.EROFS, "the region is mapped read-only")
+        self.readonly = False
+        try:
+            with self.transaction() as tx:
+                self._save_sb(tx)
+                self.sbv["state"] = STATE_DIRTY
+                self.sbv["last_mount_ns"] = time.time_ns()
+        except BaseException:
+            self.readonly = True
+            raise
 
     # ---------------------------------------------------------- transactions
     @contextmanager
@@ -574,6 +638,7 @@ class Engine:
         self._check_name(name)
         if name in d or name in (b".", b".."):
             raise FsError(errno.EEXIST)
+        self._refuse(parent, ATTR_IMMUTABLE)  # as may_create: no new names in it
         if int(self.I["nlink"][parent]) == 0:
             raise FsError(errno.ENOENT)  # a removed directory that is still open
         if not ((not inode or self._have_slots("inode", 1)) and self._have_slots("dirent", 1)):
@@ -594,8 +659,11 @@ class Engine:
             raise FsError(errno.EINVAL)
         if kind not in (KIND_CHR, KIND_BLK):
             rdev = 0
+        mode, acls = self._creation_acls(parent, fmt | (mode & 0o7777), ctx)
+        self._check_acl_slots(parent, acls, kind)
         with self.transaction() as tx:
-            ino = self._new_inode(tx, kind, fmt | (mode & 0o7777), ctx, parent, rdev)
+            ino = self._new_inode(tx, kind, mode, ctx, parent, rdev)
+            self._store_acls(tx, ino, acls)
             self._add_dirent(tx, parent, name, ino, kind)
             self._touch(tx, parent, m=True)
             self._note(tx, OP_MKNOD, ctx, parent, name, ino=ino)
@@ -609,8 +677,11 @@ class Engine:
         if made:
             return made
         self._prepare_create(parent, name)
+        mode, acls = self._creation_acls(parent, stat.S_IFDIR | (mode & 0o7777), ctx)
+        self._check_acl_slots(parent, acls, KIND_DIR)
         with self.transaction() as tx:
-            ino = self._new_inode(tx, KIND_DIR, stat.S_IFDIR | (mode & 0o7777), ctx, parent)
+            ino = self._new_inode(tx, KIND_DIR, mode, ctx, parent)
+            self._store_acls(tx, ino, acls)
             self._add_dirent(tx, parent, name, ino, KIND_DIR)
             self._touch(tx, parent, m=True)
             self.I["nlink"][parent] += 1
@@ -651,6 +722,7 @@ class Engine:
         self._check_ino(ino)
         if self.kind(ino) in (KIND_DIR, KIND_KOBJ):
             raise FsError(errno.EPERM)
+        self._refuse(ino, ATTR_IMMUTABLE | ATTR_APPEND)  # as vfs_link
         self._prepare_create(new_parent, new_name, inode=False, inherits=False)
         if int(self.I["nlink"][ino]) == 0:
             raise FsError(errno.ENOENT)
@@ -673,6 +745,7 @@ class Engine:
         if slot is None:
             raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
         ino = int(self.t.dirents["ino"][slot])
+        self._check_delete(parent, ino)
         if self.kind(ino) == KIND_DIR:
             raise FsError(errno.EISDIR)
         if int(self.I["flags"][ino]) & FLAG_PINNED:
@@ -699,6 +772,7 @@ class Engine:
         if slot is None:
             raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
         ino = int(self.t.dirents["ino"][slot])
+        self._check_delete(parent, ino)
         if self.kind(ino) != KIND_DIR:
             raise FsError(errno.ENOTDIR)
         if self.children[ino]:
@@ -713,6 +787,131 @@ class Engine:
             self._drop_dir(tx, ino, now)
             self._note(tx, OP_RMDIR, ctx, parent, name, ino=ino)
         self._maybe_reap(ino)
+
+    # ------------------------------------------------------------ chattr flags
+    def _refuse(self, ino: int, flags: int) -> None:
+        """EPERM when ino carries any of these chattr flags."""
+        if int(self.I["attr"][ino]) & flags:
+            raise FsError(errno.EPERM, "the inode is immutable or append-only (chattr)")
+
+    def _check_delete(self, parent: int, ino: int) -> None:
+        """may_delete's rules: no name leaves an immutable or append-only directory,
+        and an immutable or append-only inode keeps its names."""
+        self._refuse(parent, ATTR_IMMUTABLE | ATTR_APPEND)
+        self._refuse(ino, ATTR_IMMUTABLE | ATTR_APPEND)
+
+    def attr_flags(self, ino: int) -> int:
+        """The inode's FS_IOC_GETFLAGS flags."""
+        self._check_ino(ino)
+        return int(self.I["attr"][ino])
+
+    def set_attr_flags(self, ino: int, flags: int, ctx: Ctx = ROOT_CTX) -> Stat:
+        """FS_IOC_SETFLAGS, as tmpfs takes it: immutable, append-only, nodump and noatime
+        (anything else EOPNOTSUPP); the owner (or CAP_FOWNER) sets them, and changing
+        immutable or append-only needs CAP_LINUX_IMMUTABLE. The kernel checks both
+        before asking; they are checked again with the caller's full credentials."""
+        self._check_ino(ino)
+        if self.kind(ino) not in (KIND_REG, KIND_DIR, KIND_KOBJ):
+            raise FsError(errno.ENOTTY)
+        if flags & ~ATTR_KNOWN:
+            raise FsError(errno.EOPNOTSUPP)
+        who = creds.of(ctx)
+        if not creds.owner_or_capable(who, int(self.I["uid"][ino])):
+            raise FsError(errno.EPERM)
+        if (flags ^ int(self.I["attr"][ino])) & (ATTR_IMMUTABLE | ATTR_APPEND) \
+                and not who.capable(CAP_LINUX_IMMUTABLE):
+            raise FsError(errno.EPERM)
+        with self.transaction() as tx:
+            self._save_inode(tx, ino)
+            self.I["attr"][ino] = flags
+            self.I["ctime_ns"][ino] = time.time_ns()
+        return self.stat(ino)
+
+    def check_open(self, ino: int, flags: int) -> None:
+        """may_open's flag rules: an immutable inode is not opened for writing or
+        truncation; an append-only one only with O_APPEND, and never truncated."""
+        attr = int(self.I["attr"][ino])
+        if not attr & (ATTR_IMMUTABLE | ATTR_APPEND):
+            return
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if flags & os.O_TRUNC or (writing and (attr & ATTR_IMMUTABLE or not flags & os.O_APPEND)):
+            raise FsError(errno.EPERM, "the inode is immutable or append-only (chattr)")
+
+    # ------------------------------------------------------------ POSIX ACLs
+    def _acl(self, ino: int, name: bytes) -> list[acl.Entry] | None:
+        slot = self.xattrs.get(ino, {}).get(name) if self.acl else None
+        return None if slot is None else acl.parse(self._read_blob(slot)[1])
+
+    def _creation_acls(self, parent: int, mode: int, ctx: Ctx) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """A new inode's mode and ACLs (posix_acl_create): from the directory's default
+        ACL if it has one, else the mode less the caller's umask (the kernel leaves the
+        umask to us when ACLs are on: FUSE_DONT_MASK)."""
+        default = self._acl(parent, acl.DEFAULT)
+        if default is None:
+            return mode & ~(ctx.umask & 0o777), []
+        mode, access = acl.create(default, mode)
+        out = [] if acl.is_minimal(access) else [(acl.ACCESS, acl.encode(access))]
+        if stat.S_ISDIR(mode):
+            out.append((acl.DEFAULT, acl.encode(default)))
+        return mode, out
+
+    def _check_acl_slots(self, parent: int, acls: list[tuple[bytes, bytes]], kind: int) -> None:
+        """ENOSPC unless the blob table holds the inherited ACLs (and the policy)."""
+        if acls:
+            need = sum(self._blob_slots_needed(len(n), len(v)) for n, v in acls)
+            need += kind in (KIND_REG, KIND_DIR) and ALIGN_POLICY in self.xattrs.get(parent, ())
+            if not self._have_slots("blob", need):
+                raise FsError(errno.ENOSPC)
+
+    def _store_acls(self, tx: Transaction, ino: int, acls: list[tuple[bytes, bytes]]) -> None:
+        for name, value in acls:
+            self.xattrs.setdefault(ino, {})[name] = self._write_blob(tx, ino, BLOB_XATTR, name, value)
+
+    def _set_acl(self, ino: int, name: bytes, value: bytes, ctx: Ctx) -> None:
+        """setxattr of an ACL: store it unless the mode says it all, and keep the mode
+        in step (posix_acl_update_mode: the owner, mask and other entries become the
+        mode's bits; S_ISGID goes unless the caller is in the group or has CAP_FSETID)."""
+        kind = self.kind(ino)
+        if kind == KIND_SYMLINK:
+            raise FsError(errno.EOPNOTSUPP)
+        if name == acl.DEFAULT and kind != KIND_DIR:
+            raise FsError(errno.EACCES)
+        try:
+            entries = acl.parse(value)
+        except acl.AclError as e:
+            raise FsError(e.errno, str(e)) from None
+        who = creds.of(ctx)
+        if not creds.owner_or_capable(who, int(self.I["uid"][ino])):
+            raise FsError(errno.EPERM)
+        mode = int(self.I["mode"][ino])
+        keep = True
+        if name == acl.ACCESS:
+            mode = (mode & ~0o777) | acl.mode_bits(entries)
+            if not who.in_group(int(self.I["gid"][ino])) and not who.capable(CAP_FSETID):
+                mode &= ~stat.S_ISGID
+            keep = not acl.is_minimal(entries)
+        value = acl.encode(entries)
+        old = self.xattrs.get(ino, {}).get(name)
+        freed = self._blob_chain_length(old) if old is not None else 0
+        if keep and not self._have_slots("blob", self._blob_slots_needed(len(name), len(value)) - freed):
+            raise FsError(errno.ENOSPC)
+        with self.transaction() as tx:
+            if old is not None:
+                self._free_blob(tx, old)
+                del self.xattrs[ino][name]
+            if keep:
+                self.xattrs.setdefault(ino, {})[name] = self._write_blob(tx, ino, BLOB_XATTR, name, value)
+            self._touch(tx, ino)
+            self.I["mode"][ino] = mode
+
+    def _chmod_acl(self, tx: Transaction, ino: int, mode: int) -> None:
+        """posix_acl_chmod: a chmod rewrites the access ACL's owner, mask and other."""
+        entries = self._acl(ino, acl.ACCESS)
+        if entries is None:
+            return
+        attrs = self.xattrs[ino]
+        self._free_blob(tx, attrs[acl.ACCESS])  # the same size again: always fits
+        attrs[acl.ACCESS] = self._write_blob(tx, ino, BLOB_XATTR, acl.ACCESS, acl.encode(acl.chmod(entries, mode)))
 
     def _drop_link(self, tx: Transaction, ino: int, now: int) -> None:
         self._touch(tx, ino, now=now)
@@ -744,7 +943,8 @@ class Engine:
         if self._done_before(OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags):
             return
         od, nd = self._dir(old_parent), self._dir(new_parent)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
             raise FsError(errno.EINVAL)
         self._check_name(new_name)
         if old_name in (b".", b"..") or new_name in (b".", b".."):
@@ -759,6 +959,14 @@ class Engine:
             raise FsError(errno.EBUSY)  # kernel objects and /.kernel stay where they are
         if int(self.I["flags"][new_parent]) & FLAG_PINNED or int(self.I["flags"][old_parent]) & FLAG_PINNED:
             raise FsError(errno.EPERM)
+        # chattr flags, as the VFS's may_delete / may_create check them (after its
+        # "two names of one inode: nothing to do")
+        if src != dst:
+            self._check_delete(old_parent, src)
+            if dst:
+                self._check_delete(new_parent, dst)
+            else:
+                self._refuse(new_parent, ATTR_IMMUTABLE)
         src_dir = self.kind(src) == KIND_DIR
         dst_dir = bool(dst) and self.kind(dst) == KIND_DIR
         if flags & RENAME_EXCHANGE:
@@ -789,6 +997,15 @@ class Engine:
                 raise FsError(errno.EBUSY, "the file replaced is mapped directly (leased)")
         if src_dir and self._is_ancestor(src, new_parent):
             raise FsError(errno.EINVAL)
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        # The whiteout needs an inode and an entry (a replaced target frees one entry
+        # in the same transaction). No capability is needed: Linux 5.8 and later let
+        # anyone make a whiteout (tmpfs does), the kernel checks the directories.
+        if whiteout:
+            if not (self._have_slots("inode", 1) and (dst or self._have_slots("dirent", 1))):
+                raise FsError(errno.ENOSPC)
+            wo_mode, wo_acls = self._creation_acls(old_parent, stat.S_IFCHR, ctx)  # as tmpfs: a default ACL applies
+            self._check_acl_slots(old_parent, wo_acls, KIND_CHR)
         with self.transaction() as tx:
             now = time.time_ns()
             if dst:
@@ -807,6 +1024,12 @@ class Engine:
                 self.I["nlink"][old_parent] -= 1
                 self.I["nlink"][new_parent] += 1
                 self.I["parent"][src] = new_parent
+            if whiteout:
+                wo = self._new_inode(tx, KIND_CHR, wo_mode, ctx, old_parent, rdev=0)
+                self._store_acls(tx, wo, wo_acls)
+                self._add_dirent(tx, old_parent, old_name, wo, KIND_CHR)
+            # The record keeps a resent whiteout rename from moving the whiteout itself
+            # over the file it has just renamed.
             self._note(tx, OP_RENAME, ctx, old_parent, old_name, new_parent, new_name, flags=flags)
         if dst:
             self._maybe_reap(dst)
@@ -883,6 +1106,8 @@ class Engine:
         self._maybe_reap(ino)
 
     def _maybe_reap(self, ino: int) -> None:
+        if self.readonly:
+            return  # remounted read-only: the orphan stays, the next read-write mount frees it
         if ino < len(self.inherited) and self.inherited[ino]:
             return  # the kernel may hold it with a count we never saw: the next fresh mount frees it
         if (not self.refs.get(ino) and self._exists(ino)
@@ -1173,6 +1398,12 @@ class Engine:
         n = len(data)
         if n == 0:
             return 0
+        attr = int(self.I["attr"][ino])
+        # Immutable: no write, even through a descriptor opened before (as ext4; tmpfs
+        # lets those through). Append-only: bytes are only ever added, so a descriptor
+        # that lost O_APPEND (fcntl) cannot overwrite either.
+        if attr & ATTR_IMMUTABLE or (attr & ATTR_APPEND and offset < int(self.I["size"][ino])):
+            raise FsError(errno.EPERM, "the file is immutable or append-only (chattr)")
         if offset < 0:
             raise FsError(errno.EINVAL)
         if offset + n > self.max_file_size:
@@ -1312,7 +1543,7 @@ class Engine:
         if offset >= fsize or size <= 0:
             return b""
         end = min(fsize, offset + size)
-        self._relatime(ino)
+        self.touch_atime(ino)
         if ino in self.packer.packed:
             covered, base = self.packer.covered(ino), self.packer.address(ino)
             if end <= covered:
@@ -1345,12 +1576,18 @@ class Engine:
                 pos = run_end
         return bytes(out)
 
-    def _relatime(self, ino: int) -> None:
-        if self.readonly or self.noatime:
+    def touch_atime(self, ino: int) -> None:
+        """An access (a read, a directory listing, a symlink followed): update atime as
+        the mount's atime options say (the kernel's touch_atime and relatime rule), unless
+        the file has the chattr noatime flag."""
+        if self.readonly or self.atime == "noatime" or int(self.I["attr"][ino]) & ATTR_NOATIME:
+            return
+        if self.nodiratime and int(self.I["kind"][ino]) == KIND_DIR:
             return
         at = int(self.I["atime_ns"][ino])
         now = time.time_ns()
-        if at <= int(self.I["mtime_ns"][ino]) or at <= int(self.I["ctime_ns"][ino]) or now - at > RELATIME_NS:
+        if (self.atime == "strictatime" or at <= int(self.I["mtime_ns"][ino])
+                or at <= int(self.I["ctime_ns"][ino]) or now - at > RELATIME_NS):
             with self.transaction() as tx:
                 self._save_inode(tx, ino)
                 self.I["atime_ns"][ino] = now
@@ -1367,6 +1604,7 @@ class Engine:
             raise FsError(errno.EINVAL)
         if size > self.max_file_size:
             raise FsError(errno.EFBIG)
+        self._refuse(ino, ATTR_IMMUTABLE | ATTR_APPEND)  # as do_truncate (ext4 also for old descriptors)
         if int(self.I["flags"][ino]) & FLAG_PINNED:
             raise FsError(errno.EBUSY)
         fm = self.maps.get(ino)
@@ -1398,8 +1636,16 @@ class Engine:
 
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Stat:
+                mtime_ns: int | None = None, ctime_ns: int | None = None,
+                times_now: bool = False) -> Stat:
+        """times_now: the times asked for are "now" (touch), which an append-only
+        inode allows (notify_change); explicit times, mode and owner it refuses."""
         self._check_ino(ino)
+        attr = int(self.I["attr"][ino])
+        if attr & ATTR_IMMUTABLE or (attr & ATTR_APPEND and (
+                mode is not None or uid is not None or gid is not None
+                or (not times_now and (atime_ns is not None or mtime_ns is not None)))):
+            raise FsError(errno.EPERM, "the inode is immutable or append-only (chattr)")
         if size is not None:
             self._check_truncate(ino, size)
         if (mode is not None or uid is not None or gid is not None) and int(self.I["flags"][ino]) & FLAG_PINNED:
@@ -1411,6 +1657,7 @@ class Engine:
                 self._truncate(tx, ino, size)
             if mode is not None:
                 self.I["mode"][ino] = (int(self.I["mode"][ino]) & stat.S_IFMT(0o177777)) | (mode & 0o7777)
+                self._chmod_acl(tx, ino, mode)
             if uid is not None:
                 self.I["uid"][ino] = uid
             if gid is not None:
@@ -1446,7 +1693,7 @@ class Engine:
         """EACCES unless `who` has `mask` (creds.R|W|X) on ino, as the kernel decides:
         for work the kernel cannot check for us (control commands)."""
         if not creds.permitted(who, int(self.I["mode"][ino]), int(self.I["uid"][ino]),
-                               int(self.I["gid"][ino]), mask):
+                               int(self.I["gid"][ino]), mask, self._acl(ino, acl.ACCESS)):
             raise FsError(errno.EACCES)
 
     def opendir(self, ino: int) -> None:
@@ -1539,8 +1786,8 @@ class Engine:
         if not name or len(name) > NAME_MAX:
             raise FsError(errno.ERANGE)
         ns, dot, rest = name.partition(b".")
-        if not dot or ns not in (b"user", b"trusted", b"security"):
-            raise FsError(errno.EOPNOTSUPP)
+        if not dot or (ns not in (b"user", b"trusted", b"security") and name not in acl.NAMES):
+            raise FsError(errno.EOPNOTSUPP)  # system.*: only the two ACLs
         if not rest:
             raise FsError(errno.EINVAL)
         return ns
@@ -1557,9 +1804,14 @@ class Engine:
         if flags & XATTR_CREATE and self._done_before(OP_SETXATTR, ctx, ino, name):
             return
         self._check_ino(ino)
+        self._refuse(ino, ATTR_IMMUTABLE | ATTR_APPEND)  # xattr_permission, before anything
         self._check_xattr_name(name, ctx, self.kind(ino))
         if len(value) > XATTR_VALUE_MAX:
             raise FsError(errno.E2BIG)
+        if name in acl.NAMES:
+            if not self.acl:
+                raise FsError(errno.EOPNOTSUPP)
+            return self._set_acl(ino, name, value, ctx)
         attrs = self.xattrs.get(ino, {})
         old = attrs.get(name)
         if flags & XATTR_CREATE and old is not None:
@@ -1579,7 +1831,7 @@ class Engine:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._check_ino(ino)
-        self._check_xattr_ns(name)
+        self._check_xattr_ns(name)  # a stored ACL reads back even where ACLs are off
         slot = self.xattrs.get(ino, {}).get(name)
         if slot is None:
             raise FsError(errno.ENODATA)
@@ -1593,7 +1845,13 @@ class Engine:
         if self._done_before(OP_REMOVEXATTR, ctx, ino, name):
             return
         self._check_ino(ino)
+        self._refuse(ino, ATTR_IMMUTABLE | ATTR_APPEND)
         self._check_xattr_name(name, ctx, self.kind(ino))
+        if name in acl.NAMES:
+            if not self.acl:
+                raise FsError(errno.EOPNOTSUPP)
+            if not creds.owner_or_capable(creds.of(ctx), int(self.I["uid"][ino])):
+                raise FsError(errno.EPERM)  # as set_posix_acl (the mode stays as it is)
         attrs = self.xattrs.get(ino, {})
         slot = attrs.get(name)
         if slot is None:

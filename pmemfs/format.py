@@ -18,7 +18,7 @@ import numpy as np
 
 MAGIC = b"PMEMFSSB"
 VERSION_MAJOR = 1
-VERSION_MINOR = 1  # 1.1: the reply record (docs/FORMAT.md)
+VERSION_MINOR = 2  # 1.1: the reply record; 1.2: inode.attr, the chattr flags (docs/FORMAT.md)
 
 SB_SLOT = 4096  # bytes reserved for one superblock copy
 SB_STRUCT = 512  # bytes of it that are defined; the rest is zero
@@ -119,6 +119,13 @@ FLAG_TRUNCATING = 0x2  # blocks beyond size are being freed in several transacti
 FLAG_PINNED = 0x4  # kernel object: blocks never move, unlink/truncate get EBUSY
 FLAGS_KNOWN = FLAG_ORPHAN | FLAG_TRUNCATING | FLAG_PINNED
 
+# chattr flags (inode.attr, version 1.2): the FS_IOC_GETFLAGS bits, as their values.
+ATTR_IMMUTABLE = 0x10  # FS_IMMUTABLE_FL: no change of data, metadata or names
+ATTR_APPEND = 0x20  # FS_APPEND_FL: data only added at the end; never removed or renamed
+ATTR_NODUMP = 0x40  # FS_NODUMP_FL: stored only (for dump(8))
+ATTR_NOATIME = 0x80  # FS_NOATIME_FL: reads leave atime alone
+ATTR_KNOWN = ATTR_IMMUTABLE | ATTR_APPEND | ATTR_NODUMP | ATTR_NOATIME
+
 # Blob kinds (blob.kind): blobs hold xattrs and symlink targets.
 BLOB_FREE = 0
 BLOB_XATTR = 1
@@ -156,7 +163,7 @@ SUPERBLOCK_DTYPE = np.dtype([
 assert SUPERBLOCK_DTYPE.itemsize == SB_STRUCT, SUPERBLOCK_DTYPE.itemsize
 
 INODE_DTYPE = np.dtype([
-    ("kind", "u1"), ("reserved0", "u1"), ("flags", "<u2"), ("mode", "<u4"),
+    ("kind", "u1"), ("attr", "u1"), ("flags", "<u2"), ("mode", "<u4"),
     ("uid", "<u4"), ("gid", "<u4"),
     ("nlink", "<u4"), ("generation", "<u4"),
     ("size", "<u8"),

@@ -7,11 +7,14 @@ whole session.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
+import struct
 import threading
+import time
 from collections.abc import Callable
 
 import pyfuse3
@@ -19,6 +22,7 @@ import trio
 
 from . import control, creds, holes, session
 from .engine import Ctx, Engine, FsError, Stat
+from .format import ATTR_APPEND, ATTR_IMMUTABLE, ATTR_NOATIME, ATTR_NODUMP
 from .pagecache import DirectWriters
 
 log = logging.getLogger("pmemfs.fuse")
@@ -34,6 +38,17 @@ ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
 # write, and it also writes dirty pages of a shared mapping back under an O_APPEND
 # handle, which must land at their own offsets.
 FH_DIRECT = 1 << 63
+# The ioctls that carry chattr flags (the kernel's fuse_fileattr_get/set send them).
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS = 0x80046601, 0x40046602
+FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
+FSXATTR = struct.Struct("<IIIII8x")  # xflags, extsize, nextents, projid, cowextsize
+FUSE_IOCTL_UNRESTRICTED = 2
+# FS_XFLAG_* of the flags we keep, and the FS_*_FL they stand for.
+XFLAGS = {0x8: ATTR_IMMUTABLE, 0x10: ATTR_APPEND, 0x40: ATTR_NOATIME, 0x80: ATTR_NODUMP}
+# pyfuse3 turns FATTR_ATIME_NOW/MTIME_NOW (touch) into the current time; a time this
+# close to it is taken as "now" (an append-only inode allows those, not others).
+NOW_SLACK_NS = 1_000_000_000
 
 
 def handler(fn: Callable) -> Callable:
@@ -85,7 +100,7 @@ async def _logged(fn: Callable, name: str, self, args: tuple):
 
 
 def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
-    return Ctx(ctx.uid, ctx.gid, ctx.pid)
+    return Ctx(ctx.uid, ctx.gid, ctx.pid, umask=ctx.umask)
 
 
 def _settle_after_reply(engine: Engine) -> None:
@@ -182,11 +197,15 @@ class Operations(pyfuse3.Operations):
             kw["mtime_ns"] = attr.st_mtime_ns
         if fields.update_ctime:
             kw["ctime_ns"] = attr.st_ctime_ns
-        return self.attrs(self.engine.setattr(inode, **kw))
+        now = time.time_ns()
+        times_now = all(abs(kw[k] - now) < NOW_SLACK_NS for k in ("atime_ns", "mtime_ns") if k in kw)
+        return self.attrs(self.engine.setattr(inode, times_now=times_now, **kw))
 
     @handler
     async def readlink(self, inode, ctx):
-        return self.engine.readlink(inode)
+        target = self.engine.readlink(inode)
+        self.engine.touch_atime(inode)  # following a link accesses it, as on tmpfs
+        return target
 
     @replying
     @handler
@@ -238,6 +257,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode, flags, ctx):
+        self.engine.check_open(inode, flags)  # chattr +i / +a (the kernel cannot know them)
         if flags & os.O_TRUNC:
             # Also when already empty: an O_TRUNC open updates mtime and ctime (as tmpfs).
             self.engine.setattr(inode, size=0)
@@ -313,6 +333,9 @@ class Operations(pyfuse3.Operations):
             # One listing per pass over the directory; later calls resume by cookie.
             snapshot = self.engine.readdir(ino)
             self.dir_handles[fh] = (ino, snapshot)
+        # Every getdents reads the directory (iterate_dir's file_accessed): the kernel
+        # leaves atime to us, under the mount's atime options.
+        self.engine.touch_atime(ino)
         i = _after(snapshot, start_id)
         engine = self.engine
         for cookie, name, child in snapshot[i:]:
@@ -387,8 +410,69 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------- handlers pyfuse3 does not have
     def low_level_handlers(self) -> dict[str, Callable]:
-        """fallocate and lseek, installed into libfuse's session by session.py."""
-        return {"fallocate": self._fallocate, "lseek": self._lseek}
+        """fallocate, lseek and ioctl, installed into libfuse's session by session.py."""
+        return {"fallocate": self._fallocate, "lseek": self._lseek, "ioctl": self._ioctl}
+
+    def negotiate(self, conn: session.ConnInfo) -> None:
+        """At FUSE_INIT, after pyfuse3's own init: POSIX ACLs, enforced by the kernel,
+        with the umask left to us (FUSE_DONT_MASK), so that a default ACL can replace
+        it as on tmpfs. Both or neither."""
+        try:
+            both = session.FUSE_CAP_POSIX_ACL | session.FUSE_CAP_DONT_MASK
+            if conn.capable & both == both:
+                conn.want |= both
+            self.engine.acl = conn.want & both == both
+        except Exception:
+            log.exception("negotiating POSIX ACLs failed")
+
+    def _ioctl(self, req: int, ino: int, cmd: int, _arg, _fi, flags: int, in_buf: int | None,
+               in_size: int, out_size: int) -> None:
+        """chattr flags (FS_IOC_GETFLAGS/SETFLAGS, and FS_IOC_FSGETXATTR/FSSETXATTR, as
+        the kernel's fileattr calls send them); any other ioctl is ENOTTY, as on tmpfs."""
+        out: list[bytes] = []
+        engine = self.engine
+
+        def run() -> None:
+            data = _in_bytes(in_buf, in_size)
+            if flags & FUSE_IOCTL_UNRESTRICTED:
+                raise FsError(errno.ENOTTY)
+            if cmd in (FS_IOC_GETFLAGS, FS_IOC32_GETFLAGS):
+                out.append(struct.pack("<I", engine.attr_flags(ino))[:out_size])
+            elif cmd in (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS):
+                if len(data) < 4:
+                    raise FsError(errno.EINVAL)
+                self._set_flags(req, ino, struct.unpack_from("<I", data)[0])
+            elif cmd == FS_IOC_FSGETXATTR:
+                attr = engine.attr_flags(ino)
+                xflags = sum(x for x, a in XFLAGS.items() if attr & a)
+                out.append(FSXATTR.pack(xflags, 0, 0, 0, 0)[:out_size])
+            elif cmd == FS_IOC_FSSETXATTR:
+                if len(data) < FSXATTR.size:
+                    raise FsError(errno.EINVAL)
+                xflags, extsize, _nextents, projid, cowextsize = FSXATTR.unpack_from(data)
+                if xflags & ~sum(XFLAGS) or extsize or projid or cowextsize:
+                    raise FsError(errno.EOPNOTSUPP)  # as tmpfs: none of XFS's extras
+                self._set_flags(req, ino, sum(a for x, a in XFLAGS.items() if xflags & x))
+            else:
+                raise FsError(errno.ENOTTY)
+
+        err = _sync_call("ioctl", (ino, cmd), run)
+        if err:
+            session.reply_err(req, err)
+        else:
+            session.reply_ioctl(req, out[0] if out else b"")
+
+    def _set_flags(self, req: int, ino: int, flags: int) -> None:
+        c = session.request_context(req)
+        self.engine.set_attr_flags(ino, flags, Ctx(c.uid, c.gid, c.pid))
+        # The ctime changed, and the kernel keeps attributes for 300 s: drop them before
+        # answering. Attributes only: the kernel waits for nothing of ours to do that.
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except FileNotFoundError:
+            pass  # not cached
+        except OSError:  # the flags are set: a stale ctime is no reason to fail
+            log.exception("invalidating the attributes of inode %d failed", ino)
 
     def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi) -> None:
         session.reply_err(req, _sync_call("fallocate", (ino, mode, offset, length),
@@ -418,6 +502,11 @@ def _sync_call(name: str, args: tuple, fn: Callable[[], object]) -> int:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s%s -> %s", name, _brief(args), os.strerror(err) if err else "ok")
     return err
+
+
+def _in_bytes(address: int | None, size: int) -> bytes:
+    """The input buffer of a low-level request (a C pointer and a size)."""
+    return ctypes.string_at(address, size) if address and size else b""
 
 
 def _drop_cached_pages(ino: int) -> None:

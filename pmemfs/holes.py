@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .engine import FsError
-from .format import FLAG_PINNED, KIND_KOBJ
+from .format import ATTR_APPEND, ATTR_IMMUTABLE, FLAG_PINNED, KIND_KOBJ
 
 if TYPE_CHECKING:
     from .engine import Engine, FileMap
@@ -44,6 +44,9 @@ def fallocate(e: Engine, ino: int, mode: int, offset: int, length: int) -> None:
         raise FsError(errno.EOPNOTSUPP)  # as the kernel: PUNCH_HOLE needs KEEP_SIZE, alone
     if offset < 0 or length <= 0:
         raise FsError(errno.EINVAL)
+    attr = int(e.I["attr"][ino])  # chattr flags, as vfs_fallocate checks them
+    if attr & ATTR_IMMUTABLE or (attr & ATTR_APPEND and mode & ~FALLOC_FL_KEEP_SIZE):
+        raise FsError(errno.EPERM)
     if e.readonly:
         raise FsError(errno.EROFS)
     if kind == KIND_KOBJ or int(e.I["flags"][ino]) & FLAG_PINNED:

@@ -158,6 +158,11 @@ class Leases:
     def holders(self, ino: int) -> list[Lease]:
         return list(self._live(ino).values())
 
+    def writers(self) -> list[int]:
+        """Inodes a live process holds a read-write lease on."""
+        return [ino for ino in list(self._by_ino)
+                if any(lease.mode == "rw" for lease in self._live(ino).values())]
+
     def forget(self, ino: int) -> None:
         """The inode is gone (or reused): drop whatever leases it had."""
         if self._by_ino.pop(ino, None) is not None:

@@ -13,12 +13,90 @@ from dataclasses import dataclass
 from .region import lock_holder
 
 READAHEAD_KB = 1024  # sequential reads then arrive as 1 MiB requests
-MOUNT_OPTIONS_ALLOWED = {"allow_other", "allow_root", "ro", "noatime", "debug", "sync", "prefault",
-                         "live"}
+# Pairs of contradicting options, the one kept in the resolved set first: the second is
+# the default (rw, nosuid, nodev, exec, diratime, async).
+OPTION_PAIRS = {"ro": "rw", "suid": "nosuid", "dev": "nodev", "noexec": "exec", "nodiratime": "diratime",
+                "sync": "async"}
+ATIME_OPTIONS = {"relatime", "strictatime", "noatime", "atime"}
+DAEMON_OPTIONS = {"allow_other", "allow_root", "debug", "prefault", "force"}  # and live=on|off
+# What mount(8), mount.fuse3 and fstab pass along that concerns nothing here, with the
+# FUSE superblock's own options, which mount(8) hands back at a remount.
+PASSED_ALONG = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "nofail", "_netdev",
+                "default_permissions", "remount"}
+PASSED_ALONG_KEYS = {"user_id", "group_id", "fsname", "subtype", "rootmode", "fd", "max_read", "blksize"}
+MOUNT_OPTIONS_ALLOWED = (set(OPTION_PAIRS) | set(OPTION_PAIRS.values()) | ATIME_OPTIONS | DAEMON_OPTIONS
+                         | PASSED_ALONG | PASSED_ALONG_KEYS | {"live"})
 
 
 class MountFailed(Exception):
     """One line for a person."""
+
+
+class OptionError(MountFailed):
+    """A mount option that is unknown, or that cannot be had here."""
+
+
+def resolve_options(words, base=()) -> set[str]:
+    """Mount options as mount(8) reads them: of two contradicting words the later wins
+    (ro after rw, noatime after relatime), starting from `base` (a resolved set).
+    Returns the options that differ from the defaults (rw, nosuid, nodev, exec, relatime,
+    diratime), plus the daemon's own (allow_other, sync, prefault, live=off, ...)."""
+    opts = set(base)
+    unknown = []
+    for word in words:
+        word = word.strip()
+        key = word.split("=", 1)[0]
+        if not word or word in PASSED_ALONG or key in PASSED_ALONG_KEYS:
+            continue
+        pair = next(((k, v) for k, v in OPTION_PAIRS.items() if word in (k, v)), None)
+        if pair:
+            opts.discard(pair[0])
+            if word == pair[0]:
+                opts.add(word)
+        elif word in ATIME_OPTIONS:
+            # atime only undoes noatime: Linux's default mode is relatime.
+            opts -= {"noatime"} if word == "atime" else {"noatime", "strictatime"}
+            if word in ("noatime", "strictatime"):
+                opts.add(word)
+        elif word in DAEMON_OPTIONS:
+            opts.add(word)
+        elif word in ("live=on", "live=off"):
+            opts -= {"live=off"}
+            if word == "live=off":
+                opts.add(word)
+        else:
+            unknown.append(word)
+    if unknown:
+        raise OptionError(f"unknown mount option(s): {', '.join(unknown)}")
+    return opts
+
+
+def check_privilege(options: set[str]) -> None:
+    """dev and suid are root's: fusermount3 mounts nodev,nosuid for everyone else."""
+    asked = sorted(options & {"dev", "suid"})
+    if asked and os.geteuid() != 0:
+        raise MountFailed(f"-o {','.join(asked)} needs root: a mount by another user is always "
+                          "nodev,nosuid (fusermount3)")
+
+
+def kernel_options_at(mountpoint: str) -> set[str] | None:
+    """The mount's own flags at `mountpoint` (absolute, as mountinfo spells it), in
+    resolve_options' form; None when no pmemfs is mounted there. Read from mountinfo,
+    never by a stat: the mount may be dead or not yet served."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 6 and right.split()[:1] == ["fuse.pmemfs"] and _unescape(fields[4]) == mountpoint:
+                found = fields[5].split(",")
+    if found is None:
+        return None
+    out = {w for w in ("ro", "noexec", "noatime", "nodiratime") if w in found}
+    out |= {w for w in ("suid", "dev") if "no" + w not in found}
+    if "noatime" not in found and "relatime" not in found:
+        out.add("strictatime")
+    return out
 
 
 @dataclass
@@ -204,11 +282,109 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
         raise MountFailed(f"{mountpoint}: no pmemfs is mounted there")
     region = entry.source
     stale = is_stale(mountpoint)
+    pids = [] if stale else _serving_pids(os.path.realpath(mountpoint))
     fusermount(mountpoint, lazy=stale)
     deadline = time.monotonic() + timeout
-    while region_holder(region):
+    # This mount's daemon (and supervisor) when they say who they are: read-only mounts
+    # share a region's lock, so another mount's daemon may hold it too.
+    while any(_alive(p) for p in pids) if pids else region_holder(region):
         if time.monotonic() > deadline:
             raise MountFailed(f"{mountpoint}: unmounted, but the daemon still holds {region} "
                               f"after {timeout:.0f} s")
         time.sleep(0.01)
     return region
+
+
+def remount(mountpoint: str, words: list[str]) -> str:
+    """mount -o remount: change the mount's flags (ro/rw, atime, dev, suid, exec) and the
+    daemon with them. Returns the mount's flags afterwards, as mountinfo shows them.
+
+    The kernel's side is MS_REMOUNT; the daemon is told through its supervisor (or its
+    own socket, --single). The order keeps every write either refused by the kernel or
+    served: to read-only, the kernel first (it refuses with EBUSY while a file is open
+    for writing), then the daemon (marks the region clean); to read-write, the daemon
+    first. A step that fails undoes the one before it.
+    """
+    from .supervisor import REMOUNTABLE, SupervisorError, ask_daemon, kernel_remount
+
+    if pmemfs_mount_at(mountpoint) is None:
+        raise MountFailed(f"{mountpoint}: no pmemfs is mounted there")
+    if os.geteuid() != 0:
+        raise MountFailed(f"{mountpoint}: remount needs root (fusermount3 cannot remount)")
+    real = os.path.realpath(mountpoint)
+    try:
+        status = ask_daemon(real, {"verb": "status"}, timeout=30.0)
+    except (SupervisorError, OSError, ValueError) as e:
+        raise MountFailed(f"{mountpoint}: cannot reach the daemon: {e}") from None
+    kernel = kernel_options_at(real) or set()
+    before = (set(status.get("options", ())) - REMOUNTABLE) | kernel
+    after = resolve_options([w for w in words if w.split("=")[0] not in ("live", "force")], base=before)
+    fixed = (before ^ after) - REMOUNTABLE
+    if fixed:
+        raise OptionError(f"{mountpoint}: {', '.join(sorted(fixed))} cannot change at a remount "
+                          "(unmount and mount again)")
+    to_ro, to_rw = "ro" in after - before, "ro" in before - after
+
+    def tell(options: set[str], check: bool = False) -> None:
+        try:
+            a = ask_daemon(real, {"verb": "remount", "options": sorted(options), "check": check})
+        except (SupervisorError, OSError, ValueError) as e:
+            raise MountFailed(f"{mountpoint}: cannot reach the daemon: {e}") from None
+        if not a.get("ok"):
+            raise MountFailed(f"{mountpoint}: cannot remount: {a.get('error', 'the daemon refused')}")
+
+    def kernel_to(options: set[str]) -> None:
+        try:
+            kernel_remount(real, options)
+        except OSError as e:
+            hint = " (a file is open for writing)" if e.errno == errno.EBUSY else ""
+            raise MountFailed(f"{mountpoint}: cannot remount: {e.strerror}{hint}") from None
+
+    if to_ro:
+        tell(after, check=True)  # e.g. no read-write direct mapping, before the kernel
+    if to_rw:
+        tell(after)
+    try:
+        kernel_to(after)
+    except MountFailed:
+        if to_rw:
+            tell(before)
+        raise
+    if not to_rw:
+        try:
+            tell(after)
+        except MountFailed:
+            if to_ro:
+                kernel_to(before)
+            raise
+    return _mount_flags_text(real)
+
+
+def _mount_flags_text(real: str) -> str:
+    text = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and _unescape(fields[4]) == real:
+                text = fields[5]
+    return text
+
+
+def _serving_pids(real: str) -> list[int]:
+    from .supervisor import SupervisorError, ask_daemon
+
+    try:
+        s = ask_daemon(real, {"verb": "status"}, timeout=5.0)
+    except (SupervisorError, OSError, ValueError):
+        return []
+    return [p for p in (s.get("daemon_pid"), s.get("supervisor_pid")) if isinstance(p, int)]
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie has exited: its parent has not asked yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")

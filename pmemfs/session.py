@@ -22,13 +22,15 @@ before use:
 - FUSE_NOTIFY_RESEND (kernel 6.9+), which moves the requests a dead daemon had read
   but not answered back to the queue; refused with EINVAL by older kernels.
 
-The second use is handlers pyfuse3 does not have (fallocate, lseek): libfuse
+The second use is handlers pyfuse3 does not have (fallocate, lseek, ioctl): libfuse
 dispatches each request through the copy of the operations table it keeps in the
 session, and pyfuse3 leaves those slots NULL. `install_operations` finds that copy
 without knowing the session's layout: it is byte for byte pyfuse3's own `fuse_ops`
 table (another symbol of pyfuse3's object), so it searches the session for those bytes,
 checks that the match is unique and that the slots it fills are still NULL, and only
 then writes the function pointers. Anything unexpected leaves the session untouched.
+The same table's `init` slot is wrapped (pyfuse3's own init runs first) when the
+daemon needs to ask for capabilities pyfuse3 does not know (FUSE_DONT_MASK).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ SESSION_SYMBOL = b"__pyx_v_7pyfuse3_session"
 OPS_SYMBOL = b"__pyx_v_7pyfuse3_fuse_ops"
 # struct fuse_lowlevel_ops of libfuse 3.x: 44 function pointers; the slots we fill.
 OPS_SLOTS = 44
-OPS_INDEX = {"fallocate": 40, "lseek": 43}
+OPS_INDEX = {"init": 0, "ioctl": 34, "fallocate": 40, "lseek": 43}
+FUSE_CAP_DONT_MASK = 1 << 6
+FUSE_CAP_POSIX_ACL = 1 << 19
 
 
 class SessionError(Exception):
@@ -108,6 +112,8 @@ def _libfuse() -> ctypes.PyDLL:
     lib.fuse_reply_err.restype = ctypes.c_int
     lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fuse_reply_lseek.restype = ctypes.c_int
+    lib.fuse_reply_ioctl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    lib.fuse_reply_ioctl.restype = ctypes.c_int
     lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
     lib.fuse_req_ctx.restype = ctypes.POINTER(RequestContext)
     return lib
@@ -127,11 +133,26 @@ class FileInfo(ctypes.Structure):
                 ("fh", ctypes.c_uint64)]
 
 
+class ConnInfo(ctypes.Structure):
+    """struct fuse_conn_info of libfuse 3.x (fuse_common.h), as far as `want`."""
+
+    _fields_ = [("proto_major", ctypes.c_uint), ("proto_minor", ctypes.c_uint),
+                ("max_write", ctypes.c_uint), ("max_read", ctypes.c_uint),
+                ("max_readahead", ctypes.c_uint), ("capable", ctypes.c_uint), ("want", ctypes.c_uint)]
+
+
 # The C signatures of the handlers we add (fuse_lowlevel.h).
 FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
                              ctypes.c_int64, ctypes.POINTER(FileInfo))
 LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int,
                          ctypes.POINTER(FileInfo))
+# ioctl: `unsigned int cmd` from FUSE_USE_VERSION 35 on (int before: the same bits).
+IOCTL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint, ctypes.c_void_p,
+                         ctypes.POINTER(FileInfo), ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t,
+                         ctypes.c_size_t)
+INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ConnInfo))
+# pyfuse3's own init, called from ours: it runs Python code, so the GIL must stay held.
+_PY_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ConnInfo))
 _installed: list = []  # the C callbacks must live as long as the session
 
 
@@ -238,13 +259,17 @@ def find_session_ops(se: int, search: int = 4096) -> int:
     return se + at
 
 
-def install_operations(fd: int, handlers: dict[str, Callable]) -> list[str]:
-    """Give pyfuse3's session handlers it lacks: {"fallocate": f, "lseek": g}.
+def install_operations(fd: int, handlers: dict[str, Callable],
+                       after_init: Callable[[ConnInfo], None] | None = None) -> list[str]:
+    """Give pyfuse3's session handlers it lacks: {"fallocate": f, "lseek": g, "ioctl": h}.
 
-    fallocate(req, ino, mode, offset, length, fi) and lseek(req, ino, off, whence, fi)
-    are called synchronously while libfuse processes the request, with the GIL; each
-    must reply (reply_err / reply_lseek) before it returns. Call after pyfuse3.init().
-    Returns the names installed; raises SessionError and changes nothing otherwise.
+    fallocate(req, ino, mode, offset, length, fi), lseek(req, ino, off, whence, fi) and
+    ioctl(req, ino, cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz) are called
+    synchronously while libfuse processes the request, with the GIL; each must reply
+    (reply_err / reply_lseek / reply_ioctl) before it returns. after_init(conn) runs
+    right after pyfuse3's init handler, at FUSE_INIT, and may change conn.want. Call
+    after pyfuse3.init(), once. Returns the names installed; raises SessionError and
+    changes nothing otherwise.
     """
     lib = _libfuse()
     se = session_pointer()
@@ -253,20 +278,35 @@ def install_operations(fd: int, handlers: dict[str, Callable]) -> list[str]:
     if lib.fuse_session_fd(se) != fd:
         raise SessionError("pyfuse3's session is not the one on this descriptor: unknown layout")
     ops = find_session_ops(se)
-    kinds = {"fallocate": FALLOCATE, "lseek": LSEEK}
+    kinds = {"fallocate": FALLOCATE, "lseek": LSEEK, "ioctl": IOCTL}
     slots = {}
     for name in handlers:
-        if name not in OPS_INDEX:
+        if name not in kinds:
             raise SessionError(f"no such low-level operation {name!r}")
         slot = ctypes.c_void_p.from_address(ops + OPS_INDEX[name] * 8)
         if slot.value:
             raise SessionError(f"pyfuse3 already handles {name}: not replacing it")
         slots[name] = slot
+    init_slot = ctypes.c_void_p.from_address(ops + OPS_INDEX["init"] * 8)
+    if after_init is not None and not init_slot.value:
+        raise SessionError("pyfuse3 has no init handler to extend: unknown layout")
     for name, fn in handlers.items():
         c_fn = kinds[name](fn)
         _installed.append(c_fn)
         slots[name].value = ctypes.cast(c_fn, ctypes.c_void_p).value
-    return sorted(handlers)
+    if after_init is not None:
+        original = _PY_INIT(init_slot.value)
+
+        def init(userdata: int, conn) -> None:
+            try:
+                original(userdata, conn)
+            finally:
+                after_init(conn.contents)
+
+        c_init = INIT(init)
+        _installed.extend((original, c_init))
+        init_slot.value = ctypes.cast(c_init, ctypes.c_void_p).value
+    return sorted(handlers) + (["init"] if after_init else [])
 
 
 def session_fd() -> int:
@@ -290,6 +330,12 @@ def reply_err(req: int, err: int) -> None:
 
 def reply_lseek(req: int, offset: int) -> None:
     _libfuse().fuse_reply_lseek(req, offset)
+
+
+def reply_ioctl(req: int, data: bytes = b"") -> None:
+    """Answer an ioctl with result 0 and `data` as its output."""
+    buf = ctypes.create_string_buffer(data, len(data)) if data else None
+    _libfuse().fuse_reply_ioctl(req, 0, buf, len(data))
 
 
 def request_context(req: int) -> RequestContext:

@@ -2,7 +2,7 @@
 
 It walks the tree through the engine and records what a user can observe, except
 timestamps: kind, mode, owner, size, link count, a digest of the contents, symlink
-targets and xattrs, plus the free block and inode counts.
+targets, xattrs and chattr flags, plus the free block and inode counts.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def snapshot(engine: Engine) -> dict:
             kobj = (int(engine.I["ktype"][child]), int(engine.I["kstate"][child]),
                     int(engine.I["kchecksum"][child]), st.flags) if st.kind == KIND_KOBJ else None
             tree[p] = (st.kind, st.mode, st.uid, st.gid, st.size, st.nlink, st.blocks, st.rdev, content, xattrs,
-                       kobj)
+                       kobj, engine.attr_flags(child))
             if st.kind == KIND_DIR:
                 stack.append((p, child))
     fs = engine.statfs()

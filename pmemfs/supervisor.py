@@ -62,7 +62,13 @@ def set_oom_score_adj(value: int, who: str = "this process") -> bool:
         log.warning("cannot set oom_score_adj to %d (%s; lowering it needs CAP_SYS_RESOURCE): "
                     "the OOM killer may choose %s", value, e.strerror, who)
         return False
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1, 2, 4, 1024, 2048, 1 << 21
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 4096, 1 << 21, 1 << 24
+# The options a remount changes (mounting.resolve_options names them): the kernel's
+# per-mount flags, which the daemon follows for ro and atime.
+REMOUNTABLE = frozenset({"ro", "suid", "dev", "noexec", "noatime", "strictatime", "nodiratime"})
 MNT_DETACH = 2
 START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
 FAILURES_BEFORE_ABORT = 5  # replacements in a row that die young: a crash loop
@@ -80,12 +86,18 @@ def control_address(mountpoint: str, resolved: bool = False) -> str:
     return f"\0pmemfs-supervisor-{digest}"
 
 
-def ask(mountpoint: str, request: dict, timeout: float = 300.0) -> dict:
+def daemon_address(real: str) -> str:
+    """The control socket of a daemon that serves without a supervisor (--single)."""
+    digest = hashlib.sha256(real.encode()).hexdigest()[:32]
+    return f"\0pmemfs-daemon-{digest}"
+
+
+def ask(mountpoint: str, request: dict, timeout: float = 300.0, address: str | None = None) -> dict:
     """Send one request to the supervisor of `mountpoint`; its JSON answer."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
-        s.connect(control_address(mountpoint))
+        s.connect(address or control_address(mountpoint))
     except OSError:
         s.close()
         raise SupervisorError(f"{mountpoint}: no pmemfs supervisor holds this mount "
@@ -103,6 +115,19 @@ def ask(mountpoint: str, request: dict, timeout: float = 300.0) -> dict:
     return json.loads(data)
 
 
+def ask_daemon(real: str, request: dict, timeout: float = 300.0) -> dict:
+    """Ask whoever serves the mount at `real` (resolved): its supervisor, or else a
+    daemon serving it alone (--single, or the remount fallback)."""
+    try:
+        return ask(real, request, timeout, control_address(real, resolved=True))
+    except SupervisorError:
+        pass
+    try:
+        return ask(real, request, timeout, daemon_address(real))
+    except SupervisorError:
+        raise SupervisorError(f"{real}: no pmemfs daemon answers for this mount") from None
+
+
 # ------------------------------------------------------------------ mounting
 try:
     _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -110,12 +135,38 @@ except OSError:
     _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def kernel_mount_options(options: set[str], fuse_fd: int, rootmode: int) -> tuple[int, str]:
-    flags = MS_NOSUID | MS_NODEV
+def mount_flags(options: set[str]) -> int:
+    """mount(2) flags for the options (mounting.resolve_options' form): nosuid and nodev
+    unless suid or dev is asked for, and one atime mode always (a remount that names none
+    would keep the old one)."""
+    flags = (0 if "suid" in options else MS_NOSUID) | (0 if "dev" in options else MS_NODEV)
+    if "noexec" in options:
+        flags |= MS_NOEXEC
     if "ro" in options:
         flags |= MS_RDONLY
     if "noatime" in options:
         flags |= MS_NOATIME
+    elif "strictatime" in options:
+        flags |= MS_STRICTATIME
+    else:
+        flags |= MS_RELATIME
+    if "nodiratime" in options:
+        flags |= MS_NODIRATIME
+    return flags
+
+
+def kernel_remount(real: str, options: set[str], bind: bool = False) -> None:
+    """MS_REMOUNT of the mount at `real` with exactly these flags (the superblock's
+    read-only state too, unless bind: then only the mount's own flags change, and the
+    kernel asks the filesystem nothing). Raises OSError."""
+    flags = MS_REMOUNT | mount_flags(options) | (MS_BIND if bind else 0)
+    if _libc.mount(None, real.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), real)
+
+
+def kernel_mount_options(options: set[str], fuse_fd: int, rootmode: int) -> tuple[int, str]:
+    flags = mount_flags(options)
     data = [f"fd={fuse_fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
             f"group_id={os.getgid()}", "default_permissions"]
     if "allow_other" in options:
@@ -140,8 +191,10 @@ def fuse_mount(source: str, mountpoint: str, options: set[str]) -> int:
 def _fusermount(source: str, mountpoint: str, options: set[str]) -> int:
     """Unprivileged mount through fusermount3, which passes back the /dev/fuse fd."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # fusermount3 mounts nodev,nosuid for anyone but root (pmemfs mount refuses dev and
+    # suid before), and knows no strictatime or nodiratime: the daemon honours those.
     opts = ["nosuid", "nodev", "default_permissions", f"fsname={source}", "subtype=pmemfs"]
-    opts += sorted(options & {"allow_other", "ro", "noatime"})
+    opts += sorted(options & {"allow_other", "ro", "noatime", "noexec"})
     with ours, theirs:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
         r = subprocess.run(["fusermount3", "-o", ",".join(opts), "--", mountpoint], env=env,
@@ -365,7 +418,10 @@ class Supervisor:
         """Tell the standby to serve; its "ok ..." line, or why not."""
         child, self.standby = self.standby, None
         assert child is not None
-        child.send(("go-first " if first else "go ") + self.init.hex())
+        # The options travel with "go": a standby started before a remount serves as
+        # the mount is now, not as it was.
+        child.send(("go-first " if first else "go ") + self.init.hex() + " "
+                   + (",".join(sorted(self.options)) or "-"))
         line = child.read_line(START_TIMEOUT) or ""
         if line.startswith("ok"):
             child.serving_since = time.monotonic()
@@ -546,6 +602,11 @@ class Supervisor:
             self.conn = connection_id(self.real)
             self.stored = True
             log.info("took the FUSE connection of %s from systemd's fd store", self.mountpoint)
+            from .mounting import kernel_options_at
+
+            now = kernel_options_at(self.real)  # a remount since the unit's options were read
+            if now is not None and now != self.options & REMOUNTABLE:
+                self.set_options(now)
             return True
         log.warning("not serving the connection in systemd's fd store (%s): mounting afresh", why)
         self.stored = True
@@ -612,8 +673,28 @@ class Supervisor:
         return {"ok": True, "daemon_pid": self.daemon.pid, "gap_ms": round(gap, 1),
                 "old_pid": old.pid if old else None}
 
+    def remount(self, request: dict) -> dict:
+        """Pass a remount (mounting.remount) to the daemon; on success, later daemons
+        (a takeover, an upgrade) start with the new options."""
+        if self.daemon is None:
+            return {"ok": False, "error": "no daemon serves the mount right now"}
+        self.daemon.send("remount " + json.dumps(request))
+        line = self.daemon.read_line(120.0)
+        if not line or not line.startswith("remounted "):
+            return {"ok": False, "error": "the daemon did not answer the remount"}
+        answer = json.loads(line[len("remounted "):])
+        if answer.get("ok") and not request.get("check"):
+            self.set_options(set(request.get("options", ())))
+        return answer
+
+    def set_options(self, options: set[str]) -> None:
+        self.options = (self.options - REMOUNTABLE) | (options & REMOUNTABLE)
+        i = self.daemon_cmd.index("--options")
+        self.daemon_cmd[i + 1] = ",".join(sorted(self.options))
+        log.info("options of %s now %s", self.mountpoint, ",".join(sorted(self.options)) or "defaults")
+
     def status(self) -> dict:
-        return {"mode": self.mode, "supervisor_pid": os.getpid(),
+        return {"mode": self.mode, "supervisor_pid": os.getpid(), "options": sorted(self.options),
                 "daemon_pid": self.daemon.pid if self.daemon else None,
                 "standby_pid": self.standby.pid if self.standby and self.standby.ready else None,
                 "restarts": self.restarts, "upgrades": self.upgrades,
@@ -636,6 +717,10 @@ class Supervisor:
             elif verb == "upgrade":
                 conn.settimeout(None)
                 answer = self.upgrade()
+            elif verb == "remount" and isinstance(request.get("options"), list):
+                conn.settimeout(None)
+                answer = self.remount({"verb": "remount", "options": request["options"],
+                                       "check": bool(request.get("check"))})
             else:
                 answer = {"ok": False, "error": f"unknown request {verb!r}"}
             try:
@@ -673,12 +758,15 @@ def remount_on_death(region: str, mountpoint: str, options: set[str], single_cmd
                      ready: Callable[[str], None]) -> int:
     """The fallback supervisor: when the daemon dies, clear the dead mount and mount
     again with a new one. Clients see ENOTCONN in between."""
-    from .mounting import prepare_mountpoint
+    from .mounting import kernel_options_at, prepare_mountpoint
 
     first = True
+    real = os.path.realpath(mountpoint)
     while True:
         r, w = os.pipe()
-        proc = subprocess.Popen([*single_cmd, "--ready-fd", str(w)], pass_fds=(w,), cwd="/",
+        cmd = [*single_cmd]
+        cmd[cmd.index("--options") + 1] = ",".join(sorted(options))
+        proc = subprocess.Popen([*cmd, "--ready-fd", str(w)], pass_fds=(w,), cwd="/",
                                 stdin=subprocess.DEVNULL)
         os.close(w)
         with os.fdopen(r) as f:
@@ -694,6 +782,9 @@ def remount_on_death(region: str, mountpoint: str, options: set[str], single_cmd
             log.info("daemon %d exited with %d: supervisor done", proc.pid, code)
             return code
         log.warning("daemon %d died (signal %d): remounting", proc.pid, -code)
+        now = kernel_options_at(real)  # the dead mount's flags: a remount may have changed them
+        if now is not None:
+            options = (options - REMOUNTABLE) | now
         try:
             prepare_mountpoint(region, mountpoint, force=True)
         except Exception as e:

@@ -88,6 +88,7 @@ DAMAGE = {
     "bad-kind": ("inodes", "bad-kind", lambda t, sb, i: _set(t, "inode", i["g"], kind=42)),
     "bad-mode": ("inodes", "bad-mode", lambda t, sb, i: _set(t, "inode", i["g"], mode=0o040644)),
     "bad-flags": ("inodes", "bad-flags", lambda t, sb, i: _set(t, "inode", i["g"], flags=0x80)),
+    "bad-attr": ("inodes", "bad-attr", lambda t, sb, i: _set(t, "inode", i["g"], attr=0x01)),
     "root-orphan": ("inodes", "root-orphan", lambda t, sb, i: _set(t, "inode", ROOT_INO, flags=FLAG_ORPHAN)),
     "dir-size": ("sizes", "size-nonzero", lambda t, sb, i: _set(t, "inode", i["d"], size=4096)),
     "past-eof": ("sizes", "past-eof", lambda t, sb, i: _set(t, "inode", i["f"], size=10)),
@@ -109,13 +110,13 @@ DAMAGE = {
     "dup-name": ("names", "dup-name", lambda t, sb, i: _set(t, "dirent", dirent(t, b"s"), name=b"g", name_len=1)),
     "nlink": ("links", "nlink", lambda t, sb, i: _set(t, "inode", i["d"], nlink=9)),
     "named-orphan": ("links", "named-orphan", lambda t, sb, i: _set(t, "inode", i["g"], flags=FLAG_ORPHAN)),
-    "unreachable": ("tree", "unreachable", lambda t, sb, i: t.dirents.__setitem__(dirent(t, b"d"), 0)),
+    "unreachable": ("tree", "unreachable", lambda t, sb, i: _free(t.dirents, dirent(t, b"d"))),
     "cycle": ("tree", "unreachable", lambda t, sb, i: (_set(t, "dirent", dirent(t, b"d"), parent=i["sub"]),
                                                        _set(t, "inode", i["d"], parent=i["sub"]))),
     "dotdot": ("tree", "dotdot", lambda t, sb, i: _set(t, "inode", i["sub"], parent=ROOT_INO)),
     "dir-names": ("tree", "dir-names", lambda t, sb, i: _add_dirent(t, 1, b"again", i["sub"], 2)),
     "orphan-dir-with-entries": ("orphans", "orphan", lambda t, sb, i: (
-        t.dirents.__setitem__(dirent(t, b"d"), 0), _set(t, "inode", i["d"], flags=FLAG_ORPHAN, nlink=0))),
+        _free(t.dirents, dirent(t, b"d")), _set(t, "inode", i["d"], flags=FLAG_ORPHAN, nlink=0))),
     "dead-blob": ("blobs", "bad-blob", lambda t, sb, i: _set(
         t, "blob", slot_of(t, "blob", lambda r: r["owner"] == i["f"]), owner=999)),
     "bad-chain": ("blobs", "bad-chain", lambda t, sb, i: _set(
@@ -127,6 +128,11 @@ DAMAGE = {
         slot_of(t, "blob", lambda r: r["owner"] == i["s"]), np.zeros(1, t.blobs.dtype)[0])),
     "symlink-size": ("symlinks", "symlink-size", lambda t, sb, i: _set(t, "inode", i["s"], size=99)),
 }
+
+
+def _free(arr, idx: int) -> None:
+    """Free a record as pmemfs does: all zero (assigning a scalar 0 would store the name "0")."""
+    arr[idx] = np.zeros(1, arr.dtype)[0]
 
 
 def _leak(t, sb) -> None:
@@ -243,7 +249,7 @@ def test_reachability_deep_chain(region_factory):
         v = check.View(t, sb, dict(sb.hwm))
         reached, _, cyclic = check.reachability(v)
         assert reached[chain].all() and not cyclic.any()
-        t.dirents[dirent(t, b"d150")] = 0
+        _free(t.dirents, dirent(t, b"d150"))
         v = check.View(t, sb, dict(sb.hwm))
         reached, _, _ = check.reachability(v)
         assert reached[chain[:150]].all() and not reached[chain[150:]].any()

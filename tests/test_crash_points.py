@@ -19,7 +19,7 @@ import pytest
 
 import pmemfs.engine as engine_module
 from pmemfs import check, placement
-from pmemfs.engine import RENAME_EXCHANGE, Engine
+from pmemfs.engine import RENAME_EXCHANGE, RENAME_WHITEOUT, Engine
 from pmemfs.journal import CrashPoints
 from pmemfs.snapshot import snapshot
 
@@ -90,10 +90,12 @@ OPERATIONS = {
     "rename_dir_across": lambda e: e.rename(1, b"d", ino(e, b"e"), b"d2"),
     "rename_over_dir": lambda e: e.rename(1, b"d", 1, b"e"),
     "rename_exchange": lambda e: e.rename(1, b"a", ino(e, b"d"), b"f", RENAME_EXCHANGE),
+    "rename_whiteout": lambda e: e.rename(1, b"a", ino(e, b"d"), b"f", RENAME_WHITEOUT),
     "setxattr_chained": lambda e: e.setxattr(ino(e, b"a"), b"user.big", BLOB_1500),
     "setxattr_replace": lambda e: e.setxattr(ino(e, b"a"), b"user.x", b"2" * 700),
     "removexattr": lambda e: e.removexattr(ino(e, b"a"), b"user.x"),
     "chmod_chown": lambda e: e.setattr(ino(e, b"a"), mode=0o640, uid=7, gid=8),
+    "chattr": lambda e: e.set_attr_flags(ino(e, b"a"), 0x30),
     "kobj_create": lambda e: e.kernel.create("new", "iommu-page-table", 3 * MiB),
     "kobj_preserve": lambda e: e.kernel.preserve("obj2"),
     "kobj_unpreserve": lambda e: e.kernel.unpreserve("obj"),

@@ -17,7 +17,7 @@ import traceback
 import pytest
 from test_crash_points import ino, mounted_state, populate
 
-from pmemfs.engine import RENAME_EXCHANGE, XATTR_CREATE, Ctx, Engine, FsError
+from pmemfs.engine import RENAME_EXCHANGE, RENAME_WHITEOUT, XATTR_CREATE, Ctx, Engine, FsError
 from pmemfs.journal import CrashPoints, Journal
 from pmemfs.region import Region
 from pmemfs.replies import Replies
@@ -36,6 +36,7 @@ OPERATIONS = {
     "rename": lambda e, c: e.rename(1, b"a", 1, b"z", 0, c),
     "rename_over_file": lambda e, c: e.rename(1, b"a", ino(e, b"d"), b"f", 0, c),
     "rename_exchange": lambda e, c: e.rename(1, b"a", ino(e, b"d"), b"f", RENAME_EXCHANGE, c),
+    "rename_whiteout": lambda e, c: e.rename(1, b"a", ino(e, b"d"), b"f", RENAME_WHITEOUT, c),
     "setxattr_create": lambda e, c: e.setxattr(ino(e, b"a"), b"user.new", b"v", XATTR_CREATE, c),
     "removexattr": lambda e, c: e.removexattr(ino(e, b"a"), b"user.x", c),
 }

@@ -176,6 +176,8 @@ def mount_in_namespace(tmp_path, region: str, fstab: str | None) -> dict:
         assert out["mount"]["rc"] == 0, out
         fields = out["line"].split()
         assert fields[:3] == [region, mp, "fuse.pmemfs"] and "allow_other" in fields[3], out["line"]
+        if fstab:  # the README's line keeps pmemfs's nodev,nosuid through mount(8)
+            assert {"nodev", "nosuid"} <= set(fields[3].split(",")), out["line"]
         assert out["same"], "the file read back differs"
         assert out["umount"]["rc"] == 0, out
         released_and_clean(region)
@@ -195,5 +197,5 @@ def test_mount_8_type_fuse_pmemfs(region, tmp_path):
 def test_fstab_line_with_mount_T(region, tmp_path):
     fstab = tmp_path / "fstab"
     mp = tmp_path / "m"
-    fstab.write_text(f"# pmemfs, as README shows it\n{region}  {mp}  fuse.pmemfs  defaults,allow_other  0 0\n")
+    fstab.write_text(f"# pmemfs, as README shows it\n{region}  {mp}  fuse.pmemfs  defaults,nodev,nosuid,allow_other  0 0\n")
     mount_in_namespace(tmp_path, region, str(fstab))

@@ -3,7 +3,8 @@
 
     python tools/corrupt.py REGION DAMAGE [--seed N]
 
-DAMAGE is one of the names in DAMAGES (run with --help to list them). Every damage
+DAMAGE is one of the names in DAMAGES (run with --help to list them), or "random"
+(random bytes in used metadata) or "bits" (flipped bits in it). Every named damage
 but superblock-bits and checksum keeps the record checksums valid (it reseals what it
 changes), so exactly the structural check meant is what finds it. Importable too:
 `apply(path, damage, seed)` returns a dict describing what was done, with `victims`:
@@ -247,28 +248,34 @@ def apply(path: str, damage: str, seed: int = 0) -> dict:
     return out
 
 
-def random_bytes(path: str, seed: int, writes: int = 4) -> list[tuple[int, int]]:
-    """Write random bytes into random used parts of the metadata area.
+def _used_spans(region: Region) -> list[tuple[int, int]]:
+    """(offset, length) of every used part of the metadata area: the primary
+    superblock, the journal header, the allocation bitmap and each used record of
+    every table (inodes, extents, dirents, blobs, packs)."""
+    buf = region.buf
+    sb = Superblock.decode(buf, region.size)
+    g = sb.geometry
+    t = Tables(buf, sb)
+    spans = [(0, SB_STRUCT), (JOURNAL_OFFSET, HEADER_SIZE)]
+    for name, key in (("inode", "kind"), ("extent", "owner"), ("dirent", "parent"), ("blob", "owner"),
+                      ("pack", "block")):
+        arr = getattr(t, name + "s")
+        used = np.flatnonzero(arr[key][: sb.hwm[name]] != 0)
+        size = arr.dtype.itemsize
+        spans += [(g.offsets[name] + int(i) * size, size) for i in used.tolist() if i]
+    spans.append((g.offsets["bitmap"], max(1, (g.block_count + 7) // 8)))
+    del t
+    return spans
 
-    The parts: the primary superblock, the journal header and the used records
-    of each table. Returns (offset, length) of each write.
-    """
+
+def random_bytes(path: str, seed: int, writes: int = 4) -> list[tuple[int, int]]:
+    """Write random bytes into random used parts of the metadata area (_used_spans):
+    runs of 1 to 63 bytes, within one part. Returns (offset, length) of each write."""
     rng = random.Random(seed)
     region = Region(path, writable=True, lock=True)
     try:
         buf = region.buf
-        sb = Superblock.decode(buf, region.size)
-        g = sb.geometry
-        t = Tables(buf, sb)
-        spans = [(0, SB_STRUCT), (JOURNAL_OFFSET, HEADER_SIZE)]
-        for name, key in (("inode", "kind"), ("extent", "owner"), ("dirent", "parent"), ("blob", "owner")):
-            arr = getattr(t, name + "s")
-            used = np.flatnonzero(arr[key][: sb.hwm[name]] != 0)
-            size = arr.dtype.itemsize
-            spans += [(g.offsets[name] + int(i) * size, size) for i in used.tolist()]
-        bitmap = (g.offsets["bitmap"], max(1, (g.block_count + 7) // 8))
-        spans.append(bitmap)
-        del t
+        spans = _used_spans(region)
         done = []
         for _ in range(writes):
             start, length = rng.choice(spans)
@@ -282,15 +289,36 @@ def random_bytes(path: str, seed: int, writes: int = 4) -> list[tuple[int, int]]
         region.close()
 
 
+def random_bits(path: str, seed: int, flips: int = 4) -> list[tuple[int, int]]:
+    """Flip random bits of the used parts of the metadata area, each part as likely
+    as its size makes it (bit rot). Returns (offset, bit) of each flip."""
+    rng = random.Random(seed)
+    region = Region(path, writable=True, lock=True)
+    try:
+        buf = region.buf
+        spans = _used_spans(region)
+        weights = [length for _, length in spans]
+        done = []
+        for start, length in rng.choices(spans, weights, k=flips):
+            off, bit = start + rng.randrange(length), rng.randrange(8)
+            buf[off] ^= 1 << bit
+            done.append((off, bit))
+        return done
+    finally:
+        region.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("region")
-    ap.add_argument("damage", choices=sorted([*DAMAGES, "random"]))
+    ap.add_argument("damage", choices=sorted([*DAMAGES, "random", "bits"]))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
         if args.damage == "random":
             print(f"{args.region}: wrote random bytes at {random_bytes(args.region, args.seed)}")
+        elif args.damage == "bits":
+            print(f"{args.region}: flipped (offset, bit) {random_bits(args.region, args.seed)}")
         else:
             out = apply(args.region, args.damage, args.seed)
             print(f"{args.region}: {args.damage}: {out['detail']}")
