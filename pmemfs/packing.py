@@ -211,12 +211,22 @@ class Packer:
         if ino not in self.packed:
             return
         have = self.covered(ino)
-        src = self.address(ino)
         fm = e._map(ino)
-        # The new block is taken while the pack block is still in use, so that it is not
-        # the pack block itself (freed by the drop below): a block reserved from holes
-        # needs no zeroing, which with 1 GiB blocks is a GiB of stores. (The write that
-        # unpacks counted this block and its extent slot already.)
+        if e.alloc.backing is None:
+            # Reserved (or not memory): any block must be zeroed, so the pack block this
+            # file may have been alone in is as good as any and is taken again.
+            data = bytes(e.u8[self.address(ino):self.address(ino) + have])
+            self._drop(tx, ino)
+            ((_, pb, _), *_) = e._allocate(tx, ino, fm, 0, 1)
+            at = pb * e.block_size
+            e.region.zero(at + have, e.block_size - have)
+            e.u8[at:at + have] = np.frombuffer(data, np.uint8)
+            return
+        # Overcommitted: the new block is taken while the pack block is still in use, so
+        # that it is a fresh one, reserved from holes, which needs no zeroing (with 1 GiB
+        # blocks a GiB of stores); the pack block is freed, and punched, after. (The
+        # write that unpacks counted this block and its extent slot already.)
+        src = self.address(ino)
         ((_, pb, _), *_) = e._allocate(tx, ino, fm, 0, 1)
         at = pb * e.block_size
         if not e.alloc.known_zero(pb, 1):
