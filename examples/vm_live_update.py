@@ -73,7 +73,7 @@ def ram_alignment(ram: int) -> str:
 
 def region_size(ram: int) -> int:
     # Metadata sits at the start, so a 1 GiB-aligned file starts at 1 GiB at the earliest;
-    # 64 MiB more for the kernel objects. The region file is sparse.
+    # 64 MiB more for the kernel objects. pmemfs-mkfs reserves all of it on /dev/shm.
     return ram + (GiB if ram_alignment(ram) == "1G" else 0) + (64 << 20)
 
 

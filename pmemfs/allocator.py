@@ -3,9 +3,17 @@
 Bits are little-endian within a byte: block b is bit (b % 8) of byte b // 8. Bad
 blocks (the bad-block bitmap) are never handed out. Searches are numpy over the
 bitmap words, never a Python loop over blocks.
+
+With a backing (an overcommitted region on tmpfs or hugetlbfs, docs/DESIGN.md "The
+backing"), a block is reserved from it when it is marked used, so a full backing is
+NoSpace at the allocation and never a fault later, and a block marked free gives its
+memory back once the transaction that freed it has committed: until then a rollback
+(or a crash and recovery) may make it the file's again, with its bytes.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 
@@ -16,16 +24,61 @@ class NoSpace(Exception):
     pass
 
 
+class Backing(Protocol):
+    """What the allocator needs of the memory behind the region (region.Region)."""
+
+    def reserve(self, start: int, length: int) -> bool: ...  # True: was all holes, reads as zeros
+    def release(self, start: int, length: int) -> None: ...
+
+
+Runs = list[tuple[int, int]]  # (first block, count)
+
+
+def _subtract(runs: Runs, start: int, count: int) -> tuple[Runs, Runs]:
+    """(runs without [start, start+count), the parts of runs inside it)."""
+    keep, cut = [], []
+    end = start + count
+    for s, n in runs:
+        e = s + n
+        if e <= start or s >= end:
+            keep.append((s, n))
+            continue
+        if s < start:
+            keep.append((s, start - s))
+        if e > end:
+            keep.append((end, e - end))
+        cut.append((max(s, start), min(e, end) - max(s, start)))
+    return keep, cut
+
+
+def _merged(runs: Runs) -> Runs:
+    out: Runs = []
+    for s, n in sorted(runs):
+        if out and out[-1][0] + out[-1][1] >= s:
+            out[-1] = (out[-1][0], max(out[-1][1], s + n - out[-1][0]))
+        else:
+            out.append((s, n))
+    return out
+
+
 class BlockAllocator:
     def __init__(self, bitmap: np.ndarray, badmap: np.ndarray, bitmap_offset: int,
-                 block_count: int, data_start: int, block_size: int = 2 << 20):
+                 block_count: int, data_start: int, block_size: int = 2 << 20,
+                 backing: Backing | None = None):
         self.bitmap = bitmap
         self.badmap = badmap
         self.bitmap_offset = bitmap_offset
         self.block_count = block_count
         self.data_start = data_start
+        self.block_size = block_size
         self.free = int(np.count_nonzero(~self._unavailable()))
         self._chunk = max(1, (1 << 30) // block_size)
+        self.backing = backing
+        # Of the open transaction (reset at its end):
+        self._freed: Runs = []  # marked free: released at commit
+        self._reserved: Runs = []  # reserved from free blocks: released again at rollback
+        self._zeroed: Runs = []  # reserved from holes, untouched since: they read as zeros
+        self.reserved_blocks = 0  # blocks reserved by the open transaction (a retry's budget)
 
     def _unavailable(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """Boolean array: block unusable (used or bad), for blocks [start, end)."""
@@ -154,6 +207,12 @@ class BlockAllocator:
             return np.zeros(0, bool)
         return free[: n * chunk].reshape(n, chunk).all(axis=1)
 
+    def used_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of the runs of data blocks in use, in block order."""
+        used = np.unpackbits(self.bitmap, bitorder="little")[: self.block_count].astype(bool)
+        used[: self.data_start] = False
+        return _runs(used)
+
     def free_chunk_count(self) -> int:
         free = ~self._unavailable()
         free[: self.data_start] = False
@@ -171,7 +230,17 @@ class BlockAllocator:
         return int(aligned[fits[0]])
 
     def mark(self, tx: Transaction, start: int, count: int, used: bool) -> None:
-        """Set or clear the bits of [start, start+count), journaled."""
+        """Set or clear the bits of [start, start+count), journaled.
+
+        With a backing, blocks marked used are reserved first (NoSpace when the backing
+        cannot hold them, with nothing marked and nothing kept), and blocks marked free
+        are released when the transaction commits (committed())."""
+        if self.backing is not None and count:
+            if used:
+                self._reserve(start, count)
+            else:
+                self._freed.append((start, count))
+                self._zeroed, _ = _subtract(self._zeroed, start, count)
         b0, b1 = start // 8, (start + count + 7) // 8
         tx.save(self.bitmap_offset + b0, b1 - b0)
         bits = np.unpackbits(self.bitmap[b0:b1], bitorder="little")
@@ -179,6 +248,80 @@ class BlockAllocator:
         bits[lo:lo + count] = 1 if used else 0
         self.bitmap[b0:b1] = np.packbits(bits, bitorder="little")
         self.free += -count if used else count
+
+
+    # ------------------------------------------------------------ the backing
+    def _reserve(self, start: int, count: int) -> None:
+        # Blocks this transaction freed are still the memory they were (a rollback may
+        # give them back to their file): used again, they need no reservation.
+        freed, again = _subtract(self._freed, start, count)
+        fresh = [(start, count)]
+        for s, n in again:
+            fresh, _ = _subtract(fresh, s, n)
+        bs = self.block_size
+        done: Runs = []
+        zeroed: Runs = []
+        try:
+            for s, n in fresh:
+                if self.backing.reserve(s * bs, n * bs):
+                    zeroed.append((s, n))
+                done.append((s, n))
+        except Exception as e:
+            from .region import BackingFull
+
+            # Free blocks only: what this call took (hugetlbfs keeps the huge pages a
+            # failed fallocate got before it failed) goes back.
+            for s, n in [*done, *fresh[len(done):len(done) + 1]]:
+                self.backing.release(s * bs, n * bs)
+            if isinstance(e, BackingFull):
+                raise NoSpace from None
+            raise
+        self._freed = freed
+        self._reserved += done
+        self._zeroed += zeroed
+        self.reserved_blocks += sum(n for _, n in done)
+
+    def known_zero(self, start: int, count: int) -> bool:
+        """Do blocks [start, start+count), reserved by this transaction, read as zeros?"""
+        rest = [(start, count)]
+        for s, n in self._zeroed:
+            rest, _ = _subtract(rest, s, n)
+        return not rest
+
+    def committed(self) -> None:
+        """The transaction committed: the blocks it freed are nobody's; their memory
+        goes back to the backing. (A crash before this leaves memory with free blocks
+        only; the next mount gives it back, release_free().)"""
+        if self.backing is None:
+            return
+        freed = _merged(self._freed)
+        self._reset()
+        bs = self.block_size
+        for s, n in freed:
+            self.backing.release(s * bs, n * bs)
+
+    def rolled_back(self) -> None:
+        """The transaction was rolled back: blocks it reserved are free again."""
+        if self.backing is None:
+            return
+        reserved = _merged(self._reserved)
+        self._reset()
+        bs = self.block_size
+        for s, n in reserved:
+            self.backing.release(s * bs, n * bs)
+
+    def _reset(self) -> None:
+        self._freed, self._reserved, self._zeroed = [], [], []
+        self.reserved_blocks = 0
+
+    def release_free(self) -> int:
+        """Give the memory of every free block back to the backing (after a crash, the
+        last transaction's may still hold some). Returns the runs punched."""
+        starts, lengths = self.free_runs()
+        bs = self.block_size
+        for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+            self.backing.release(s * bs, n * bs)
+        return len(starts)
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

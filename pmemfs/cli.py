@@ -135,12 +135,19 @@ def progress_bar(label: str, total: int, unit: str = "bytes") -> Callable[[int],
               help="Pack table size, shared blocks of small files (default: min(inodes, blocks)).")
 @click.option("--label", "-L", default="", help="Filesystem label (up to 64 bytes).")
 @click.option("--prefault", is_flag=True, help="Populate the data area now so writes never page-fault.")
+@click.option("--sparse", "--overcommit", "sparse", is_flag=True,
+              help="On tmpfs or hugetlbfs, overcommit: reserve each block from the backing when it "
+                   "is allocated instead of the whole region now; the region may then be larger than "
+                   "its backing, and writes get ENOSPC when the backing runs out.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite a region that already holds a filesystem.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("region")
-def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, packs, label, prefault, force,
-                 as_json):
-    """Make a pmemfs filesystem in REGION (a file or a /dev/dax device)."""
+def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, packs, label, prefault, sparse,
+                 force, as_json):
+    """Make a pmemfs filesystem in REGION (a file or a /dev/dax device).
+
+    On tmpfs or hugetlbfs the whole region is reserved from the backing now, and a region
+    the backing cannot hold is refused; --sparse overcommits it instead."""
     from .format import BLOCK_1G, BLOCK_2M
     from .mkfs import make_filesystem
 
@@ -150,7 +157,7 @@ def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, pack
     if not size and not os.path.exists(region):
         raise RegionError(f"{region}: no such region (give --size to create one)")
     result = make_filesystem(region, size=size or 0, block_size=bs, inodes=inodes, label=label,
-                             force=force, prefault=prefault, progress=progress_bar,
+                             force=force, prefault=prefault, sparse=sparse, progress=progress_bar,
                              extents=extents, dirents=dirents, blobs=blobs, packs=packs)
     g = result.superblock.geometry
     summary = {
@@ -158,6 +165,7 @@ def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, pack
         "region_size": g.region_size, "block_size": g.block_size, "data_blocks": g.data_blocks,
         "inodes": g.inode_count - 1, "metadata_bytes": g.data_start_block * g.block_size,
         "metadata_percent": round(100 * g.data_start_block / g.block_count, 3),
+        "sparse": result.sparse, "reserved_bytes": result.reserved,
     }
     if as_json:
         click.echo(json.dumps(summary))
@@ -166,6 +174,14 @@ def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, pack
                f"{g.data_blocks} data blocks, {g.inode_count - 1} inodes, uuid {summary['uuid']}")
     click.echo(f"metadata {human(summary['metadata_bytes'])} "
                f"({summary['metadata_percent']}% of the region)")
+    if result.sparse:
+        from .region import backing_free
+
+        free = backing_free(region)
+        click.echo(f"sparse: {human(result.reserved)} reserved; blocks are reserved as they are used"
+                   + (f" ({human(free)} of the backing free now)" if free is not None else ""))
+    elif result.reserved:
+        click.echo(f"reserved {human(result.reserved)} of the backing")
 
 
 mkfs_main = run(mkfs_command, "pmemfs-mkfs")

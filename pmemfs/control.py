@@ -312,7 +312,7 @@ def _lease(engine: Engine, ino: int, value: bytes, who: Creds, pid: int) -> list
         engine.check_access(ino, who, R | (W if value == b"rw" else 0))
         if ino in engine.packer.packed:
             # A small file's chunks move as it grows; a mapped file's blocks must not.
-            if not engine.alloc.free:
+            if not engine.blocks_available() or not engine._have_slots("extent", 1):
                 raise FsError(errno.ENOSPC)
             with engine.transaction() as tx:
                 engine.packer.unpack(tx, ino)

@@ -219,10 +219,11 @@ def add_handlers(ops: Operations, fuse_fd: int | None) -> None:
 def serve(region: str, mountpoint: str, options: set[str], *,
           ready: Callable[[str], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns an exit status."""
+    supervisor.set_oom_score_adj(supervisor.OOM_SCORE_ADJ_DAEMON, "the daemon")  # also `mount -f --single`
     started = time.monotonic()
     engine = open_engine(region, options)
     if "prefault" in options and not engine.readonly:
-        engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
+        engine.prefault()
     ops = Operations(engine)
     real = os.path.realpath(mountpoint)
     try:
@@ -319,7 +320,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         return 1
     try:
         if first and "prefault" in options and not engine.readonly:
-            engine.region.prefault(engine.data_start, engine.region.size - engine.data_start)
+            engine.prefault()
         ops = Operations(engine)
         remounter = Remounter(ops, region, options)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctl-fd", type=int)
     a = p.parse_args(argv)
     setup_logging(a.log, a.debug)
+    supervisor.set_oom_score_adj(supervisor.OOM_SCORE_ADJ_DAEMON, "the daemon")
     options = {o for o in a.options.split(",") if o}
     try:
         if a.standby:

@@ -35,6 +35,7 @@ from .format import (
     BLOB_SYMLINK,
     BLOB_XATTR,
     EXTENT_PACKED,
+    FEATURE_COMPAT_SPARSE,
     FEATURE_RO_COMPAT_KNOWN,
     FLAG_ORPHAN,
     FLAG_PINNED,
@@ -63,10 +64,11 @@ from .format import (
     Superblock,
     Tables,
     clamp_time_ns,
+    sparse_requested,
 )
 from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
 from .leases import Leases
-from .region import Region
+from .region import BackingFull, Region, backing_free
 from .replies import (
     OP_LINK,
     OP_MKDIR,
@@ -98,6 +100,13 @@ _DIRENT_KIND = {KIND_REG: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: st
                 KIND_BLK: stat.S_IFBLK}
 # The leading fields of an inode record, read in one call for stat().
 _STAT = struct.Struct("<BxHIIIIIQQqqqqQ")
+
+
+class _BackingShort(Exception):
+    """A write's transaction ran out of backing after `blocks` blocks (rolled back)."""
+
+    def __init__(self, blocks: int):
+        self.blocks = blocks
 
 
 class FsError(Exception):
@@ -195,10 +204,9 @@ class Engine:
         # POSIX ACLs are served when the kernel enforces them (FUSE_POSIX_ACL, set by the
         # daemon once negotiated); otherwise system.posix_acl_* are refused as before.
         self.acl = False
-        try:
-            self.region = Region(path, writable=not readonly, lock=not readonly if lock is None else lock)
-        except Exception:
-            raise
+        # An overcommitted region on hugetlbfs is mapped without reserving every huge page.
+        self.region = Region(path, writable=not readonly, lock=not readonly if lock is None else lock,
+                             noreserve=sparse_requested)
         try:
             self._open(readonly, crash, check_on_mount)
         except BaseException:
@@ -240,6 +248,13 @@ class Engine:
         self.u8 = np.frombuffer(buf, np.uint8, self.region.size, 0)
         self.offsets = {name: g.offsets[name] for name in TABLE_NAMES}
         self.journal = Journal(buf, self.data_start)
+        # Overcommitted (docs/DESIGN.md, "The backing"): blocks are reserved from the
+        # backing as they are allocated and given back when freed. Made so with mkfs
+        # --sparse, or found so: a memory region whose file the backing does not wholly
+        # hold (an older mkfs, a copy) is served the same way, as it is safe either way.
+        # (Read-only, nothing is reserved or released, but statfs is capped all the same.)
+        self.sparse = self.region.memory and bool(sb.feature_compat & FEATURE_COMPAT_SPARSE
+                                                  or self.region.allocated() < self.region.size)
         if readonly and self.journal.state != 0:
             raise MountError(f"{self.path}: the journal holds an interrupted transaction; "
                              "mount it read-write once (or run pmemfs-fsck) to recover")
@@ -249,6 +264,13 @@ class Engine:
                 raise MountError(f"{self.path}: {findings[0].message} "
                                  f"({len(findings)} problem(s)); run pmemfs-fsck")
         self._load()
+        self.released_runs = 0
+        if self.sparse and not readonly:
+            self._reserve_metadata()
+            if not self.was_clean:
+                # A crash may have left memory with blocks that are free now (freed by the
+                # last transaction, or reserved by one that was rolled back).
+                self.released_runs = self.alloc.release_free()
         kinds = self.I["kind"][: self.hwm["inode"]]
         self.inherited = (kinds != 0) if self.takeover else np.zeros(0, bool)
         self.replies = Replies(buf, int(self.sbv["mount_generation"][0]) + (0 if readonly else 1))
@@ -279,7 +301,9 @@ class Engine:
         self.hwm = {name: int(self.sbv[f"{name}_hwm"][0]) for name in TABLE_NAMES}
         self.alloc = BlockAllocator(t.bitmap, t.badmap, self.geometry.offsets["bitmap"],
                                     self.geometry.block_count, self.geometry.data_start_block,
-                                    self.geometry.block_size)
+                                    self.geometry.block_size,
+                                    # (a remount to ro and back keeps it: the mapping is writable)
+                                    backing=self.region if self.sparse and self.region.writable else None)
         ih, eh, dh, bh, ph = (self.hwm[n] for n in TABLE_NAMES)
         kinds = t.inodes["kind"][:ih]
         self.free_slots = {
@@ -337,6 +361,36 @@ class Engine:
                 name = self._blob_bytes(slot)[:nlen]
                 self.xattrs.setdefault(owner, {})[name] = slot
         self.refs: dict[int, int] = {}
+
+    def _reserve_metadata(self) -> None:
+        """Hold the metadata in use reserved (mkfs and every growth of a table do; a
+        region from an older mkfs may not be). Pages already held cost a lookup each."""
+        try:
+            for off, n in self.geometry.metadata_in_use(self.hwm):
+                self.region.reserve(off, n)
+        except BackingFull as e:
+            log.warning("%s; metadata that is not reserved may fault when the backing is full", e)
+
+    def prefault(self) -> None:
+        """-o prefault: populate the data area so writes never page-fault. On an
+        overcommitted region only the blocks in use: the free ones are holes by design,
+        and populating them would take the whole region from the backing."""
+        if not self.sparse:
+            self.region.prefault(self.data_start, self.region.size - self.data_start)
+            return
+        bs = self.block_size
+        for s, n in zip(*(a.tolist() for a in self.alloc.used_runs()), strict=True):
+            self.region.prefault(s * bs, n * bs)
+
+    def blocks_available(self) -> int:
+        """Free blocks that can be had now: the free blocks, and on an overcommitted
+        region no more than the backing can still hold (in whole blocks)."""
+        free = self.alloc.free
+        if self.sparse and free:
+            have = backing_free(self.path)
+            if have is not None:
+                free = min(free, have // self.block_size)
+        return free
 
     def _recover_orphans(self, keep_orphans: bool = False) -> int:
         """Free what an earlier instance left half-released. Returns inodes freed.
@@ -429,13 +483,17 @@ class Engine:
         tx = self.journal.begin()
         try:
             yield tx
-        except BaseException:
+        except BaseException as e:
             tx.rollback()
+            self.alloc.rolled_back()  # blocks it reserved are free again: give them back
             refs = self.refs  # the kernel's references are not in the region: keep them
             self._load()  # in-memory state may have run ahead of the region
             self.refs = refs
+            if isinstance(e, NoSpace):  # the backing could not hold a block it needed
+                raise FsError(errno.ENOSPC, "the backing is full") from None
             raise
         tx.commit()
+        self.alloc.committed()  # the memory of blocks it freed goes back to the backing
 
     def _save_sb(self, tx: Transaction) -> None:
         tx.save_record(self.sbv, 0, 0)
@@ -451,6 +509,12 @@ class Engine:
             new = min(old + HWM_STEP, len(arr))
             if new == old:
                 raise FsError(errno.ENOSPC, f"{table} table is full")
+            if self.sparse:
+                size = arr.dtype.itemsize
+                try:
+                    self.region.reserve(self.offsets[table] + old * size, (new - old) * size)
+                except BackingFull:
+                    raise FsError(errno.ENOSPC, f"the backing cannot hold more of the {table} table") from None
             self._save_sb(tx)
             self.sbv[f"{table}_hwm"] = new
             self.hwm[table] = new
@@ -1215,7 +1279,10 @@ class Engine:
             return None
         bs = self.block_size
         old = list(zip(fm.fblk, fm.pblk, fm.cnt, strict=True))
-        self.alloc.mark(tx, start, fb, True)
+        try:
+            self.alloc.mark(tx, start, fb, True)
+        except NoSpace:
+            return None  # the backing cannot hold a copy: the file stays where it is
         for f, p, n in old:
             self.u8[(start + f) * bs:(start + f + n) * bs] = self.u8[p * bs:(p + n) * bs]
         for slot in fm.slot[1:]:
@@ -1299,10 +1366,11 @@ class Engine:
                 break
             a, b = max(start, e0), min(end, e1)
             if a < b:
-                # Whole pages become holes (region.zero): zeroing the rest of a 1 GiB block
-                # after a short write must not cost a GiB of memory on a sparse region.
                 base = fm.pblk[i] * bs - e0
-                self.region.zero(base + a, b - a)
+                b0 = (base + a) // bs
+                if not self.alloc.known_zero(b0, (base + b - 1) // bs + 1 - b0):
+                    # (blocks this transaction reserved from holes read as zeros already)
+                    self.region.zero(base + a, b - a)
             i += 1
 
     def _file(self, ino: int) -> int:
@@ -1315,6 +1383,17 @@ class Engine:
         return k
 
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        budget = None
+        while True:
+            try:
+                return self._write(ino, offset, data, budget)
+            except _BackingShort as short:
+                # The backing gave fewer blocks than it had said (another user of the
+                # tmpfs took some): store what fits in those, as tmpfs would. Each try
+                # asks for fewer blocks, so this ends (at ENOSPC if none can be had).
+                budget = short.blocks if budget is None else min(short.blocks, budget - 1)
+
+    def _write(self, ino: int, offset: int, data: bytes | memoryview, budget: int | None) -> int:
         kind = self._file(ino)
         n = len(data)
         if n == 0:
@@ -1351,14 +1430,17 @@ class Engine:
         new_size = max(old_size, end)
         holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
         need = sum(c for _, c in holes)
+        avail = self.blocks_available() if need or unpack else 0
+        if budget is not None:
+            avail = min(avail, budget)
         if unpack and offset >= bs:
             need += 1  # block 0, for the bytes the packed file had
-            if need > self.alloc.free:
+            if need > avail:
                 raise FsError(errno.ENOSPC)
-        if need > self.alloc.free:
+        if need > avail:
             # As tmpfs: store what fits, up to the first block that cannot be had, and
             # return a short count; only a write that can store nothing is ENOSPC.
-            budget = self.alloc.free
+            budget = avail
             cut = end
             for fb, count in holes:
                 if count > budget:
@@ -1371,7 +1453,9 @@ class Engine:
             n, end = cut - offset, cut
             new_size = max(old_size, end)
             holes = self._unmapped(fm, offset // bs, (end + bs - 1) // bs)
-        if holes and not self._have_slots("extent", len(holes)):
+        # (Unpacking takes block 0's extent slot while the packed one is still held.)
+        slots = len(holes) + (1 if unpack and offset >= bs else 0)
+        if slots and not self._have_slots("extent", slots):
             raise FsError(errno.ENOSPC)
         with self.transaction() as tx:
             if unpack:
@@ -1381,7 +1465,16 @@ class Engine:
                 # Bytes past the old end of file are undefined: expose only zeros.
                 self._zero_allocated(fm, old_size, offset)
             for fb, count in holes:
-                for pfb, _, pn in self._allocate(tx, ino, fm, fb, count):
+                try:
+                    pieces = self._allocate(tx, ino, fm, fb, count)
+                except NoSpace:
+                    got = self.alloc.reserved_blocks  # what the backing did give
+                    if got and need > 1:
+                        raise _BackingShort(got) from None
+                    raise
+                for pfb, ppb, pn in pieces:
+                    if self.alloc.known_zero(ppb, pn):
+                        continue  # reserved from holes: reads as zeros already
                     # A fresh block holds old bytes: zero what this write does not cover
                     # below the new size; above it stays undefined until the size grows.
                     s, e = pfb * bs, (pfb + pn) * bs
@@ -1404,7 +1497,7 @@ class Engine:
         end = offset + n
         old_size = int(self.I["size"][ino])
         if packer.needs_space(ino, end):
-            if not self.alloc.free:
+            if not self.blocks_available():
                 raise FsError(errno.ENOSPC)
             if not self._have_slots("pack", 1):
                 return None
@@ -1775,11 +1868,17 @@ class Engine:
         inodes_total = g.inode_count - 1
         inodes_free = len(self.free_slots["inode"]) + g.inode_count - self.hwm["inode"]
         per = g.block_size // self.packer.chunk
+        free = self.blocks_available()  # never more than the backing can still give
+        # Overcommitted, the size is what is used plus what can still be had (at most the
+        # region), so that df's "Used" is what files use, not the part of the region
+        # the backing cannot hold now.
+        blocks = g.data_blocks - self.alloc.free + free
         return {
-            "block_size": g.block_size, "blocks": g.data_blocks, "blocks_free": self.alloc.free,
-            # In pack chunks too, so df shows what small files really use.
-            "fragment_size": self.packer.chunk, "fragments": g.data_blocks * per,
-            "fragments_free": self.alloc.free * per + self.packer.free_chunks(),
+            "block_size": g.block_size, "blocks": blocks, "blocks_free": free,
+            # In pack chunks too, so df shows what small files really use (free chunks of
+            # pack blocks are reserved memory already).
+            "fragment_size": self.packer.chunk, "fragments": blocks * per,
+            "fragments_free": free * per + self.packer.free_chunks(),
             "files": inodes_total, "files_free": inodes_free, "namemax": NAME_MAX,
         }
 

@@ -75,9 +75,22 @@ def clamp_time_ns(ns: int) -> int:
 # Feature masks. Unknown incompat bits refuse mount; unknown ro_compat bits allow
 # only read-only use; unknown compat bits are ignored.
 FEATURE_COMPAT_REPLY_RECORD = 0x1  # bytes 2048-2175 of block 0 hold the reply record
-FEATURE_COMPAT_KNOWN = FEATURE_COMPAT_REPLY_RECORD
+# The region was made overcommitted (pmemfs-mkfs --sparse): its backing holds memory only
+# for the metadata in use and the blocks in use, reserved as they are allocated.
+FEATURE_COMPAT_SPARSE = 0x2
+FEATURE_COMPAT_KNOWN = FEATURE_COMPAT_REPLY_RECORD | FEATURE_COMPAT_SPARSE
 FEATURE_INCOMPAT_KNOWN = 0
 FEATURE_RO_COMPAT_KNOWN = 0
+
+
+def sparse_requested(head: bytes) -> bool:
+    """Does a region whose first bytes are head say it is overcommitted? Read before the
+    region is mapped (on hugetlbfs the mapping must then not reserve every page); a
+    damaged superblock says no, and the mount refuses it later anyway."""
+    if len(head) < 24 or head[:8] != MAGIC:
+        return False
+    return bool(int.from_bytes(head[16:24], "little") & FEATURE_COMPAT_SPARSE)
+
 
 STATE_CLEAN = 1
 STATE_DIRTY = 2
@@ -229,6 +242,9 @@ JOURNAL_RECORD_HEADER = 16  # offset u64, length u32, checksum u32; then data pa
 
 from .errors import FormatError  # noqa: E402  (re-exported: format.FormatError)
 
+RECORD_SIZES = {"inode": INODE_DTYPE.itemsize, "extent": EXTENT_DTYPE.itemsize,
+                "dirent": DIRENT_DTYPE.itemsize, "blob": BLOB_DTYPE.itemsize, "pack": PACK_DTYPE.itemsize}
+
 
 def crc(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
@@ -270,6 +286,18 @@ class Geometry:
     @property
     def max_file_size(self) -> int:
         return max_file_size(self.block_size)
+
+    def metadata_in_use(self, hwm: dict[str, int]) -> list[tuple[int, int]]:
+        """(offset, length) of the metadata a filesystem with these high-water marks can
+        touch: the superblock slot, journal and both bitmaps, each table below its mark,
+        and the backup superblock. An overcommitted region keeps exactly this reserved
+        (the rest of the metadata area stays holes)."""
+        out = [(0, self.offsets["inode"])]
+        for name in TABLE_NAMES:
+            count = min(hwm[name], getattr(self, f"{name}_count"))
+            out.append((self.offsets[name], count * RECORD_SIZES[name]))
+        out.append((self.backup_offset, SB_SLOT))
+        return out
 
     @classmethod
     def plan(cls, region_size: int, block_size: int, inodes: int | None = None, *,

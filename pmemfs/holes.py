@@ -6,7 +6,7 @@ EOPNOTSUPP itself) and that tmpfs has, plus ZERO_RANGE:
 - 0 / KEEP_SIZE: every block of the range that has none gets one, zeroed; the size
   grows to the end of the range unless KEEP_SIZE. All or nothing: ENOSPC changes nothing.
 - PUNCH_HOLE|KEEP_SIZE: whole blocks inside the range go back to the free map (and,
-  on a file-backed region that is not prefaulted, their memory back to the host);
+  on an overcommitted region, their memory back to the host: "The backing");
   the bytes of partial blocks at its ends become zeros. This is how a guest's freed
   memory (virtio-balloon, free page reporting) comes back: QEMU punches its RAM file.
 - ZERO_RANGE (optionally with KEEP_SIZE): the range reads as zeros and is allocated,
@@ -74,9 +74,10 @@ def _allocate_range(e: Engine, ino: int, start: int, end: int, keep_size: bool, 
     fm = e._map(ino)
     holes = e._unmapped(fm, start // bs, -(-end // bs))
     need = sum(n for _, n in holes) + (1 if packed and start >= bs else 0)
-    if need > e.alloc.free:
+    if need > e.blocks_available():  # an overcommitted region: what its backing can give
         raise FsError(errno.ENOSPC)
-    if holes and not e._have_slots("extent", len(holes)):
+    slots = len(holes) + (1 if packed and start >= bs else 0)  # unpacking holds two for a moment
+    if slots and not e._have_slots("extent", slots):
         raise FsError(errno.ENOSPC)
     if e.leases.held(ino) and packed:
         raise FsError(errno.EBUSY, "would move a directly mapped (leased) file")
@@ -100,7 +101,7 @@ def _allocate_packed(e: Engine, ino: int, start: int, end: int, new_size: int, z
     """A small file stays in its pack block: its chunks grow to cover the range."""
     packer = e.packer
     old_size = int(e.I["size"][ino])
-    if packer.needs_space(ino, end) and (not e.alloc.free or not e._have_slots("pack", 1)):
+    if packer.needs_space(ino, end) and (not e.blocks_available() or not e._have_slots("pack", 1)):
         raise FsError(errno.ENOSPC)
     if ino not in packer.packed and not e._have_slots("extent", 1):
         raise FsError(errno.ENOSPC)
@@ -192,9 +193,12 @@ def _cut(e: Engine, tx, ino: int, fm: FileMap, i: int, lo: int, hi: int) -> tupl
 
 
 def _give_back(e: Engine, pb: int, n: int) -> None:
-    """The memory of freed blocks goes back to the host where the backing allows it
-    (a prefaulted region keeps its pages populated: it was asked to)."""
-    if not e.region.prefaulted:
+    """On a disk filesystem the freed blocks' pages are punched out of the region file
+    (a prefaulted region keeps its pages populated: it was asked to). On memory the
+    allocator has done what is right already (docs/DESIGN.md, "The backing"): an
+    overcommitted region gave the memory back to the host when the transaction
+    committed, and a reserved region keeps it: it is the region's, for other files."""
+    if not e.region.memory and not e.region.prefaulted:
         e.region.zero(pb * e.block_size, n * e.block_size)
 
 

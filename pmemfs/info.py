@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .format import (
+    FEATURE_COMPAT_SPARSE,
     KIND_DIR,
     KIND_KOBJ,
     KIND_REG,
@@ -20,7 +21,7 @@ from .format import (
 )
 from .journal import Journal
 from .mounting import region_holder
-from .region import Region
+from .region import Region, backing_free
 
 
 def _when(ns: int) -> str:
@@ -63,9 +64,26 @@ def describe(path: str) -> dict:
         except Exception as e:  # a damaged journal is worth reporting, not fatal here
             journal_state = f"damaged ({e})"
         holder = region_holder(path)
+        held = region.allocated()
+        if region.kind == "devdax":
+            reservation = "the device (its memory is the region)"
+        elif not region.memory:
+            reservation = "none (a file on a disk filesystem)"
+        elif sb.feature_compat & FEATURE_COMPAT_SPARSE:
+            reservation = "sparse (overcommitted: blocks are reserved as they are used)"
+        elif held < region.size:
+            reservation = "sparse (not wholly reserved: served as overcommitted)"
+        else:
+            reservation = "reserved"
         data = {
             "region": path,
             "backing": region.kind,
+            "reservation": reservation,
+            "backing_held_bytes": held,  # memory (or disk) the backing holds for the region now
+        }
+        if region.memory:
+            data["backing_free_bytes"] = backing_free(path) or 0
+        data |= {
             "superblock": which,
             "format_version": f"{sb.version_major}.{sb.version_minor}",
             "features": f"compat 0x{sb.feature_compat:x} incompat 0x{sb.feature_incompat:x} "

@@ -152,6 +152,8 @@ class KernelObjects:
         from .allocator import NoSpace
 
         try:
+            if count > e.blocks_available():  # an overcommitted region's backing may hold fewer
+                raise NoSpace
             start = e.alloc.find_contiguous(count, align)
         except NoSpace:
             raise FsError(errno.ENOSPC, f"no free contiguous run of {count} blocks") from None
@@ -168,7 +170,8 @@ class KernelObjects:
             e.I["ktype"][ino] = TYPES[type_name]
             e.I["kversion"][ino] = version
             e.I["kstate"][ino] = NORMAL
-            e.u8[start * bs:(start + count) * bs] = 0  # fresh blocks may hold old bytes
+            if not e.alloc.known_zero(start, count):  # fresh blocks may hold old bytes
+                e.region.zero(start * bs, count * bs)
             e._add_dirent(tx, ns, raw, ino, KIND_KOBJ)
             e._touch(tx, ns, m=True)
         return self.info(name)

@@ -11,6 +11,7 @@ import numpy as np
 
 from .format import (
     BLOCK_2M,
+    FEATURE_COMPAT_SPARSE,
     KIND_DIR,
     MAGIC,
     ROOT_INO,
@@ -23,7 +24,7 @@ from .format import (
     seal,
 )
 from .journal import format_journal
-from .region import Region, RegionError
+from .region import BackingFull, Region, RegionError, backing_free, backing_name, probe
 
 # Signatures of other filesystems, as (offset, bytes), so mkfs does not clobber them silently.
 FOREIGN_SIGNATURES = [
@@ -39,6 +40,41 @@ FOREIGN_SIGNATURES = [
 class MkfsResult:
     superblock: Superblock
     created: bool
+    sparse: bool = False  # overcommitted: only the metadata in use is reserved so far
+    reserved: int = 0  # bytes of the backing the region holds now
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _size_arg(n: int) -> str:
+    """n bytes as pmemfs-mkfs --size takes them, rounded down to whole MiB or GiB."""
+    return f"{n >> 30}G" if n >= 1 << 30 else f"{n >> 20}M"
+
+
+def _does_not_fit(path: str, size: int, block_size: int, page_size: int,
+                  kind: str, allocated: int, free: int) -> RegionError:
+    """A reserved region needs its whole size from the backing (less what the file holds
+    already): the one line that says what fits."""
+    fits = (free + allocated) // max(block_size, page_size) * max(block_size, page_size)
+    where = backing_name(path)
+    if kind == "hugetlbfs":
+        have = f"{free // page_size} free huge pages of {_human(page_size)} ({_human(free)})"
+        more = f"; /sys/kernel/mm/hugepages/hugepages-{page_size >> 10}kB/nr_hugepages reserves more"
+    else:
+        have = f"{_human(free)} free"
+        more = ""
+    if allocated and size:
+        fit = f"a region of at most {_human(fits)} fits"
+    else:
+        fit = f"--size {_size_arg(fits)} fits" if fits else "no region fits"
+    return RegionError(f"{path}: a {_human(size)} region does not fit in {where}: {have}{more}; "
+                       f"{fit}, or --sparse overcommits it (blocks are then reserved as they are used)")
 
 
 def detect_existing(buf: memoryview, size: int, fd: int | None = None) -> str | None:
@@ -58,11 +94,15 @@ def detect_existing(buf: memoryview, size: int, fd: int | None = None) -> str | 
 
 def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
                     inodes: int | None = None, label: str = "", force: bool = False,
-                    prefault: bool = False,
+                    prefault: bool = False, sparse: bool = False,
                     progress: Callable[[str, int], Callable[[int], None]] | None = None,
                     **tables: int | None) -> MkfsResult:
-    """Format path; create it (sparse) with `size` when it does not exist.
+    """Format path; create it with `size` when it does not exist.
 
+    On tmpfs or hugetlbfs the whole region is reserved from the backing (fallocate),
+    and a region the backing cannot hold is refused with what fits; sparse=True
+    overcommits it instead: only the metadata in use is reserved, and the daemon
+    reserves each block when it allocates it (docs/DESIGN.md, "The backing").
     tables: extents=, dirents=, blobs=, packs= record counts (Geometry.plan).
     Raises RegionError or FormatError with a one-line reason.
     """
@@ -79,10 +119,25 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
     if existed and size and os.path.isfile(path) and os.path.getsize(path) not in (0, size):
         raise RegionError(f"{path}: exists with size {os.path.getsize(path)}; --size {size} "
                           "would not match (remove it or leave out --size)")
+    if sparse and prefault:
+        raise FormatError("--prefault populates every block, --sparse reserves them as they are used: "
+                          "give one of them")
     if size:
         Geometry.plan(size, block_size, inodes, **tables)  # refuse before creating anything
+    info = probe(path)
+    if sparse and info.kind == "devdax":
+        raise RegionError(f"{path}: a /dev/dax device is its memory; --sparse is for a region file "
+                          "on tmpfs or hugetlbfs")
+    if size and size % info.page_size:
+        raise RegionError(f"{path}: size {size} is not a multiple of the {info.kind} page size {info.page_size}")
+    if info.memory and not sparse:
+        free = backing_free(path) or 0
+        allocated = os.stat(path).st_blocks * 512 if existed else 0
+        if (size or info.size) - allocated > free:
+            raise _does_not_fit(path, size or info.size, block_size, info.page_size, info.kind,
+                                allocated, free)
     try:
-        region = Region(path, create_size=size)
+        region = Region(path, create_size=size, noreserve=sparse)
     except BaseException:
         # Region may have created the file before failing (to size or map it).
         if not existed and os.path.exists(path):
@@ -98,12 +153,34 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
             if found:
                 raise FormatError(f"{path} already holds {found}; use --force to overwrite it")
         sb = Superblock.new(geometry, label)
-        _write_metadata(region, sb, zero=existed)
+        zero = existed
+        if sparse:
+            sb.feature_compat |= FEATURE_COMPAT_SPARSE
+        if region.memory:
+            try:
+                if sparse:
+                    if existed:
+                        region.release(0, region.size)  # every block is free: a hole
+                        zero = False
+                    for off, n in geometry.metadata_in_use(sb.hwm):
+                        region.reserve(off, n)
+                else:
+                    tick = progress("reserving", region.size) if progress else None
+                    region.reserve(0, region.size, tick)
+            except BackingFull:
+                free = backing_free(path) or 0
+                if sparse:
+                    raise RegionError(f"{path}: {backing_name(path)} cannot hold even the metadata in "
+                                      f"use ({_human(free)} free)") from None
+                # Someone else took the memory since it was counted.
+                raise _does_not_fit(path, region.size, block_size, region.page_size, region.kind,
+                                    0, free) from None
+        _write_metadata(region, sb, zero=zero)
         if prefault:
             length = region.size - geometry.data_start_block * geometry.block_size
             tick = progress("prefaulting", length) if progress else None
             region.prefault(geometry.data_start_block * geometry.block_size, length, tick)
-        return MkfsResult(sb, not existed)
+        return MkfsResult(sb, not existed, sparse, region.allocated() if region.memory else 0)
     except BaseException:
         region.close()
         if not existed:

@@ -77,7 +77,7 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     want = -(-size // bs)
     packed = ino in e.packer.packed
     need = sum(n for _, n in e._unmapped(fm, 0, want))
-    if need > e.alloc.free:
+    if need > e.blocks_available():
         raise FsError(errno.ENOSPC)
     if len(fm) > MAX_PIECES or not e._have_slots("extent", 2):
         raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
@@ -102,8 +102,9 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
             for f, p, n, _ in old:
                 e.u8[(start + f) * bs:(start + f + n) * bs] = e.u8[p * bs:(p + n) * bs]
                 kept[f:f + n] = True
-            for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
-                e.u8[(start + f) * bs:(start + f + 1) * bs] = 0
+            if not e.alloc.known_zero(start, run):  # reserved from holes: zeros already
+                for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
+                    e.region.zero((start + f) * bs, bs)
             for _, p, n, slot in old:
                 e._drop_extent_slot(tx, slot)
                 e.alloc.mark(tx, p, n, False)
@@ -127,7 +128,8 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
             for fb, pb, n in plan:
                 e.alloc.mark(tx, pb, n, True)
                 e._add_extent(tx, ino, fm, fb, pb, n)
-                e.u8[pb * bs:(pb + n) * bs] = 0
+                if not e.alloc.known_zero(pb, n):
+                    e.region.zero(pb * bs, n * bs)
             _grow(e, tx, ino, size, old_size, sum(n for _, _, n in plan))
     return e.extents(ino)
 
@@ -312,19 +314,24 @@ def _move(e: Engine, ino: int, fm: FileMap, fb: int, n: int, lo: int, hi: int) -
     if not e._have_slots("extent", len(runs) + 1):
         return False  # the extent table is full: stop here, what moved stays moved
     bs = e.block_size
-    with e.transaction() as tx:
-        old = _cut(e, tx, ino, fm, fb, fb + n)
-        pos = fb
-        for pb, k in runs:
-            e.alloc.mark(tx, pb, k, True)
-            for ofb, opb, on in old:  # copy the data of [pos, pos+k) from its old home
-                a, b = max(pos, ofb), min(pos + k, ofb + on)
-                if a < b:
-                    src = (opb + a - ofb) * bs
-                    dst = (pb + a - pos) * bs
-                    e.u8[dst:dst + (b - a) * bs] = e.u8[src:src + (b - a) * bs]
-            e._add_extent(tx, ino, fm, pos, pb, k)
-            pos += k
-        for _, opb, on in old:
-            e.alloc.mark(tx, opb, on, False)
+    try:
+        with e.transaction() as tx:
+            old = _cut(e, tx, ino, fm, fb, fb + n)
+            pos = fb
+            for pb, k in runs:
+                e.alloc.mark(tx, pb, k, True)
+                for ofb, opb, on in old:  # copy the data of [pos, pos+k) from its old home
+                    a, b = max(pos, ofb), min(pos + k, ofb + on)
+                    if a < b:
+                        src = (opb + a - ofb) * bs
+                        dst = (pb + a - pos) * bs
+                        e.u8[dst:dst + (b - a) * bs] = e.u8[src:src + (b - a) * bs]
+                e._add_extent(tx, ino, fm, pos, pb, k)
+                pos += k
+            for _, opb, on in old:
+                e.alloc.mark(tx, opb, on, False)
+    except FsError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return False  # an overcommitted region's backing cannot hold the copy: stop here
     return True

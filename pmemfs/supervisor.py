@@ -43,6 +43,27 @@ from . import session, systemd
 log = logging.getLogger("pmemfs.supervisor")
 
 EXIT_HANDED_OVER = 75  # a daemon that drained for a successor exits with this
+# Memory pressure the mount did not cause must not end it (docs/DESIGN.md, "The
+# backing"): killing the daemon frees none of the region, whose pages count in its
+# RSS. The supervisor, which holds the connection, is never chosen; the daemon and its
+# standby only when nothing else is left. Only root (CAP_SYS_RESOURCE) may lower these.
+OOM_SCORE_ADJ_SUPERVISOR = -1000
+OOM_SCORE_ADJ_DAEMON = -900
+
+
+def set_oom_score_adj(value: int, who: str = "this process") -> bool:
+    """Set this process's oom_score_adj; False, and a line in the log, when it may not
+    (lowering it needs CAP_SYS_RESOURCE): it then keeps the value it inherited."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+        return True
+    except OSError as e:
+        log.warning("cannot set oom_score_adj to %d (%s; lowering it needs CAP_SYS_RESOURCE): "
+                    "the OOM killer may choose %s", value, e.strerror, who)
+        return False
+
+
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 4096, 1 << 21, 1 << 24
 # The options a remount changes (mounting.resolve_options names them): the kernel's
@@ -796,6 +817,7 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
               inherited: dict[str, int] | None = None) -> int:
     """Hold the connection and keep a daemon serving it (or, where a takeover cannot
     work here, remount on a death). Returns when the mount ends."""
+    set_oom_score_adj(OOM_SCORE_ADJ_SUPERVISOR, "the supervisor")  # its daemons set their own
     daemon = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
     tail = ["--log", os.path.abspath(log_file)] if log_file else []
     if debug:

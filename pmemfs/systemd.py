@@ -79,7 +79,8 @@ FileDescriptorStoreMax=2
 KillMode=mixed
 TimeoutStopSec=120
 Restart=on-failure
-# The daemon holds the guests' memory: the OOM killer should pick anything else first.
+# The daemon holds the guests' memory: the OOM killer should pick anything else first
+# (the supervisor, which holds the connection, lowers itself to -1000 at start).
 OOMScoreAdjust=-900
 
 [Install]

@@ -35,14 +35,20 @@ def assert_clean(region: str) -> None:
     assert not errors, "region fails its checks: " + "; ".join(f.message for f in errors[:5])
 
 
+SPARSE_ABOVE = 1 << 30
+
+
 @pytest.fixture
 def region_factory():
+    """Regions up to 1 GiB are reserved as pmemfs-mkfs makes them by default; larger
+    ones are overcommitted (--sparse), as the tests that make them rely on: the few
+    blocks they use are memory, the rest are holes. sparse= says it explicitly."""
     made: list[str] = []
 
-    def make(size: int = SMALL, **kw) -> str:
+    def make(size: int = SMALL, sparse: bool | None = None, **kw) -> str:
         path = new_region_path()
         made.append(path)
-        make_filesystem(path, size=size, **kw)
+        make_filesystem(path, size=size, sparse=size > SPARSE_ABOVE if sparse is None else sparse, **kw)
         return path
 
     make.paths = made
@@ -63,6 +69,34 @@ def engine(region):
     yield e
     e.close()
     assert_clean(region)
+
+
+def written_bytes(path: str) -> int:
+    """Bytes of a file on tmpfs whose pages were written (or faulted in): mincore over a
+    shared mapping counts those, not pages only reserved by fallocate (which st_blocks
+    counts). So a reserved region's untouched blocks show here as 0."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
+    finally:
+        libc.munmap(addr, size)
 
 
 def superblock_state(region: str) -> int:

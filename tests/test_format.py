@@ -210,7 +210,7 @@ def test_metadata_of_a_1tib_region_is_below_a_tenth_of_a_percent(bs):
     assert g.metadata_bytes / TiB < 0.001
     path = new_region_path()
     try:
-        make_filesystem(path, size=TiB, block_size=bs)
+        make_filesystem(path, size=TiB, block_size=bs, sparse=True)
         st = os.stat(path)
         assert st.st_size == TiB
         # Sparse: mkfs wrote a few pages of the metadata area, never the tables or data.
@@ -310,7 +310,7 @@ def test_backup_search_in_a_sparse_1tib_region_allocates_nothing():
     """Probing every 2M boundary through the mapping would fault in 2 GiB of tmpfs."""
     path = new_region_path()
     try:
-        make_filesystem(path, size=TiB)
+        make_filesystem(path, size=TiB, sparse=True)
         with Region(path) as r:
             r.buf[:SB_SLOT] = bytes(SB_SLOT)
             before = os.stat(path).st_blocks

@@ -74,7 +74,9 @@ def mounted_tmpfs(where: str, *options: str):
     (("--size", "0"), ["--size", "must be positive"]),
     (("--size", "9999999P"), ["blocks of 2097152 bytes is too large"]),  # extent indices are u32
     (("--size", "4000P"), ["too large", "(use 1G blocks)"]),
-    (("--size", "1000P", "--block-size", "1G"), ["cannot map"]),
+    (("--size", "1000P", "--block-size", "1G"), ["does not fit in tmpfs /dev/shm", "--sparse"]),
+    (("--sparse", "--size", "1000P", "--block-size", "1G"), ["cannot map"]),
+    (("--sparse", "--prefault", "--size", "64M"), ["--prefault", "--sparse"]),
     (("--size", "64M", "--block-size", "4M"), ["--block-size", "4M"]),
     (("--size", "64M", "--label", "x" * 65), ["label", "longer than 64 bytes"]),
     (("--size", "64M", "--label", b"bad\xff"), ["label", "not valid UTF-8"]),
@@ -192,10 +194,11 @@ def test_json_summary_matches_the_region(path):
 
 
 def test_1g_blocks(path):
-    r = mkfs("--json", "--size", "2G", "--block-size", "1G", path)
+    r = mkfs("--json", "--sparse", "--size", "2G", "--block-size", "1G", path)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert (s["block_size"], s["data_blocks"], s["metadata_bytes"]) == (BLOCK_1G, 1, GiB)
+    assert s["sparse"] and s["reserved_bytes"] == os.stat(path).st_blocks * 512
     assert os.stat(path).st_blocks * 512 < 4 * MiB  # still sparse
     i = info_json(path)
     assert (i["block_size"], i["data_blocks"], i["free_blocks"]) == (BLOCK_1G, 1, 1)

@@ -40,9 +40,13 @@ def test_sparse_file_region_and_mkfs_touch_almost_nothing(shm_path):
         assert r.writable and r.locked
     assert os.path.getsize(shm_path) == TiB
     assert allocated(shm_path) == 0
-    # mkfs on the existing, still sparse file: checks for old filesystems and zeroes
-    # the metadata area, neither of which may fault in pages.
-    make_filesystem(shm_path)
+    # A 1 TiB region cannot be reserved on this tmpfs: refused, the file left as it was.
+    with pytest.raises(RegionError, match=r"does not fit in tmpfs .*--sparse overcommits it"):
+        make_filesystem(shm_path)
+    assert os.path.getsize(shm_path) == TiB and allocated(shm_path) == 0
+    # mkfs --sparse on the existing, still sparse file: checks for old filesystems and
+    # reserves the metadata in use only, neither of which may fault in other pages.
+    make_filesystem(shm_path, sparse=True)
     assert allocated(shm_path) < 4 * MiB, allocated(shm_path)
     info = describe(shm_path)
     assert info["region_size"] == TiB and info["backing"] == "file"
@@ -50,7 +54,7 @@ def test_sparse_file_region_and_mkfs_touch_almost_nothing(shm_path):
 
 
 def test_reformat_clears_old_tables_without_allocating_them(shm_path):
-    make_filesystem(shm_path, size=TiB)
+    make_filesystem(shm_path, size=TiB, sparse=True)
     with Region(shm_path) as r:
         sb, _ = read_superblock(r.buf, r.size)
         g = sb.geometry
@@ -58,19 +62,25 @@ def test_reformat_clears_old_tables_without_allocating_them(shm_path):
         marks = [g.offsets["dirent"] + 100 * 4096, g.offsets["blob"] + 7 * 4096 + 12]
         for off in marks:
             r.buf[off:off + 4] = b"junk"
-    make_filesystem(shm_path, force=True)
+    make_filesystem(shm_path, force=True, sparse=True)
     with Region(shm_path, writable=False, lock=False) as r:
         for off in marks:
             assert bytes(r.buf[off:off + 4]) == bytes(4)
     assert allocated(shm_path) < 4 * MiB, allocated(shm_path)
 
 
-def test_zero_keeps_the_bytes_around_the_range(shm_path):
-    with Region(shm_path, create_size=4 * MiB) as r:
+@pytest.mark.parametrize("where", ["tmpfs", "disk"])
+def test_zero_keeps_the_bytes_around_the_range(shm_path, tmp_path, where):
+    path = shm_path if where == "tmpfs" else str(tmp_path / "region")
+    with Region(path, create_size=4 * MiB) as r:
+        assert r.memory == (where == "tmpfs")
         r.buf[:] = b"\xab" * r.size
         r.zero(1000, 3 * 4096 + 500)  # partial page, two whole pages, partial page
-        # The whole pages were given back (read before reading them faults them in).
-        assert allocated(shm_path) == 4 * MiB - 2 * 4096
+        # On memory the pages stay the region's (stored zeros: a reserved page must not
+        # go back to the backing); on a disk the whole pages were punched out (read
+        # before reading them faults them in).
+        expect = 4 * MiB if where == "tmpfs" else 4 * MiB - 2 * 4096
+        assert allocated(path) == expect
         data = bytes(r.buf)
     end = 1000 + 3 * 4096 + 500
     assert data[:1000] == b"\xab" * 1000
@@ -240,10 +250,15 @@ def test_hugetlbfs_region(tmp_path):
         # mkfs on an existing, empty 16 MiB hugetlbfs file looks for old filesystems at
         # every block boundary: that must not fault in (allocate) the huge pages.
         empty = os.path.join(mnt, "empty")
-        Region(empty, create_size=16 * MiB).close()
+        Region(empty, create_size=16 * MiB, noreserve=True).close()
         free_before = _hugepages_free()
-        make_filesystem(empty)
-        assert free_before - _hugepages_free() <= 2  # the metadata area: 4 MiB
+        sb = make_filesystem(empty, sparse=True).superblock
+        # Only the huge pages of the metadata in use (superblock, journal, bitmaps, each
+        # table's first records, the backup) are reserved: here 3 of the 8.
+        pages = {p for off, n in sb.geometry.metadata_in_use(sb.hwm)
+                 for p in range(off // (2 * MiB), -(-(off + n) // (2 * MiB)))}
+        assert len(pages) < 8
+        assert free_before - _hugepages_free() == len(pages)
         os.unlink(empty)
         # Not a multiple of the huge page size: refused, and nothing is left behind.
         odd = os.path.join(mnt, "odd")

@@ -695,7 +695,9 @@ class Bench:
             path = f"/dev/shm/{self.tag}-{label}.region"
             self.regions.append(path)
             log(f"building a {human_bytes(size)} region with {prof.many_files} files (Engine, no FUSE)")
-            run([MKFS, "--size", str(size), "--inodes", str(prof.many_inodes), path])
+            # The big region is overcommitted (--sparse): it is larger than the machine's memory.
+            sparse = ["--sparse"] if label == "big" else []
+            run([MKFS, *sparse, "--size", str(size), "--inodes", str(prof.many_inodes), path])
             run([sys.executable, __file__, "--internal", "populate", path, str(prof.many_files)], timeout=900)
             regions[label] = path
             g = _geometry(size, prof.many_inodes)

@@ -90,7 +90,7 @@ def measure(mountpoint: str | None = None, size: int = GiB, repeats: int = 9) ->
     mp = tempfile.mkdtemp(prefix="pmemfs-direct-bench-")
     m = None
     try:
-        make_filesystem(region, size=2 * size + 2 * GiB)
+        make_filesystem(region, size=2 * size + 2 * GiB, sparse=True)  # only the two files are memory
         m = mounting.spawn(region, mp, set())
         return copy_bandwidth(mp, size, repeats)
     finally:

@@ -29,7 +29,7 @@ from pmemfs.mkfs import make_filesystem
 
 def build(path: str, size: int, files: int) -> float:
     t0 = time.perf_counter()
-    make_filesystem(path, size=size)
+    make_filesystem(path, size=size, sparse=True)  # overcommitted: 1 TiB is more than the memory
     e = Engine(path)
     try:
         per_dir = 1000
