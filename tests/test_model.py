@@ -367,10 +367,10 @@ def test_random_operations_match_tmpfs(region_factory, mount_factory):
     started = time.monotonic()
     batches = 0
     try:
-        # Up to 25 sequences of 30 steps, in batches of 5, and no new batch after 20 s:
+        # Up to 25 sequences of 30 steps, in batches of 5, and no new batch after 10 s:
         # the suite stays fast on a loaded machine, and every run checks at least 5.
         # (PMEMFS_MODEL_SECONDS raises the budget for a long run.)
-        budget = float(os.environ.get("PMEMFS_MODEL_SECONDS", "20"))
+        budget = float(os.environ.get("PMEMFS_MODEL_SECONDS", "10"))
         while batches < 5 and (batches == 0 or time.monotonic() - started < budget):
             run_state_machine_as_test(
                 lambda: Model(m, ref),

@@ -88,6 +88,11 @@ def test_restart_and_a_supervisor_death_are_live_under_a_real_systemd(tmp_path):
     stop unmounts cleanly."""
     region = new_region_path()
     driver = os.path.join(os.path.dirname(__file__), "systemd_live.py")
+    # The driver mounts a tmpfs on /run/systemd inside its namespace; on a machine
+    # where systemd is installed but never ran, the directory may not exist yet.
+    made_run_systemd = not os.path.isdir("/run/systemd")
+    if made_run_systemd:
+        os.makedirs("/run/systemd")
     try:
         r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, driver,
                             str(tmp_path), region, os.path.join(BIN, "pmemfs")],
@@ -115,3 +120,5 @@ def test_restart_and_a_supervisor_death_are_live_under_a_real_systemd(tmp_path):
     finally:
         if os.path.exists(region):
             os.unlink(region)
+        if made_run_systemd:
+            os.rmdir("/run/systemd")
