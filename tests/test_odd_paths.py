@@ -24,7 +24,6 @@ from conftest import SMALL, Mount, assert_clean, new_region_path
 from pmemfs.engine import RENAME_WHITEOUT, Engine
 from pmemfs.mkfs import make_filesystem
 
-AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 NOBODY = 65534
 NOTSUP = errno.errorcode[errno.EOPNOTSUPP]  # "ENOTSUP" in Python: the same number
@@ -32,19 +31,7 @@ NOTSUP = errno.errorcode[errno.EOPNOTSUPP]  # "ENOTSUP" in Python: the same numb
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
-
-
-def outcome(fn, *args, **kw) -> str:
-    """'ok' or the errno name of the OSError the call raised."""
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-    return "ok"
+from test_posix import outcome, renameat2  # noqa: E402  (the same helpers as the POSIX tests)
 
 
 def as_user(directory: str, fn, uid: int = NOBODY, gid: int = NOBODY, groups: tuple = ()):

@@ -196,12 +196,7 @@ class Janitor:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2:][:1] != b"Z"
+    return mounting._alive(pid)  # a zombie or a dead process is not
 
 
 @dataclass
