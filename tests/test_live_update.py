@@ -245,6 +245,21 @@ def test_an_unprivileged_user_cannot_upgrade(mounted):
     assert r.returncode != 0 and "only root" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_an_unprivileged_user_cannot_remount_through_the_supervisor(mounted):
+    """The remount verb asked of the supervisor's socket directly (the CLI would first
+    fail at the kernel's MS_REMOUNT): refused, and the mount stays writable."""
+    ask = ("import json, sys; from pmemfs import supervisor; "
+           "print(json.dumps(supervisor.ask(sys.argv[1], {'verb': 'remount', 'options': ['ro']})))")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                        ask, mounted.path], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["ok"] is False and "only root" in answer["error"], answer
+    with open(mounted.p("still-writable"), "w") as f:
+        f.write("yes")
+    assert "remounted" not in mounted.log()
+
+
 def test_unmount_ends_supervisor_standby_and_daemon(region, tmp_path):
     mp = str(tmp_path / "m")
     os.mkdir(mp)
