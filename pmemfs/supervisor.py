@@ -586,9 +586,10 @@ class Supervisor:
         finally:
             os.close(state)
 
-    def _forget(self) -> None:
-        """The mount ends: systemd must not hand its descriptor to a next supervisor."""
-        if self.stored:
+    def _forget(self, always: bool = False) -> None:
+        """The mount ends (or what the store holds is not ours to serve): systemd must
+        not hand those descriptors to a next supervisor."""
+        if self.stored or always:
             self.stored = False
             for name in (systemd.FUSE_FD_NAME, systemd.STATE_FD_NAME):
                 try:
@@ -628,8 +629,7 @@ class Supervisor:
                 self.set_options(now)
             return True
         log.warning("not serving the connection in systemd's fd store (%s): mounting afresh", why)
-        self.stored = True
-        self._forget()
+        self._forget(always=True)
         if fuse is not None:
             old = state.get("mountpoint") if isinstance(state.get("mountpoint"), str) else None
             if old:  # nobody serves it: fail its waiters now, and take it away
