@@ -1183,6 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[scale_name]
     seconds = (a.hours or 0) * 3600 + (a.minutes or 0) * 60
     rounds = a.rounds if a.rounds is not None else (None if seconds else len(a.phases))
+    if a.workdir and not os.path.isdir(a.workdir):
+        print(f"soak.py: --workdir {a.workdir}: no such directory", file=sys.stderr)
+        return 2
     work = tempfile.mkdtemp(prefix="pmemfs-soak-", dir=a.workdir)
     shm = tempfile.mkdtemp(prefix="pmemfs-soak-", dir="/dev/shm")
     janitor = Janitor(work, shm)
