@@ -325,7 +325,10 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
         remounter = Remounter(ops, region, options)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
         add_handlers(ops, fuse_fd)
-        session.replay_init(fuse_fd, init)
+        # The first daemon writes the kernel's one INIT reply, with KILLPRIV_V2 added.
+        added = session.replay_init(fuse_fd, init, session.FUSE_HANDLE_KILLPRIV_V2 if first else 0)
+        if first and not added:
+            log.info("the kernel did not take FUSE_HANDLE_KILLPRIV_V2: each write costs two requests")
         if not first:
             session.notify_resend(fuse_fd)
     except Exception as e:

@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import struct
 import threading
 import time
@@ -38,6 +39,12 @@ ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
 # write, and it also writes dirty pages of a shared mapping back under an O_APPEND
 # handle, which must land at their own offsets.
 FH_DIRECT = 1 << 63
+# An O_DIRECT handle opened by a caller without CAP_FSETID: its writes clear set-uid and
+# set-gid. The kernel's direct write path never calls file_remove_privs; with
+# KILLPRIV_V2 it flags such writes for the daemon, a flag libfuse 3.14 drops.
+FH_KILL = 1 << 62
+FH_OUTSIDE = 1 << 61  # ... and who was not in the file's group: set-gid goes even without g+x
+FH_FLAGS = FH_DIRECT | FH_KILL | FH_OUTSIDE
 # The ioctls that carry chattr flags (the kernel's fuse_fileattr_get/set send them).
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
 FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS = 0x80046601, 0x40046602
@@ -197,9 +204,51 @@ class Operations(pyfuse3.Operations):
             kw["mtime_ns"] = attr.st_mtime_ns
         if fields.update_ctime:
             kw["ctime_ns"] = attr.st_ctime_ns
+        killed = self._killed_mode(inode, kw, ctx)
+        if killed is not None:
+            kw["mode"] = killed
+        if not kw:  # nothing to change (see _killed_mode): no transaction, no new ctime
+            return self.attrs(self.engine.stat(inode))
         now = time.time_ns()
         times_now = all(abs(kw[k] - now) < NOW_SLACK_NS for k in ("atime_ns", "mtime_ns") if k in kw)
         return self.attrs(self.engine.setattr(inode, times_now=times_now, **kw))
+
+    def _kill_on_write(self, ino: int, fh: int) -> None:
+        """A write through an FH_KILL handle clears set-uid, and set-gid with group
+        exec (or for a writer outside the group), as file_remove_privs would."""
+        st = self.engine.stat(ino)
+        if stat.S_ISREG(st.mode) and st.mode & (stat.S_ISUID | stat.S_ISGID):
+            kill = stat.S_ISUID
+            if st.mode & stat.S_IXGRP or fh & FH_OUTSIDE:
+                kill |= stat.S_ISGID
+            if st.mode & kill:
+                self.engine.setattr(ino, mode=stat.S_IMODE(st.mode) & ~kill)
+                _drop_cached_attrs(ino)
+
+    def _killed_mode(self, inode: int, kw: dict, ctx) -> int | None:
+        """The mode with set-uid/set-gid cleared where the kernel would clear them, or
+        None: with FUSE_HANDLE_KILLPRIV_V2 (negotiated at INIT, docs/DESIGN.md "One
+        request per write") the kernel leaves that to us, and libfuse 3.14 drops the
+        flags that say so. So the rules of setattr_should_drop_suidgid are applied here:
+        a chown always clears set-uid; a truncate, or the empty SETATTR the kernel sends
+        before a write to such a file, clears them when the caller lacks CAP_FSETID.
+        Without KILLPRIV_V2 the kernel sends the same mode itself; this agrees with it."""
+        if "mode" in kw or not ({"uid", "gid", "size"} >= kw.keys()):
+            return None  # chmod says what it wants; times alone clear nothing
+        st = self.engine.stat(inode)
+        mode = st.mode
+        if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+            return None
+        who = creds.of_process(ctx.uid, ctx.gid, ctx.pid)
+        fsetid = who.capable(creds.CAP_FSETID)
+        chown = "uid" in kw or "gid" in kw
+        kill = 0
+        if mode & stat.S_ISUID and (chown or not fsetid):
+            kill |= stat.S_ISUID
+        drop_sgid = mode & stat.S_IXGRP or not (fsetid or who.in_group(st.gid))
+        if mode & stat.S_ISGID and drop_sgid and (chown or not fsetid):
+            kill |= stat.S_ISGID
+        return stat.S_IMODE(mode) & ~kill if kill else None
 
     @handler
     async def readlink(self, inode, ctx):
@@ -242,7 +291,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         return self.entry(self.engine.link(inode, new_parent_inode, new_name, _ctx(ctx)))
 
-    def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    def _file_info(self, ino: int, flags: int, ctx) -> pyfuse3.FileInfo:
         if self.engine.leases.held(ino):
             # Mapped directly (pmemfs.direct): the region is the only copy, so the
             # kernel must not cache it. A shared mmap of such an open fails (ENODEV).
@@ -252,7 +301,12 @@ class Operations(pyfuse3.Operations):
             # never caches pages and is never used to write dirty ones back: the
             # invalidations its writes wait for (write()) cannot wait on themselves.
             self.direct.opened(ino)
-            return pyfuse3.FileInfo(fh=ino | FH_DIRECT, keep_cache=True, direct_io=True)
+            kill = 0
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                who = creds.of_process(ctx.uid, ctx.gid, ctx.pid)
+                if not who.capable(creds.CAP_FSETID):
+                    kill = FH_KILL | (0 if who.in_group(self.engine.stat(ino).gid) else FH_OUTSIDE)
+            return pyfuse3.FileInfo(fh=ino | FH_DIRECT | kill, keep_cache=True, direct_io=True)
         return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=False)
 
     @handler
@@ -260,21 +314,22 @@ class Operations(pyfuse3.Operations):
         self.engine.check_open(inode, flags)  # chattr +i / +a (the kernel cannot know them)
         if flags & os.O_TRUNC:
             # Also when already empty: an O_TRUNC open updates mtime and ctime (as tmpfs).
-            self.engine.setattr(inode, size=0)
+            # The kernel truncates through OPEN (atomic O_TRUNC) and leaves set-uid to us.
+            self.engine.setattr(inode, size=0, mode=self._killed_mode(inode, {"size": 0}, ctx))
         else:
             self.engine.stat(inode)  # ENOENT for an inode that is gone
-        return self._file_info(inode, flags)
+        return self._file_info(inode, flags, ctx)
 
     @replying
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         st = self.engine.create(parent_inode, name, mode, _ctx(ctx))
-        return self._file_info(st.ino, flags), self.entry(st)
+        return self._file_info(st.ino, flags, ctx), self.entry(st)
 
     @handler
     async def read(self, fh, off, size):
         if fh & FH_DIRECT:
-            return self.engine.read(fh & ~FH_DIRECT, off, size)
+            return self.engine.read(fh & ~FH_FLAGS, off, size)
         self.direct.buffered_io(fh)
         return self.engine.read(fh, off, size)
 
@@ -286,7 +341,9 @@ class Operations(pyfuse3.Operations):
         # An O_DIRECT write: no page the kernel cached before it, or while it was in
         # flight, may outlive it. Dropping pages first also writes back dirty pages of a
         # shared mapping, so they land before this write, not over it.
-        ino = fh & ~FH_DIRECT
+        ino = fh & ~FH_FLAGS
+        if fh & FH_KILL:
+            self._kill_on_write(ino, fh)
         if self.direct.may_be_cached(ino):
             await self._drop_pages_now(ino)
         n = self.engine.write(ino, off, buf)
@@ -312,11 +369,11 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh):
         if fh & FH_DIRECT:
-            self.direct.released(fh & ~FH_DIRECT)
+            self.direct.released(fh & ~FH_FLAGS)
 
     @handler
     async def fsync(self, fh, datasync):
-        self.engine.fsync(fh & ~FH_DIRECT)
+        self.engine.fsync(fh & ~FH_FLAGS)
 
     @handler
     async def opendir(self, inode, ctx):

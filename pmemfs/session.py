@@ -46,6 +46,10 @@ from collections.abc import Callable
 FUSE_NOTIFY_RESEND = 7
 FUSE_INIT = 26
 IN_HEADER = struct.Struct("<IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
+OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
+# The kernel lets the server clear set-uid/set-gid itself and stops asking for
+# security.capability before every write once an inode is known clean (SB_NOSEC).
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
 SESSION_SYMBOL = b"__pyx_v_7pyfuse3_session"
 OPS_SYMBOL = b"__pyx_v_7pyfuse3_fuse_ops"
 # struct fuse_lowlevel_ops of libfuse 3.x: 44 function pointers; the slots we fill.
@@ -178,11 +182,18 @@ def check_init_request(data: bytes) -> None:
         raise SessionError(f"the saved request is not a FUSE_INIT (opcode {opcode}, {length} bytes)")
 
 
-def replay_init(fd: int, init_request: bytes) -> None:
+def replay_init(fd: int, init_request: bytes, add_flags: int = 0) -> int:
     """Initialise pyfuse3's fresh session on `fd` with the connection's original INIT.
 
     Call after pyfuse3.init(ops, f"/dev/fd/{fd}") and before pyfuse3.main(). It runs
     the filesystem's init() handler, as a first INIT would.
+
+    With `add_flags` (FUSE_INIT flags libfuse 3.14 does not know, such as
+    FUSE_HANDLE_KILLPRIV_V2), libfuse's reply is caught instead of reaching the kernel,
+    the flags the kernel offered among them are added, and the reply is written to the
+    kernel from here. Only the first daemon of a connection does that: the kernel takes
+    one INIT reply per connection, and a successor's reply is refused anyway. Returns
+    the flags added.
     """
     check_init_request(init_request)
     lib = _libfuse()
@@ -194,7 +205,50 @@ def replay_init(fd: int, init_request: bytes) -> None:
         raise SessionError(f"pyfuse3's session reports fd {have}, expected {fd}: unknown layout")
     mem = ctypes.create_string_buffer(init_request, len(init_request))
     buf = _FuseBuf(len(init_request), 0, ctypes.cast(mem, ctypes.c_void_p), -1, 0)
-    lib.fuse_session_process_buf(se, ctypes.byref(buf))
+    if not add_flags:
+        lib.fuse_session_process_buf(se, ctypes.byref(buf))
+        return 0
+    reply = _caught_reply(fd, lambda: lib.fuse_session_process_buf(se, ctypes.byref(buf)))
+    patched, added = add_init_flags(init_request, reply, add_flags)
+    os.write(fd, patched)
+    return added
+
+
+def _caught_reply(fd: int, process: Callable[[], None]) -> bytes:
+    """What libfuse writes to `fd` while `process` runs, caught in a pipe: the fd number
+    points at the pipe meanwhile (nothing else uses it before pyfuse3.main runs)."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    saved = os.dup(fd)
+    inheritable = os.get_inheritable(fd)
+    try:
+        os.dup2(w, fd, inheritable=inheritable)
+        try:
+            process()
+        finally:
+            os.dup2(saved, fd, inheritable=inheritable)
+        try:
+            return os.read(r, 1 << 16)
+        except BlockingIOError:
+            raise SessionError("libfuse wrote no reply to FUSE_INIT") from None
+    finally:
+        for x in (r, w, saved):
+            os.close(x)
+
+
+def add_init_flags(request: bytes, reply: bytes, add_flags: int) -> tuple[bytes, int]:
+    """`reply` (a struct fuse_init_out after its header) with those of `add_flags` that
+    the kernel offered in `request` added; an error reply is left as it is."""
+    length, error, unique = OUT_HEADER.unpack_from(reply)
+    if length != len(reply) or unique != IN_HEADER.unpack_from(request)[2]:
+        raise SessionError("libfuse's INIT reply is not one (unknown layout)")
+    if error or len(reply) < OUT_HEADER.size + 16:
+        return reply, 0
+    offered = struct.unpack_from("<I", request, IN_HEADER.size + 12)[0]
+    flags = struct.unpack_from("<I", reply, OUT_HEADER.size + 12)[0]
+    added = add_flags & offered & ~flags
+    out = bytearray(reply)
+    struct.pack_into("<I", out, OUT_HEADER.size + 12, flags | added)
+    return bytes(out), added
 
 
 def notify_resend(fd: int) -> None:

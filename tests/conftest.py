@@ -110,16 +110,18 @@ class Mount:
     fails, a daemon that does not exit 0 after it, a region not marked clean, a daemon
     that died by itself (only kill() is allowed to end one)."""
 
-    def __init__(self, region: str, path: str, options: set[str]):
+    def __init__(self, region: str, path: str, options: set[str], debug: bool = False):
         self.region = region
         self.path = path
         self.options = options
+        self.debug = debug  # the daemon logs every request it answers
         self.proc: subprocess.Popen | None = None
         self.killed = False
         self.start()
 
     def start(self) -> None:
-        m = mounting.spawn(self.region, self.path, set(self.options), log=self.path + ".log")
+        m = mounting.spawn(self.region, self.path, set(self.options), log=self.path + ".log",
+                           debug=self.debug)
         self.proc = m.proc
         self.status = m.status
         self.killed = False
@@ -223,10 +225,10 @@ class Mount:
 def mount_factory(tmp_path):
     made: list[Mount] = []
 
-    def make(region: str, options: set[str] | None = None, name: str = "mnt") -> Mount:
+    def make(region: str, options: set[str] | None = None, name: str = "mnt", debug: bool = False) -> Mount:
         path = str(tmp_path / name)
         os.makedirs(path, exist_ok=True)
-        m = Mount(region, path, options or set())
+        m = Mount(region, path, options or set(), debug)
         made.append(m)
         return m
 

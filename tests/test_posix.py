@@ -533,6 +533,93 @@ def test_ctime_changes(mounted):
     assert os.stat(p).st_ctime_ns >= last - 10**7
 
 
+# ------------------------------------- set-uid and set-gid, cleared by the daemon
+# pmemfs negotiates FUSE_HANDLE_KILLPRIV_V2 (one request per write): the kernel then
+# leaves clearing these bits to the daemon, on every path where it would clear them.
+KILL_MODES = (0o6777, 0o4766, 0o2676, 0o2666)  # sgid with and without group-exec
+KILL_ACTIONS = ("write", "odirect_write", "truncate", "ftruncate", "open_trunc", "utime")
+
+
+def _kill_act(name: str, action: str) -> None:
+    if action == "write":
+        with open(name, "ab") as f:
+            f.write(b"y")
+    elif action == "odirect_write":
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(name, os.O_WRONLY | os.O_DIRECT)
+        try:
+            os.pwrite(fd, buf, 0)
+        finally:
+            os.close(fd)
+    elif action == "truncate":
+        os.truncate(name, 1)
+    elif action == "ftruncate":
+        with open(name, "r+b") as f:
+            os.ftruncate(f.fileno(), 2)
+    elif action == "open_trunc":
+        with open(name, "wb"):
+            pass
+    elif action == "utime":
+        os.utime(name)
+    elif action == "chown":
+        os.chown(name, NOBODY, -1)
+
+
+def _kill_round(who: str, actions) -> dict:
+    modes = {}
+    for mode in KILL_MODES:
+        for action in actions:
+            name = f"{who}-{action}-{mode:o}"
+            modes[name] = [outcome(_kill_act, name, action), stat.S_IMODE(os.stat(name).st_mode)]
+    return modes
+
+
+def test_setuid_and_setgid_are_cleared_as_on_tmpfs(mount_factory, region, shm):
+    m = mount_factory(region, {"allow_other"})
+
+    def run(root: str) -> dict:
+        os.chmod(root, 0o777)
+        for mode in KILL_MODES:
+            for who, actions in (("root", (*KILL_ACTIONS, "chown")), ("nobody", KILL_ACTIONS)):
+                for action in actions:
+                    name = os.path.join(root, f"{who}-{action}-{mode:o}")
+                    write_file(name, b"x" * 4096)
+                    os.chmod(name, mode)
+        here = os.getcwd()
+        os.chdir(root)
+        try:
+            modes = _kill_round("root", (*KILL_ACTIONS, "chown"))
+        finally:
+            os.chdir(here)
+        modes.update(as_user(root, lambda: _kill_round("nobody", KILL_ACTIONS)))
+        return modes
+
+    ref, got = run(shm), run(m.path)
+    assert got == ref
+    # what the kernel's rules say, so that the comparison cannot pass by both doing nothing
+    assert got["nobody-write-6777"] == ["ok", 0o777] and got["root-write-6777"] == ["ok", 0o6777]
+    assert got["nobody-truncate-2676"] == ["ok", 0o676] and got["root-chown-4766"] == ["ok", 0o766]
+    assert got["nobody-utime-6777"] == ["ok", 0o6777]
+    m.restart()  # and the daemon wrote them down: a fresh kernel sees the same
+    assert {k: stat.S_IMODE(os.stat(m.p(k)).st_mode) for k in got} == {k: v[1] for k, v in got.items()}
+
+
+def test_a_write_is_one_request(mount_factory, region):
+    """With FUSE_HANDLE_KILLPRIV_V2 the kernel stops asking for security.capability
+    before each write once it knows the inode has none (SB_NOSEC)."""
+    m = mount_factory(region, debug=True)
+    fd = os.open(m.p("f"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for i in range(50):
+            os.pwrite(fd, b"w" * 4096, i * 4096)
+    finally:
+        os.close(fd)
+    log = m.log()
+    writes = log.count("pmemfs.fuse DEBUG write(")
+    asked = log.count("b'security.capability')")
+    assert writes == 50 and asked <= 1, (writes, asked)
+
+
 def test_setgid_directory_and_sticky_bit(mount_factory, region, shm):
     m = mount_factory(region, {"allow_other"})
 
