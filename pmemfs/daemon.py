@@ -224,7 +224,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
     engine = open_engine(region, options)
     if "prefault" in options and not engine.readonly:
         engine.prefault()
-    ops = Operations(engine)
+    ops = Operations(engine, frozenset(options))
     real = os.path.realpath(mountpoint)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(region, options))
@@ -321,7 +321,7 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
     try:
         if first and "prefault" in options and not engine.readonly:
             engine.prefault()
-        ops = Operations(engine)
+        ops = Operations(engine, frozenset(options))
         remounter = Remounter(ops, region, options)
         pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", fuse_options(region, options))
         add_handlers(ops, fuse_fd)

@@ -138,9 +138,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, options: frozenset[str] = frozenset()):
         super().__init__()
         self.engine = engine
+        # -o writeback: the kernel's writeback cache (docs/DESIGN.md "Writeback cache").
+        self.writeback = "writeback" in options
+        # -o noacl: no POSIX ACLs, so `ls -l` stops asking for them after one answer.
+        self.want_acl = "noacl" not in options
         # Directory handles carry their inode in the low 32 bits, so a handle that an
         # earlier daemon gave the kernel still works here (live update); the listing
         # snapshot is only a cache, rebuilt on demand, and cookies live in the region.
@@ -296,10 +300,13 @@ class Operations(pyfuse3.Operations):
             # Mapped directly (pmemfs.direct): the region is the only copy, so the
             # kernel must not cache it. A shared mmap of such an open fails (ENODEV).
             return pyfuse3.FileInfo(fh=ino, keep_cache=False, direct_io=True)
-        if flags & os.O_DIRECT:
+        if flags & os.O_DIRECT and not self.writeback:
             # Bypass the page cache in the kernel too (FOPEN_DIRECT_IO), so this handle
             # never caches pages and is never used to write dirty ones back: the
             # invalidations its writes wait for (write()) cannot wait on themselves.
+            # With the writeback cache the kernel writes dirty pages back through any
+            # writable handle, so there O_DIRECT stays the kernel's own (it flushes and
+            # drops the range around each direct write itself).
             self.direct.opened(ino)
             kill = 0
             if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -438,6 +445,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode, name, value, ctx):
         if control.is_control(name):
+            if self.writeback and name != control.ALIGN:
+                # The kernel's dirty pages are the newest bytes and it trusts only its
+                # own file sizes: blocks moved or grown behind it would be overwritten.
+                raise FsError(errno.EOPNOTSUPP, "control commands need a mount without -o writeback")
             moved = control.command(self.engine, inode, name, value, _ctx(ctx))
             # A command may set a size behind the kernel's back (prealloc grows the file,
             # carve sizes its destination): the cached attributes go before the answer,
@@ -482,11 +493,16 @@ class Operations(pyfuse3.Operations):
         it as on tmpfs. Both or neither."""
         try:
             both = session.FUSE_CAP_POSIX_ACL | session.FUSE_CAP_DONT_MASK
-            if conn.capable & both == both:
+            if self.want_acl and conn.capable & both == both:
                 conn.want |= both
             self.engine.acl = conn.want & both == both
+            if self.writeback:
+                if not conn.capable & session.FUSE_CAP_WRITEBACK_CACHE:
+                    log.warning("the kernel offers no writeback cache: -o writeback has no effect")
+                conn.want |= conn.capable & session.FUSE_CAP_WRITEBACK_CACHE
+                self.writeback = bool(conn.want & session.FUSE_CAP_WRITEBACK_CACHE)
         except Exception:
-            log.exception("negotiating POSIX ACLs failed")
+            log.exception("negotiating POSIX ACLs and the writeback cache failed")
 
     def _ioctl(self, req: int, ino: int, cmd: int, _arg, _fi, flags: int, in_buf: int | None,
                in_size: int, out_size: int) -> None:

@@ -18,7 +18,8 @@ READAHEAD_KB = 1024  # sequential reads then arrive as 1 MiB requests
 OPTION_PAIRS = {"ro": "rw", "suid": "nosuid", "dev": "nodev", "noexec": "exec", "nodiratime": "diratime",
                 "sync": "async"}
 ATIME_OPTIONS = {"relatime", "strictatime", "noatime", "atime"}
-DAEMON_OPTIONS = {"allow_other", "allow_root", "debug", "prefault", "force"}  # and live=on|off
+DAEMON_OPTIONS = {"allow_other", "allow_root", "debug", "prefault", "force",  # and live=on|off
+                  "writeback", "noacl"}
 # What mount(8), mount.fuse3 and fstab pass along that concerns nothing here, with the
 # FUSE superblock's own options, which mount(8) hands back at a remount.
 PASSED_ALONG = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "nofail", "_netdev",

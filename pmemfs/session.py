@@ -57,6 +57,7 @@ OPS_SLOTS = 44
 OPS_INDEX = {"init": 0, "ioctl": 34, "fallocate": 40, "lseek": 43}
 FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_POSIX_ACL = 1 << 19
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 
 
 class SessionError(Exception):

@@ -30,6 +30,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 import hypothesis.strategies as st
+import pytest
 from conftest import drop_caches
 from hypothesis import settings
 from hypothesis.stateful import (
@@ -360,8 +361,9 @@ class Model(RuleBasedStateMachine):
             raise AssertionError(f"trees differ: {diff}")
 
 
-def test_random_operations_match_tmpfs(region_factory, mount_factory):
-    m = mount_factory(region_factory(size=256 << 20), {"allow_other"})  # others may use it
+@pytest.mark.parametrize("extra", [set(), {"writeback"}], ids=["default", "writeback"])
+def test_random_operations_match_tmpfs(region_factory, mount_factory, extra):
+    m = mount_factory(region_factory(size=256 << 20), {"allow_other", *extra})  # others may use it
     ref = tempfile.mkdtemp(dir="/dev/shm", prefix="pmemfs-model-")
     old_umask = os.umask(0o022)
     started = time.monotonic()

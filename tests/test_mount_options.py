@@ -901,3 +901,23 @@ def test_dev_and_suid_are_refused_to_other_users(region, tmp_path):
                            capture_output=True, text=True, timeout=60, cwd="/")
         one_line_error(r, "needs root", "nodev,nosuid")
     assert not os.path.ismount(mp) and mounting.region_holder(region) is None
+
+
+# ------------------------------------------------------------------ noacl
+@pytest.mark.parametrize("options, acl", [(set(), True), ({"noacl"}, False)], ids=["acl", "noacl"])
+def test_noacl_spares_ls_a_request_per_file(region, mount_factory, options, acl):
+    """With ACLs the kernel asks for each inode's access ACL (ls -l asks for it too);
+    with -o noacl the first answer, EOPNOTSUPP, stops them all."""
+    m = mount_factory(region, options, debug=True)
+    for i in range(100):
+        with open(m.p(f"f{i}"), "wb"):
+            pass
+    drop_caches()
+    before = m.log().count("b'system.posix_acl_access')")
+    subprocess.run(["ls", "-l", m.path], check=True, capture_output=True)
+    asked = m.log().count("b'system.posix_acl_access')") - before
+    r = subprocess.run(["setfacl", "-m", "u:65534:r", m.p("f0")], capture_output=True, text=True)
+    if acl:
+        assert asked >= 100 and r.returncode == 0, (asked, r.stderr)
+    else:
+        assert asked <= 2 and r.returncode != 0 and "not supported" in r.stderr, (asked, r.stderr)
