@@ -78,6 +78,9 @@ OPERATIONS = {
     "write_allocating": lambda e: e.write(ino(e, b"a"), MiB, BLOB_2_5M),
     "write_extending": lambda e: e.write(ino(e, b"a"), 5000, b"tail" * 25),
     "write_hole_fill": lambda e: e.write(ino(e, b"big"), 2 * MiB + 5, b"y" * 3 * MiB),
+    # the hot path (Engine._write_in_place, one undo record): past the end of file,
+    # inside the last block (its size tells old from new; an overwrite changes only times)
+    "write_in_place_extending": lambda e: e.write(ino(e, b"d", b"f"), 3 * MiB, b"e" * 4096),
     "truncate_down": lambda e: e.truncate(ino(e, b"big"), 100),
     "truncate_up": lambda e: e.truncate(ino(e, b"a"), 5 * MiB),
     "unlink_data": lambda e: e.unlink(ino(e, b"d"), b"f"),
@@ -116,7 +119,8 @@ OPERATIONS = {
 # Data is written in place and not journaled: a write that was in flight at the kill may
 # show old or new bytes in the range it overwrites (never another file's bytes), while
 # its metadata (size, blocks) is before or after. docs/DESIGN.md says the same.
-WRITES = {"write_allocating": b"/a", "write_extending": b"/a", "write_hole_fill": b"/big"}
+WRITES = {"write_allocating": b"/a", "write_extending": b"/a", "write_hole_fill": b"/big",
+          "write_in_place_extending": b"/d/f"}
 
 
 def without_content(state: dict, path: bytes) -> dict:
