@@ -535,6 +535,9 @@ class Bench:
         size = _round(ops * (128 << 10) + max(4, ops // 4) * MiB + 64 * MiB, HUGE_PAGE)
         counted: list[tuple[str, Target, str, re.Pattern]] = []
         for t in self.pmemfs_targets:
+            if not t.region.startswith("/dev/shm/"):
+                self.res.notes.append(f"{t.name}: requests counted on a /dev/shm region with its options "
+                                      "(the backing does not change what the kernel asks)")
             region = f"/dev/shm/{self.tag}-{t.name}-count.region"
             self.regions.append(region)
             log_file = os.path.join(self.base, f"{t.name}-count.log")
@@ -987,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--internal"]:
         return _internal(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, one run (smoke test)")
     ap.add_argument("--runs", type=int, help="runs per workload and target (default 3)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")

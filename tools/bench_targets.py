@@ -201,7 +201,7 @@ def build_passthrough_ll(out_dir: str) -> str:
         return out
     missing = [tool for tool in ("gcc", "pkg-config") if shutil.which(tool) is None]
     if missing:
-        raise Unavailable(f"{' and '.join(missing)} not found (apt-get install gcc pkg-config)")
+        raise Unavailable(f"{' and '.join(missing)} not found (apt-get install {' '.join(missing)})")
     flags = run(["pkg-config", "--cflags", "--libs", "fuse3"], check=False)
     if flags.returncode != 0:
         raise Unavailable(f"pkg-config fuse3: {(flags.stderr or flags.stdout).strip()[-200:]} "
