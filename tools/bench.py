@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """pmemfs benchmark harness (`./run bench`).
 
-Runs each workload against these targets in one run, interleaved (A B C D A B C D ...)
-so that machine drift lands on all of them alike:
+Runs each workload against these targets (tools/bench_targets.py) in one run,
+interleaved (A B C D A B C D ...) so that machine drift lands on all of them alike:
 
-  pmemfs-shm    pmemfs, region in /dev/shm, mounted with -o prefault
-  pmemfs-huge   pmemfs, region on hugetlbfs (only when huge pages can be reserved)
-  tmpfs         a fresh kernel tmpfs mount
-  passthrough   tools/passthroughfs.py (minimal pyfuse3 + trio) over a fresh tmpfs
+  pmemfs-shm      pmemfs, region in /dev/shm, mounted with -o prefault
+  pmemfs-huge     pmemfs, region on hugetlbfs (only when huge pages can be reserved)
+  pmemfs-wb       pmemfs-shm plus -o writeback (skipped with a note if pmemfs refuses it)
+  tmpfs           a fresh kernel tmpfs mount
+  passthrough     tools/passthroughfs.py (minimal pyfuse3 + trio) over a fresh tmpfs
+  passthrough_ll  libfuse's C example passthrough_ll, compiled for the run, over a fresh
+                  tmpfs: the reference of the goals (skipped with a note without gcc)
 
-and prints one table: median, min-max, the baselines' medians, the ratio pmemfs /
-baseline and the project's goal with met/missed. `--json FILE` writes the same as
-JSON, `--markdown FILE` the table as Markdown (docs/BENCHMARKS.md uses it).
+`--targets` picks some of them, `--pmemfs NAME=OPT,OPT` adds a pmemfs target on
+/dev/shm with those mount options. It prints one table: median, min-max, the
+baselines' medians, the ratio pmemfs / baseline and the project's goal with
+met/MISSED, then a table of the FUSE requests per operation of the pmemfs targets
+(counted in a separate short pass with `pmemfs mount --debug`, never in the timed
+runs). `--json FILE` writes the same as JSON, `--markdown FILE` the tables as
+Markdown (docs/BENCHMARKS.md uses it).
 
 Needs root (mounts, drop_caches, huge pages), /dev/fuse and fio. Everything it
 mounts, starts or reserves is undone in `finally` blocks: mounts unmounted, daemons
@@ -41,22 +48,45 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
+from bench_targets import (  # noqa: E402
+    BIN,
+    HUGE_PAGE,
+    MKFS,
+    NR_HUGEPAGES,
+    PMEMFS_VARIANTS,
+    HugePages,
+    Passthrough,
+    PassthroughLL,
+    Pmemfs,
+    PmemfsVariant,
+    Target,
+    Tmpfs,
+    Unavailable,
+    drop_caches,
+    is_mounted,
+    kill_mount,
+    log,
+    pmemfs_mount,
+    pmemfs_unmount,
+    run,
+    serving_pid,
+    umount_kernel,
+)
 
 # pmemfs itself is imported late and Engine is used in child processes (`--internal`):
 # the package may change on disk while a run goes on, and every region the harness
 # makes must be made and read by the code that mounts it.
 
-BIN = Path(sys.executable).parent
-PMEMFS = str(BIN / "pmemfs")
-MKFS = str(BIN / "pmemfs-mkfs")
-PASSTHROUGH = str(ROOT / "tools" / "passthroughfs.py")
 MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
-HUGE_PAGE = 2 * MiB
-NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+BASELINES = ("tmpfs", "passthrough", "passthrough_ll")
+REFERENCE = "passthrough_ll"  # the goals' reference
+DEFAULT_TARGETS = "pmemfs-shm,pmemfs-huge,pmemfs-wb,tmpfs,passthrough,passthrough_ll"
+WORKLOAD_UNITS = ("MB/s", "IOPS", "ops/s", "s")
 
 
 # ----------------------------------------------------------------- sizes
@@ -73,12 +103,13 @@ class Profile:
     many_inodes: int
     small_region: int
     big_region: int
+    count_ops: int  # the request-counting pass: operations per workload
 
 
 PROFILES = {
-    "default": Profile("default", 1 * GiB, 3, 5, 20000, 10000, 10000, 100000, 200000, 1 * GiB, 1 * TiB),
-    "quick": Profile("quick", 128 * MiB, 3, 1, 2000, 1000, 2000, 10000, 200000, 1 * GiB, 1 * TiB),
-    "tiny": Profile("tiny", 8 * MiB, 1, 1, 200, 100, 100, 500, 4096, 256 * MiB, 64 * GiB),
+    "default": Profile("default", 1 * GiB, 3, 5, 20000, 10000, 10000, 100000, 200000, 1 * GiB, 1 * TiB, 256),
+    "quick": Profile("quick", 128 * MiB, 3, 1, 2000, 1000, 2000, 10000, 200000, 1 * GiB, 1 * TiB, 256),
+    "tiny": Profile("tiny", 8 * MiB, 1, 1, 200, 100, 100, 500, 4096, 256 * MiB, 64 * GiB, 64),
 }
 
 
@@ -91,40 +122,6 @@ def human_bytes(n: float) -> str:
 
 
 # ----------------------------------------------------------------- helpers
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], *, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}")
-    return r
-
-
-def drop_caches(level: int = 3) -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write(str(level))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_dead(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def anon_rss(pid: int) -> int | None:
     """Anonymous memory of a process in bytes (smaps_rollup "Anonymous").
 
@@ -159,26 +156,14 @@ def daemon_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fusermount_u(mp: str) -> None:
-    if run(["fusermount3", "-u", "-q", mp], check=False).returncode != 0:
-        run(["fusermount3", "-uz", "-q", mp], check=False)
-
-
-def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f if len(line.split()) > 1)
-
-
-def umount_kernel(path: str) -> None:
-    if is_mounted(path) and run(["umount", path], check=False).returncode != 0:
-        run(["umount", "-l", path], check=False)
-
-
 def fio(path: str, rw: str, bs: str, size: int, *, runtime: int | None = None,
-        number_ios: int | None = None) -> dict:
-    """One fio job (psync, 1 thread); returns the read or write section of its JSON."""
-    cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
+        number_ios: int | None = None, numjobs: int = 1) -> dict:
+    """fio, psync; returns the read or write section of its JSON. One job on the file
+    path, or numjobs processes at once in the directory path, each on its own file
+    (bench.0.0, bench.1.0, ... of `size` each), reported together (aggregate rates)."""
+    where = [f"--filename={path}"] if numjobs == 1 else [
+        f"--directory={path}", f"--numjobs={numjobs}", "--group_reporting"]
+    cmd = ["fio", "--name=bench", *where, f"--rw={rw}", f"--bs={bs}", f"--size={size}",
            "--ioengine=psync", "--fallocate=none", "--invalidate=1", "--output-format=json"]
     if runtime:
         cmd.append(f"--runtime={runtime}")  # without time_based: stops early, never loops
@@ -188,190 +173,6 @@ def fio(path: str, rw: str, bs: str, size: int, *, runtime: int | None = None,
     out = json.loads(r.stdout[r.stdout.index("{"):])
     job = out["jobs"][0]
     return job["read"] if "read" in rw else job["write"]
-
-
-# ----------------------------------------------------------------- targets
-class Target:
-    name = "?"
-    kind = "?"
-    pid: int | None = None
-
-    def __init__(self, base: str):
-        self.base = base
-        self.dir = ""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def p(self, *parts: str) -> str:
-        return os.path.join(self.dir, *parts)
-
-
-class Tmpfs(Target):
-    name = kind = "tmpfs"
-
-    def __init__(self, base: str, size: int):
-        super().__init__(base)
-        self.dir = os.path.join(base, "tmpfs")
-        self.size = size
-
-    def start(self) -> None:
-        os.makedirs(self.dir)
-        run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "bench-tmpfs", self.dir])
-
-    def stop(self) -> None:
-        umount_kernel(self.dir)
-
-
-class Passthrough(Target):
-    name = kind = "passthrough"
-
-    def __init__(self, base: str, size: int):
-        super().__init__(base)
-        self.src = os.path.join(base, "pt-src")
-        self.dir = os.path.join(base, "pt-mnt")
-        self.size = size
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        os.makedirs(self.src)
-        os.makedirs(self.dir)
-        run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "bench-pt-src", self.src])
-        with open(os.path.join(self.base, "passthrough.log"), "w") as errlog:
-            self.proc = subprocess.Popen([sys.executable, PASSTHROUGH, self.src, self.dir], cwd="/",
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=errlog, start_new_session=True)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 30
-        while not is_mounted(self.dir):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("passthroughfs did not mount (see passthrough.log)")
-            time.sleep(0.02)
-        os.stat(self.dir)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if is_mounted(self.dir):
-                fusermount_u(self.dir)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if is_mounted(self.dir):
-            run(["fusermount3", "-uz", "-q", self.dir], check=False)
-        umount_kernel(self.src)
-
-
-def pmemfs_mount(region: str, mp: str, options: list[str]) -> tuple[int, float]:
-    """`pmemfs mount`; returns (supervisor pid, seconds until the command returned).
-    The serving daemon is serving_pid(region)."""
-    cmd = [PMEMFS, "mount", *(["-o", ",".join(options)] if options else []), region, mp]
-    t0 = time.perf_counter()
-    r = run(cmd, timeout=600)
-    dt = time.perf_counter() - t0
-    m = re.search(r"(?:daemon|supervisor) pid (\d+)", r.stdout + r.stderr)
-    if not m:
-        raise RuntimeError(f"pmemfs mount said: {r.stdout.strip()} {r.stderr.strip()}")
-    return int(m.group(1)), dt
-
-
-def serving_pid(region: str) -> int | None:
-    from pmemfs.mounting import region_holder
-
-    return region_holder(region)
-
-
-def child_pids(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                data = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            if int(data[data.rindex(b")") + 2:].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def kill_mount(supervisor: int) -> None:
-    """kill -9 a mount's supervisor and its daemons: the connection ends (a cold restart)."""
-    kids = child_pids(supervisor)
-    for pid in (supervisor, *kids):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for pid in (supervisor, *kids):
-        wait_dead(pid, 30)
-
-
-def pmemfs_unmount(mp: str, pid: int | None) -> None:
-    if is_mounted(mp) and run([PMEMFS, "umount", mp], check=False, timeout=120).returncode != 0:
-        fusermount_u(mp)
-    if pid is not None and not wait_dead(pid, 30):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # a daemon this harness started
-        wait_dead(pid, 10)
-    if is_mounted(mp):
-        run(["fusermount3", "-uz", "-q", mp], check=False)
-
-
-class Pmemfs(Target):
-    kind = "pmemfs"
-
-    def __init__(self, base: str, name: str, region: str, size: int, options: list[str], inodes: int):
-        super().__init__(base)
-        self.inodes = inodes
-        self.name = name
-        self.region = region
-        self.size = size
-        self.options = options
-        self.dir = os.path.join(base, name)
-
-    def start(self) -> None:
-        os.makedirs(self.dir)
-        run([MKFS, "--size", str(self.size), "--inodes", str(self.inodes), self.region])
-        self.supervisor, self.mount_s = pmemfs_mount(self.region, self.dir, self.options)
-        self.pid = serving_pid(self.region)
-
-    def stop(self) -> None:
-        pmemfs_unmount(self.dir, self.supervisor)
-        self.pid = None
-        with contextlib.suppress(OSError):
-            os.unlink(self.region)
-
-
-class HugePages:
-    """Reserve huge pages for the run; always give them back."""
-
-    def __init__(self) -> None:
-        self.orig: int | None = None
-        self.got = 0
-
-    def reserve(self, pages: int) -> bool:
-        try:
-            with open(NR_HUGEPAGES) as f:
-                self.orig = int(f.read())
-            with open(NR_HUGEPAGES, "w") as f:
-                f.write(str(self.orig + pages))
-            with open(NR_HUGEPAGES) as f:
-                self.got = int(f.read()) - self.orig
-        except OSError as e:
-            log(f"cannot reserve huge pages: {e}")
-            self.release()
-            return False
-        if self.got < pages:
-            log(f"asked for {pages} huge pages, got {self.got}: skipping hugetlbfs")
-            self.release()
-            return False
-        return True
-
-    def release(self) -> None:
-        if self.orig is not None:
-            with open(NR_HUGEPAGES, "w") as f:
-                f.write(str(self.orig))
-            self.orig = None
 
 
 # ----------------------------------------------------------------- results
@@ -448,6 +249,22 @@ def max_goal(limit: float, text: str) -> Goal:
     return Goal(text, lambda r: r.median <= limit)
 
 
+def reference_goal(better: str, base: str = REFERENCE) -> Goal:
+    """At least as good as base: a rate >= 1x, a time <= 1x (the ratio is pmemfs / base)."""
+    if better == "higher":
+        return ratio_goal(base, 1.0)
+    return Goal(f"<= 1x {base}", lambda r: None if r.ratio(base) is None else r.ratio(base) <= 1.0)
+
+
+def all_goals(*goals: Goal) -> Goal:
+    """Met when all are; missed when one is; unknown (a baseline missing) otherwise."""
+    def check(r: Row) -> bool | None:
+        got = [g.check(r) for g in goals]
+        return False if False in got else None if None in got else True
+
+    return Goal(" and ".join(g.text for g in goals), check)
+
+
 # ----------------------------------------------------------------- workloads
 class Bench:
     def __init__(self, prof: Profile, args: argparse.Namespace):
@@ -462,6 +279,8 @@ class Bench:
         self.huge_dir: str | None = None
         self.regions: list[str] = []
         self.extra_mps: list[tuple[str, list]] = []  # (mountpoint, [pid]) of the 100k-file section
+        self.workloads: set[str] = set()  # the metrics that get a goal against passthrough_ll
+        self.requests: list[dict] = []  # the counting pass: requests per operation
 
     # ---- setup / teardown
     def setup(self) -> None:
@@ -469,29 +288,64 @@ class Bench:
         shm_size = _round(2 * f + f // 2 + 64 * MiB, HUGE_PAGE)
         huge_size = _round(2 * f + 64 * MiB, HUGE_PAGE)
         inodes = 4 * max(self.prof.meta_files, self.prof.ls_files, 1024)
-        shm_region = f"/dev/shm/{self.tag}-shm.region"
-        self.regions.append(shm_region)
-        self.targets.append(Pmemfs(self.base, "pmemfs-shm", shm_region, shm_size, ["prefault"], inodes))
-        if not self.args.no_hugetlbfs:
-            if self.huge.reserve(huge_size // HUGE_PAGE):
+        tmp_size = 3 * f + 256 * MiB
+        variants = self.variants
+        wanted = self.args.target_list
+        huge = [n for n in wanted if n in variants and variants[n].backing == "huge"]
+        if huge and self.args.no_hugetlbfs:
+            self.res.notes.append(f"{', '.join(huge)} skipped (--no-hugetlbfs)")
+            wanted = [n for n in wanted if n not in huge]
+        elif huge:
+            if self.huge.reserve(len(huge) * huge_size // HUGE_PAGE):
                 self.huge_dir = os.path.join(self.base, "hugetlbfs")
                 os.makedirs(self.huge_dir)
                 run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", self.huge_dir])
-                region = os.path.join(self.huge_dir, "bench.region")
-                self.regions.append(region)
-                self.targets.append(Pmemfs(self.base, "pmemfs-huge", region, huge_size, [], inodes))
             else:
-                self.res.notes.append("pmemfs-huge skipped: huge pages could not be reserved")
-        else:
-            self.res.notes.append("pmemfs-huge skipped (--no-hugetlbfs)")
-        self.targets.append(Tmpfs(self.base, 3 * f + 256 * MiB))
-        self.targets.append(Passthrough(self.base, 3 * f + 256 * MiB))
-        for t in self.targets:
+                self.res.notes.append(f"{', '.join(huge)} skipped: huge pages could not be reserved")
+                wanted = [n for n in wanted if n not in huge]
+        for name in wanted:
+            t: Target
+            if name in variants:
+                v = variants[name]
+                if v.backing == "huge":
+                    region, size = os.path.join(self.huge_dir or "", f"{name}.region"), huge_size
+                else:
+                    region, size = f"/dev/shm/{self.tag}-{name}.region", shm_size
+                self.regions.append(region)
+                t = Pmemfs(self.base, name, region, size, list(v.options), inodes)
+            elif name == "tmpfs":
+                t = Tmpfs(self.base, tmp_size)
+            elif name == "passthrough":
+                t = Passthrough(self.base, tmp_size)
+            else:
+                t = PassthroughLL(self.base, tmp_size)
             log(f"starting {t.name}")
             self.started.append(t)
-            t.start()
+            try:
+                t.start()
+            except Unavailable as e:  # this machine or the installed pmemfs cannot: the others run
+                log(f"{t.name} skipped: {e}")
+                self.res.notes.append(f"{t.name} skipped: {e}")
+                self.started.remove(t)
+                t.stop()
+                continue
+            self.targets.append(t)
             if t.pid:
                 self.res.add("daemon anon memory, idle", t.name, (anon_rss(t.pid) or 0) / MiB, "MiB", "lower")
+
+    @property
+    def variants(self) -> dict[str, PmemfsVariant]:
+        return {**PMEMFS_VARIANTS, **self.args.extra_variants}
+
+    @property
+    def pmemfs_targets(self) -> list[Pmemfs]:
+        return [t for t in self.targets if isinstance(t, Pmemfs)]
+
+    @property
+    def primary(self) -> Pmemfs | None:
+        """The pmemfs target of the single-target rows: the first on /dev/shm."""
+        pm = self.pmemfs_targets
+        return next((t for t in pm if t.region.startswith("/dev/shm/")), pm[0] if pm else None)
 
     def teardown(self) -> None:
         for mp, pids in self.extra_mps:
@@ -531,6 +385,8 @@ class Bench:
             for t in targets:
                 for metric, (value, unit, better) in fn(t).items():
                     self.res.add(metric, t.name, value, unit, better)
+                    if unit in WORKLOAD_UNITS:  # not the daemon's CPU: those rows have no goal
+                        self.workloads.add(metric)
         if cleanup:
             for t in targets:
                 cleanup(t)
@@ -560,6 +416,17 @@ class Bench:
         self.each("sequential write 128 KiB", seq_write("128k", "write 128 KiB, new file"))
         self.each("sequential write 1 MiB", seq_write("1m", "write 1 MiB, new file"))
 
+        # Two clients at once (fio numjobs=2: two processes), each on its own file of
+        # half the size; before data.dat exists, so the regions hold them.
+        def two_writes(t: Target):
+            d = t.p("jobs-w")
+            os.mkdir(d)
+            out = timed_fio(t, "write 1 MiB, new files, 2 jobs", "bw", d, "write", "1m", f // 2, numjobs=2)
+            shutil.rmtree(d)
+            return out
+
+        self.each("sequential write 1 MiB, 2 jobs", two_writes)
+
         def make_data(t: Target) -> None:
             fio(t.p("data.dat"), "write", "1m", f)
 
@@ -583,6 +450,18 @@ class Bench:
                              number_ios=self.prof.randread_ios)
 
         self.each("random read 4 KiB", rand_read)
+
+        def make_job_files(t: Target) -> None:  # a quarter each: data.dat is there too
+            os.mkdir(t.p("jobs-r"))
+            fio(t.p("jobs-r"), "write", "1m", f // 4, numjobs=2)
+
+        def two_rand_reads(t: Target):
+            drop_caches()
+            return timed_fio(t, "random read 4 KiB, cold, 2 jobs", "iops", t.p("jobs-r"), "randread", "4k",
+                             f // 4, number_ios=self.prof.randread_ios, numjobs=2)
+
+        self.each("random read 4 KiB, 2 jobs", two_rand_reads, prepare=make_job_files,
+                  cleanup=lambda t: shutil.rmtree(t.p("jobs-r")))
 
     def meta_workloads(self) -> None:
         n = self.prof.meta_files
@@ -615,6 +494,7 @@ class Bench:
             return out
 
         self.each(f"create / stat / unlink of {n} files", cycle)
+        self.each(f"create / stat / unlink of 2 x {n} files, 2 processes", lambda t: meta_pair(t, n))
 
         m = self.prof.ls_files
 
@@ -642,17 +522,51 @@ class Bench:
         for t in self.targets:  # not timed
             shutil.rmtree(t.p("ls"), ignore_errors=True)
 
+    # ---- requests per operation (not timed)
+    def request_counts(self) -> None:
+        """Each pmemfs target's options again, on a small region of its own, mounted with
+        --debug; passthrough_ll with -d, for reference. tools/bench_requests.py."""
+        from bench_requests import LIBFUSE_LINE, PMEMFS_LINE, count_requests
+
+        if not self.pmemfs_targets:
+            self.res.notes.append("requests per operation skipped: no pmemfs target")
+            return
+        ops = self.prof.count_ops
+        size = _round(ops * (128 << 10) + max(4, ops // 4) * MiB + 64 * MiB, HUGE_PAGE)
+        counted: list[tuple[str, Target, str, re.Pattern]] = []
+        for t in self.pmemfs_targets:
+            if not t.region.startswith("/dev/shm/"):
+                self.res.notes.append(f"{t.name}: requests counted on a /dev/shm region with its options "
+                                      "(the backing does not change what the kernel asks)")
+            region = f"/dev/shm/{self.tag}-{t.name}-count.region"
+            self.regions.append(region)
+            log_file = os.path.join(self.base, f"{t.name}-count.log")
+            c = Pmemfs(self.base, f"{t.name}-count", region, size, t.options, 4 * ops + 1024, log_file)
+            counted.append((t.name, c, log_file, PMEMFS_LINE))
+        if any(t.name == "passthrough_ll" for t in self.targets):
+            c = PassthroughLL(self.base, size, label="passthrough_ll-count", debug=True)
+            counted.append(("passthrough_ll", c, c.log_path, LIBFUSE_LINE))
+        for name, c, log_file, pattern in counted:
+            log(f"requests per operation: {name}")
+            self.started.append(c)
+            try:
+                c.start()
+                self.requests += count_requests(c, name, log_file, pattern, ops)
+            finally:
+                c.stop()
+                self.started.remove(c)
+
     # ---- metadata size
     def metadata_size(self) -> None:
         log("metadata bytes per GiB")
         f = self.prof.file_size
-        for t in self.targets:
-            if not isinstance(t, Pmemfs):
-                continue
+        shm = self.primary
+        if shm is None:
+            self.res.notes.append("metadata size rows skipped: no pmemfs target")
+            return
+        for t in self.pmemfs_targets:
             self.res.add("metadata bytes per GiB, sequential", t.name, _meta_per_gib(t, "data.dat"),
                          "B/GiB", "lower")
-        shm = self.targets[0]
-        assert isinstance(shm, Pmemfs)
         # Churn: files of random sizes written and half of them removed, so free space is
         # fragmented; then a file of the same size written in random 1 MiB order.
         os.unlink(shm.p("data.dat"))
@@ -703,11 +617,11 @@ class Bench:
             g = _geometry(size, prof.many_inodes)
             self.res.add(f"metadata area share, {human_bytes(size)} region, {prof.many_inodes} inodes",
                          "pmemfs", 100 * g.data_start_block / g.block_count, "%", "lower")
-        shm = self.targets[0]
-        assert isinstance(shm, Pmemfs)
-        g = _geometry(shm.size, shm.inodes)
-        self.res.add(f"metadata area share, {human_bytes(shm.size)} region, {shm.inodes} inodes", "pmemfs",
-                     100 * g.data_start_block / g.block_count, "%", "lower")
+        shm = self.primary
+        if shm is not None:
+            g = _geometry(shm.size, shm.inodes)
+            self.res.add(f"metadata area share, {human_bytes(shm.size)} region, {shm.inodes} inodes",
+                         "pmemfs", 100 * g.data_start_block / g.block_count, "%", "lower")
         for size in (GiB, TiB):
             g = _geometry(size, None)
             self.res.add(f"metadata area share, {human_bytes(size)} region, default inodes", "pmemfs",
@@ -780,22 +694,21 @@ class Bench:
 
     def direct_access(self) -> None:
         log("direct-access copy vs numpy memcpy")
-        row = self.res.row("direct-access copy", "pmemfs-shm", "MB/s")
+        shm = self.primary
+        if shm is None:
+            self.res.notes.append("direct-access copy skipped: no pmemfs target")
+            return
+        row = self.res.row("direct-access copy", shm.name, "MB/s")
         ref = self.res.row("numpy memcpy (reference)", "numpy", "MB/s")
         row.baselines["numpy"] = ref
         if not (ROOT / "pmemfs" / "direct.py").exists():
             row.note = "not available: pmemfs/direct.py does not exist"
             return
         size = _round(min(512 * MiB, self.prof.file_size // 2), MiB)
-        try:
-            sys.path.insert(0, str(ROOT / "tools"))
-            from direct_bench import copy_bandwidth  # file to file through the mappings
+        from direct_bench import copy_bandwidth  # file to file through the mappings
 
-            # A failure here fails the section (and the run's exit status), like any other.
-            r = copy_bandwidth(self.targets[0].dir, size, max(5, self.prof.runs))
-        finally:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(str(ROOT / "tools"))
+        # A failure here fails the section (and the run's exit status), like any other.
+        r = copy_bandwidth(shm.dir, size, max(5, self.prof.runs))
         row.values.append(r["direct_copy_Bps"] / 1e6)
         ref.values.append(r["memcpy_Bps"] / 1e6)
         row.note = (f"{human_bytes(size)} file to file via pmemfs.direct, extents {r['extents']}, "
@@ -807,25 +720,18 @@ class Bench:
         pm = [t.name for t in self.targets if t.kind == "pmemfs"]
         for (metric, target), row in res.rows.items():
             if target in pm:
-                for base in ("tmpfs", "passthrough"):
+                for base in BASELINES:
                     b = res.get(metric, base)
                     if b is not None:
                         row.baselines[base] = b
-        goals = {
-            "write 1 MiB, new file": ratio_goal("tmpfs", 1.0),
-            "overwrite 1 MiB": ratio_goal("passthrough", 2.0),
-            "cold read 1 MiB": ratio_goal("passthrough", 1.5),
-            "random read 4 KiB, cold": ratio_goal("passthrough", 5.0),
-            "create": ratio_goal("passthrough", 5.0),
-            "stat, cold dentries": ratio_goal("passthrough", 5.0),
-            "unlink": ratio_goal("passthrough", 5.0),
-            "metadata bytes per GiB, sequential": max_goal(64, "<= 64 B"),
-        }
+        # Every workload at least as fast as libfuse's C passthrough; plus tmpfs for 1 MiB writes.
         for (metric, target), row in res.rows.items():
-            if target in pm and metric in goals:
-                row.goal = goals[metric]
-            if metric.startswith("ls -l ") and metric.endswith("cold") and target in pm:
-                row.goal = max_goal(0.5, "<= 0.5 s") if self.prof.ls_files >= 10000 else None
+            if target in pm and metric in self.workloads:
+                row.goal = reference_goal(row.better)
+                if metric == "write 1 MiB, new file":
+                    row.goal = all_goals(row.goal, ratio_goal("tmpfs", 0.8))
+            if target in pm and metric == "metadata bytes per GiB, sequential":
+                row.goal = max_goal(64, "<= 64 B")
         n = self.prof.many_files
         big = human_bytes(self.prof.big_region)
         small = human_bytes(self.prof.small_region)
@@ -842,9 +748,75 @@ class Bench:
                 row.goal = max_goal(3.0, "<= 3 s")
             if row.metric.startswith("daemon anon memory, after ls -lR") and big in row.metric:
                 row.goal = max_goal(150, "<= 150 MiB")
-        d = res.get("direct-access copy", "pmemfs-shm")
-        if d is not None:
-            d.goal = ratio_goal("numpy", 0.9)
+        for d in (res.get("direct-access copy", t) for t in pm):
+            if d is not None:
+                d.goal = ratio_goal("numpy", 0.9)
+
+
+def meta_pair(t: Target, n: int) -> dict[str, tuple[float, str, str]]:
+    """create / stat / unlink of n files in each of two directories by two processes at
+    once (`--internal meta-client`); aggregate ops/s of each phase, from the command to
+    both clients until both have answered. The clients start before the clock does."""
+    dirs = [t.p(f"meta2-{k}") for k in range(2)]
+    procs = []
+    try:
+        for d in dirs:
+            os.mkdir(d)
+            procs.append(subprocess.Popen([sys.executable, __file__, "--internal", "meta-client", d, str(n)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for p in procs:  # both have started (Python's start is not part of a phase)
+            if p.stdout.readline() != "ready\n":
+                raise RuntimeError(f"meta-client in {t.name} did not start (exit {p.wait()})")
+
+        def phase(cmd: str) -> tuple[float, float]:
+            c0, t0 = daemon_cpu(t.pid), time.perf_counter()
+            for p in procs:
+                p.stdin.write(cmd + "\n")
+                p.stdin.flush()
+            for p in procs:
+                if p.stdout.readline() != "ok\n":
+                    raise RuntimeError(f"meta-client {cmd} in {t.name} failed (exit {p.wait()})")
+            return time.perf_counter() - t0, daemon_cpu(t.pid) - c0
+
+        out = {}
+        for cmd, label in (("create", "create"), ("stat", "stat, cold dentries"), ("unlink", "unlink")):
+            if cmd == "stat":
+                drop_caches(2)  # forget dentries: each stat is a lookup
+            wall, cpu = phase(cmd)
+            out[f"{label}, 2 processes"] = (2 * n / wall, "ops/s", "higher")
+            if t.pid:
+                out[f"{label}, 2 processes: daemon CPU per call"] = (1e6 * cpu / (2 * n), "us", "lower")
+        return out
+    finally:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.stdin.close()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _meta_client(d: str, n: int) -> None:
+    """One of meta_pair's clients: a phase per line on stdin, "ok" when it is done."""
+    names = [os.path.join(d, f"f{i:06d}") for i in range(n)]
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        for p in names:
+            if cmd == "create":
+                os.close(os.open(p, flags, 0o644))
+            elif cmd == "stat":
+                os.stat(p)
+            elif cmd == "unlink":
+                os.unlink(p)
+            else:
+                return
+        print("ok", flush=True)
 
 
 def _round(n: int, to: int) -> int:
@@ -865,10 +837,14 @@ def _meta_per_gib(t: Pmemfs, name: str) -> float:
 
 
 def _internal(argv: list[str]) -> int:
-    """Helpers run in a child process: `populate REGION N`, `extents REGION INO`."""
+    """Helpers run in a child process: `populate REGION N`, `extents REGION INO`,
+    `meta-client DIR N`."""
+    what, region, n = argv[0], argv[1], int(argv[2])
+    if what == "meta-client":
+        _meta_client(region, n)
+        return 0
     from pmemfs.engine import Engine
 
-    what, region, n = argv[0], argv[1], int(argv[2])
     if what == "populate":
         _populate(Engine, region, n)
     elif what == "extents":
@@ -937,29 +913,38 @@ def fmt(v: float | None, unit: str = "") -> str:
 
 
 def table(res: Results) -> tuple[list[str], list[list[str]]]:
-    head = ["metric", "target", "median", "min-max", "unit", "tmpfs", "x tmpfs",
-            "passthrough", "x passthrough", "goal", "status"]
+    head = ["metric", "target", "median", "min-max", "unit"]
+    for base in BASELINES:
+        head += [base, f"x {base}"]
+    head += ["goal", "status"]
     lines = []
     pm_metrics = {m for m, t in res.order if t.startswith("pmemfs")}
     for key in res.order:
         row = res.rows[key]
-        if row.target in ("tmpfs", "passthrough") and row.metric in pm_metrics:
+        if row.target in BASELINES and row.metric in pm_metrics:
             continue  # a baseline: its median and ratio are columns of the pmemfs rows
-        other = [k for k in row.baselines if k not in ("tmpfs", "passthrough")]
-        t_b = row.baselines.get("tmpfs")
-        p_b = row.baselines.get("passthrough")
+        other = [k for k in row.baselines if k not in BASELINES]
         goal = row.goal.text if row.goal else ""
         if other:  # a baseline without a column of its own: its ratio goes with the goal
             goal = (goal + f" (now {fmt(row.ratio(other[0]))}x {other[0]})").strip()
-        status = {True: "met", False: "MISSED", None: ""}[row.met] if row.goal else ""
+        status = {True: "met", False: "MISSED", None: "no baseline"}[row.met] if row.goal else ""
         if row.note and not row.values:
             status = row.note
-        lines.append([
-            row.metric, row.target, fmt(row.median, row.unit),
-            f"{fmt(min(row.values), row.unit)}-{fmt(max(row.values), row.unit)}" if row.values else "-",
-            row.unit, fmt(t_b.median, row.unit) if t_b else "", fmt(row.ratio("tmpfs")) if t_b else "",
-            fmt(p_b.median, row.unit) if p_b else "", fmt(row.ratio("passthrough")) if p_b else "",
-            goal, status])
+        line = [row.metric, row.target, fmt(row.median, row.unit),
+                f"{fmt(min(row.values), row.unit)}-{fmt(max(row.values), row.unit)}" if row.values else "-",
+                row.unit]
+        for base in BASELINES:
+            b = row.baselines.get(base)
+            line += [fmt(b.median, row.unit), fmt(row.ratio(base))] if b else ["", ""]
+        lines.append([*line, goal, status])
+    return head, lines
+
+
+def request_table(requests: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["workload", "target", "ops", "requests/op", "by kind"]
+    lines = [[r["workload"], r["target"], str(r["ops"]), f"{r['per_op']:.2f}",
+              ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["by_kind"].items(), key=lambda kv: -kv[1]))]
+             for r in requests]
     return head, lines
 
 
@@ -967,22 +952,35 @@ def notes(res: Results) -> list[str]:
     return res.notes + [f"{r.metric} ({r.target}): {r.note}" for r in res.rows.values() if r.note and r.values]
 
 
-def print_table(res: Results) -> None:
-    head, lines = table(res)
+def _text(head: list[str], lines: list[list[str]]) -> list[str]:
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for ln in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(ln, widths, strict=True)))
+    return ["  ".join(c.ljust(w) for c, w in zip(ln, widths, strict=True)).rstrip()
+            for ln in [head, ["-" * w for w in widths], *lines]]
+
+
+def _md(head: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(c.replace("|", "/") for c in ln) + " |" for ln in lines)]
+
+
+REQUESTS_TITLE = ("FUSE requests per operation (a separate short pass per workload, "
+                  "pmemfs mount --debug; not the timed runs)")
+
+
+def print_table(res: Results, requests: list[dict]) -> None:
+    print("\n".join(_text(*table(res))))
     for n in notes(res):
         print(f"note: {n}")
+    if requests:
+        print(f"\n{REQUESTS_TITLE}\n")
+        print("\n".join(_text(*request_table(requests))))
 
 
-def markdown(res: Results) -> str:
-    head, lines = table(res)
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(c.replace("|", "/") for c in ln) + " |" for ln in lines]
+def markdown(res: Results, requests: list[dict]) -> str:
+    out = _md(*table(res))
     out += [f"\nNote: {n}" for n in notes(res)]
+    if requests:
+        out += ["", f"{REQUESTS_TITLE}:", "", *_md(*request_table(requests))]
     return "\n".join(out) + "\n"
 
 
@@ -992,15 +990,33 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--internal"]:
         return _internal(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, one run (smoke test)")
     ap.add_argument("--runs", type=int, help="runs per workload and target (default 3)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
     ap.add_argument("--no-hugetlbfs", action="store_true", help="do not reserve huge pages")
-    ap.add_argument("--only", default="io,meta,size,many,direct",
-                    help="comma-separated sections: io, meta, size, many, direct")
+    ap.add_argument("--only", default="io,meta,requests,size,many,direct",
+                    help="comma-separated sections: io, meta, requests, size, many, direct")
+    ap.add_argument("--targets", default=DEFAULT_TARGETS,
+                    help=f"comma-separated targets, in this order (default {DEFAULT_TARGETS}; "
+                         "any --pmemfs names are added)")
+    ap.add_argument("--pmemfs", action="append", default=[], metavar="NAME=OPT,OPT",
+                    help="add a pmemfs target NAME (region in /dev/shm) mounted with -o OPT,OPT, "
+                         "e.g. pmemfs-noacl=prefault,noacl; repeatable")
     args = ap.parse_args(argv)
+    args.extra_variants = {}
+    for spec in args.pmemfs:
+        name, eq, opts = spec.partition("=")
+        if not eq or not name.startswith("pmemfs-") or name in PMEMFS_VARIANTS:
+            ap.error(f"--pmemfs {spec}: expected NAME=OPTIONS with a new NAME starting pmemfs-")
+        args.extra_variants[name] = PmemfsVariant(name, "shm", tuple(o for o in opts.split(",") if o))
+    known = {*PMEMFS_VARIANTS, *args.extra_variants, *BASELINES}
+    args.target_list = [n for n in args.targets.split(",") if n]
+    args.target_list += [n for n in args.extra_variants if n not in args.target_list]
+    unknown = [n for n in args.target_list if n not in known]
+    if unknown:
+        ap.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     prof = PROFILES["tiny" if args.tiny else "quick" if args.quick else "default"]
     if args.runs:
         prof = Profile(**{**prof.__dict__, "runs": args.runs})
@@ -1025,7 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
             fio(t.p("data.dat"), "write", "1m", prof.file_size)
 
     sections = [("io", b.io_workloads if "io" in only else data_files), ("meta", b.meta_workloads),
-                ("size", b.metadata_size), ("many", b.many_files), ("direct", b.direct_access)]
+                ("requests", b.request_counts), ("size", b.metadata_size), ("many", b.many_files),
+                ("direct", b.direct_access)]
     failed = False
     try:
         b.setup()
@@ -1043,16 +1060,18 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     info["elapsed_s"] = round(elapsed, 1)
     print()
-    print_table(b.res)
+    print_table(b.res, b.requests)
     print(f"\n{prof.name} profile, {prof.runs} run(s) per target, {elapsed:.0f} s; "
           f"ratios are pmemfs/baseline of the medians (for times in s, lower is better)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "profile": prof.__dict__, "notes": b.res.notes,
-                       "rows": [b.res.rows[k].as_json() for k in b.res.order]}, f, indent=1)
+                       "targets": [t.name for t in b.targets],
+                       "rows": [b.res.rows[k].as_json() for k in b.res.order],
+                       "requests": b.requests}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(b.res))
+            f.write(markdown(b.res, b.requests))
     return 1 if failed else 0
 
 
