@@ -39,6 +39,8 @@ ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
 # write, and it also writes dirty pages of a shared mapping back under an O_APPEND
 # handle, which must land at their own offsets.
 FH_DIRECT = 1 << 63
+SELINUX = b"security.selinux"
+SELINUX_HOST = os.path.isdir("/sys/fs/selinux/booleans")  # selinuxfs mounted: SELinux is on
 # An O_DIRECT handle opened by a caller without CAP_FSETID: its writes clear set-uid and
 # set-gid. The kernel's direct write path never calls file_remove_privs; with
 # KILLPRIV_V2 it flags such writes for the daemon, a flag libfuse 3.14 drops.
@@ -469,7 +471,14 @@ class Operations(pyfuse3.Operations):
             return control.query(self.engine, inode, name, _ctx(ctx))
         if name.startswith(b"trusted.") and not _admin(ctx):
             raise FsError(errno.ENODATA)  # as the kernel answers (it asked already)
-        return self.engine.getxattr(inode, name)
+        try:
+            return self.engine.getxattr(inode, name)
+        except FsError as e:
+            if e.errno == errno.ENODATA and name == SELINUX and not SELINUX_HOST:
+                # No label, on a host without SELinux: "not supported", so that ls -l and
+                # cp stop asking for this filesystem (coreutils remembers it per device).
+                raise FsError(errno.EOPNOTSUPP) from None
+            raise
 
     @handler
     async def listxattr(self, inode, ctx):

@@ -921,3 +921,24 @@ def test_noacl_spares_ls_a_request_per_file(region, mount_factory, options, acl)
         assert asked >= 100 and r.returncode == 0, (asked, r.stderr)
     else:
         assert asked <= 2 and r.returncode != 0 and "not supported" in r.stderr, (asked, r.stderr)
+
+
+def test_ls_stops_asking_for_selinux_labels(region, mount_factory):
+    """On a host without SELinux a missing label is EOPNOTSUPP, so ls asks once, not
+    once per file; a label that is there reads back."""
+    assert not os.path.isdir("/sys/fs/selinux/booleans")  # what this test is about
+    m = mount_factory(region, debug=True)
+    for i in range(50):
+        with open(m.p(f"f{i}"), "wb"):
+            pass
+    os.setxattr(m.p("f7"), "security.selinux", b"user_u:object_r:tmp_t:s0\0")
+    drop_caches()
+    before = m.log().count("getxattr(")
+    subprocess.run(["ls", "-l", m.path], check=True, capture_output=True)
+    asked = [line for line in m.log().splitlines()[-400:] if "b'security.selinux')" in line]
+    assert m.log().count("getxattr(") - before <= 60, "more than one label request a file"
+    assert len([a for a in asked if "getxattr(" in a]) <= 3, asked
+    assert os.getxattr(m.p("f7"), "security.selinux") == b"user_u:object_r:tmp_t:s0\0"
+    with pytest.raises(OSError) as e:
+        os.getxattr(m.p("f8"), "security.selinux")
+    assert e.value.errno == errno.EOPNOTSUPP
