@@ -114,7 +114,11 @@ def test_restart_and_a_supervisor_death_are_live_under_a_real_systemd(tmp_path):
         # twice, the first time after a drain, the second after the supervisor's death.
         assert log.count("from systemd's fd store") == 2, log
         assert "handing the mount to the next supervisor" in log, log
-        assert "the supervisor is gone: draining for its successor" in log, log
+        # After the supervisor's SIGKILL its daemon drains, unless systemd's own SIGKILL
+        # of the cgroup (KillMode=mixed, the main process being gone) comes first: then
+        # the successor recovers the journal instead. Both are a takeover, checked above.
+        assert ("the supervisor is gone: draining for its successor" in log
+                or "mode=takeover" in log.rsplit("from systemd's fd store", 1)[1]), log
         assert "Traceback" not in log and " ERROR " not in log, log
         assert os.path.getsize(region) == 256 << 20  # made by ExecStartPre (CREATE_SIZE)
     finally:
