@@ -110,6 +110,8 @@ class Mount:
     fails, a daemon that does not exit 0 after it, a region not marked clean, a daemon
     that died by itself (only kill() is allowed to end one)."""
 
+    debug = False  # the daemon logs every request it answers (tools/soak.py skips __init__)
+
     def __init__(self, region: str, path: str, options: set[str], debug: bool = False):
         self.region = region
         self.path = path
