@@ -59,6 +59,7 @@ from .format import (
 )
 
 LIMIT = 20  # findings of one kind listed one by one; the rest are summarised
+COOKIE_END = np.uint64(1 << 63)  # readdir cookies are offsets (off_t): below 2^63
 XATTR_NAMESPACES = (b"user", b"trusted", b"security")  # what the engine serves (engine._check_xattr_ns)
 XATTR_SYSTEM_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")  # acl.NAMES
 
@@ -522,7 +523,7 @@ def check_dirents(v: View) -> Iterator[Finding]:
     yield from _many("dirents", "dirent-kind", "p", "dirent", wrong_kind,
                      lambda i: f"directory entry {i} ({_name(v, i)!r}) records the wrong file kind")
     cookie = d["cookie"][used].astype(np.uint64)
-    bad = (cookie < 3) | (cookie >= v.inodes["next_cookie"][parent])
+    bad = (cookie < 3) | (cookie >= v.inodes["next_cookie"][parent]) | (cookie >= COOKIE_END)
     order = np.lexsort((used, cookie, parent))
     dup = np.zeros(len(used), bool)
     if len(used) > 1:
@@ -530,6 +531,10 @@ def check_dirents(v: View) -> Iterator[Finding]:
         dup[order[1:][same]] = True
     yield from _many("dirents", "cookie", "p", "dirent", used[bad | dup],
                      lambda i: f"directory entry {i} has a readdir cookie that is reused or from the future")
+    past = np.flatnonzero(v.is_dir & (v.inodes["next_cookie"] >= COOKIE_END))
+    yield from _many("dirents", "next-cookie", "p", "inode", past,
+                     lambda i: f"directory inode {i} would hand out readdir cookies past 2^63 "
+                               "(readdir offsets are off_t)")
 
 
 def _name(v: View, i: int) -> bytes:

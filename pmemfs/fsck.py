@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import check
-from .check import Finding, View
+from .check import COOKIE_END, Finding, View
 from .format import (
     ATTR_KNOWN,
     BLOB_CONT,
@@ -1744,8 +1744,28 @@ def fix_cookies(r: Repair, fs: list[Finding]) -> None:
         v = r.view()
         top = int(r.t.dirents["cookie"][v.dir_used[v.d_parent == parent]].max())
         cookie = max(int(r.t.inodes["next_cookie"][parent]), top + 1, 3)
+        if cookie + 1 >= int(COOKIE_END):
+            _renumber_cookies(r, parent)
+            continue
         r.set("dirent", slot, cookie=cookie)
         r.set("inode", parent, next_cookie=cookie + 1)
+
+
+def fix_next_cookie(r: Repair, fs: list[Finding]) -> None:
+    for ino in _items(fs, "index"):
+        _renumber_cookies(r, ino)
+
+
+def _renumber_cookies(r: Repair, parent: int) -> None:
+    """Give a directory's entries the cookies 3, 4, ... in their old order: a damaged
+    counter near 2^63 would otherwise hand out offsets readdir cannot carry. Offline,
+    no directory stream is open, so nothing can notice the new numbers."""
+    v = r.view()
+    kids = v.dir_used[v.d_parent == parent]
+    order = kids[np.argsort(r.t.dirents["cookie"][kids], kind="stable")]
+    for k, slot in enumerate(order.tolist()):
+        r.set("dirent", slot, cookie=3 + k)
+    r.set("inode", parent, next_cookie=3 + len(order))
 
 
 def _sanitize(raw: bytes, nlen: int) -> bytes:
@@ -2180,6 +2200,7 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
     ("bad-name", fix_rename),
     ("dup-name", fix_rename),
     ("cookie", fix_cookies),
+    ("next-cookie", fix_next_cookie),
     ("bad-blob", fix_free_blobs),
     ("stray-cont", fix_free_blobs),
     ("bad-chain", fix_free_chains),

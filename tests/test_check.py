@@ -106,6 +106,13 @@ DAMAGE = {
     "bad-dirent": ("dirents", "bad-dirent", lambda t, sb, i: _set(t, "dirent", dirent(t, b"g"), ino=999)),
     "dirent-kind": ("dirents", "dirent-kind", lambda t, sb, i: _set(t, "dirent", dirent(t, b"g"), kind=2)),
     "cookie": ("dirents", "cookie", lambda t, sb, i: _set(t, "dirent", dirent(t, b"g"), cookie=10**6)),
+    # a cookie and counter that agree, but past what readdir's off_t offsets can carry
+    # (found by tools/soak.py's damage phase: the mount's readdir then failed)
+    "cookie-past-off_t": ("dirents", "cookie", lambda t, sb, i: (
+        _set(t, "inode", int(t.dirents["parent"][dirent(t, b"g")]), next_cookie=2**63 + 6),
+        _set(t, "dirent", dirent(t, b"g"), cookie=2**63 + 5))),
+    "next-cookie": ("dirents", "next-cookie", lambda t, sb, i: _set(
+        t, "inode", int(t.dirents["parent"][dirent(t, b"g")]), next_cookie=2**64 - 1)),
     "bad-name": ("names", "bad-name", lambda t, sb, i: _set(t, "dirent", dirent(t, b"g"), name=b"..", name_len=2)),
     "dup-name": ("names", "dup-name", lambda t, sb, i: _set(t, "dirent", dirent(t, b"s"), name=b"g", name_len=1)),
     "nlink": ("links", "nlink", lambda t, sb, i: _set(t, "inode", i["d"], nlink=9)),
