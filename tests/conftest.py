@@ -17,11 +17,12 @@ import uuid
 
 import pytest
 
-from pmemfs import check, mounting
-from pmemfs.engine import Engine
-from pmemfs.format import STATE_CLEAN, read_superblock
-from pmemfs.mkfs import make_filesystem
-from pmemfs.region import Region
+from pmemfs.fs.engine import Engine
+from pmemfs.media import check
+from pmemfs.media.format import STATE_CLEAN, read_superblock
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.media.region import Region
+from pmemfs.serve import mounting
 
 SMALL = 64 << 20
 

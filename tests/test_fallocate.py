@@ -22,8 +22,8 @@ import pytest
 from conftest import assert_clean
 from hypothesis import HealthCheck, given, settings
 
-from pmemfs import holes
-from pmemfs.engine import Engine, FsError
+from pmemfs.fs import holes
+from pmemfs.fs.engine import Engine, FsError
 
 MiB = 1 << 20
 BS = 2 * MiB

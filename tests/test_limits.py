@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 from conftest import assert_clean
 
-from pmemfs import check, placement
-from pmemfs.engine import Engine, FsError, MountError
-from pmemfs.format import (
+from pmemfs.fs import placement
+from pmemfs.fs.engine import Engine, FsError, MountError
+from pmemfs.media import check
+from pmemfs.media.format import (
     BLOCK_1G,
     BLOCK_2M,
     BLOCK_SIZES,
@@ -40,8 +41,8 @@ from pmemfs.format import (
     max_file_size,
     seal,
 )
-from pmemfs.fsck import fsck
-from pmemfs.region import Region
+from pmemfs.media.region import Region
+from pmemfs.tools.fsck import fsck
 
 BIN = os.path.dirname(sys.executable)
 M2 = 2**63 - 2**21  # s_maxbytes with 2 MiB blocks

@@ -13,9 +13,10 @@ import sys
 import pytest
 from conftest import drop_caches
 
-from pmemfs import check, placement
-from pmemfs.engine import Engine, FsError
-from pmemfs.journal import CrashPoints
+from pmemfs.fs import placement
+from pmemfs.fs.engine import Engine, FsError
+from pmemfs.media import check
+from pmemfs.media.journal import CrashPoints
 
 MiB, GiB = 1 << 20, 1 << 30
 CHUNK = 512  # 2 MiB blocks per GiB

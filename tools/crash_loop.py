@@ -24,9 +24,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pmemfs import check, mounting, stress
-from pmemfs.cli import parse_size
-from pmemfs.mkfs import make_filesystem
+from pmemfs.media import check
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.serve import mounting
+from pmemfs.tools import stress
+from pmemfs.tools.cli import parse_size
 
 
 def main() -> int:

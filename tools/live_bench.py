@@ -29,9 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pmemfs import mounting, supervisor  # noqa: E402
-from pmemfs.engine import Engine  # noqa: E402
-from pmemfs.mkfs import make_filesystem  # noqa: E402
+from pmemfs.fs.engine import Engine  # noqa: E402
+from pmemfs.media.mkfs import make_filesystem  # noqa: E402
+from pmemfs.serve import mounting, supervisor  # noqa: E402
 
 CLIENT = r"""
 import os, sys, time

@@ -26,7 +26,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import conftest  # noqa: E402
 import test_live_update as live  # noqa: E402
 
-from pmemfs import check, mkfs, supervisor  # noqa: E402
+from pmemfs.media import check, mkfs  # noqa: E402
+from pmemfs.serve import supervisor  # noqa: E402
 
 
 def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import check
-from .check import COOKIE_END, Finding, View
-from .format import (
+from ..media import check
+from ..media.check import COOKIE_END, Finding, View
+from ..media.format import (
     ATTR_KNOWN,
     BLOB_CONT,
     BLOB_DATA,
@@ -79,8 +79,8 @@ from .format import (
     max_file_blocks,
     max_file_size,
 )
-from .journal import HEADER_SIZE, JOURNAL_RECORD_HEADER, Journal, JournalFull, format_journal
-from .region import Region, RegionError, lock_holder, probe
+from ..media.journal import HEADER_SIZE, JOURNAL_RECORD_HEADER, Journal, JournalFull, format_journal
+from ..media.region import Region, RegionError, lock_holder, probe
 
 EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
 MAX_PASSES = 8

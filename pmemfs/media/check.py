@@ -928,7 +928,7 @@ def check_region(path: str) -> list[Finding]:
     This is `pmemfs-fsck -n` through its Python API; the journal is rolled back in a
     private copy first, exactly as a mount would.
     """
-    from .fsck import fsck
+    from ..tools.fsck import fsck
 
     return fsck(path, mode="n").findings
 

@@ -26,9 +26,9 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from ..media.format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
 from . import creds
 from .engine import ROOT_CTX, Ctx, Engine, FsError
-from .format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
 
 NAMESPACE = b".kernel"
 
@@ -149,7 +149,7 @@ class KernelObjects:
         count = -(-size // bs)
         # Devices want contiguity and alignment: runs of 1 GiB or more start on a 1 GiB line.
         align = max(1, GIB_BLOCKS_ALIGN // bs) if count * bs >= GIB_BLOCKS_ALIGN else 1
-        from .allocator import NoSpace
+        from ..media.allocator import NoSpace
 
         try:
             if count > e.blocks_available():  # an overcommitted region's backing may hold fewer

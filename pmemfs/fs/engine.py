@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import acl, check, creds
-from .allocator import BlockAllocator, NoSpace
-from .creds import CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN, Creds
-from .format import (
+from ..media import check
+from ..media.allocator import BlockAllocator, NoSpace
+from ..media.format import (
     ATTR_APPEND,
     ATTR_IMMUTABLE,
     ATTR_KNOWN,
@@ -66,9 +65,11 @@ from .format import (
     clamp_time_ns,
     sparse_requested,
 )
-from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
+from ..media.journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
+from ..media.region import BackingFull, Region, backing_free
+from . import acl, creds
+from .creds import CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN, Creds
 from .leases import Leases
-from .region import BackingFull, Region, backing_free
 from .replies import (
     OP_LINK,
     OP_MKDIR,
@@ -117,7 +118,7 @@ class FsError(Exception):
         self.errno = err
 
 
-from .errors import MountError  # noqa: E402  (re-exported: engine.MountError)
+from ..media.errors import MountError  # noqa: E402  (re-exported: engine.MountError)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .region import lock_holder
+from ..media.region import lock_holder
 
 READAHEAD_KB = 1024  # sequential reads then arrive as 1 MiB requests
 # Pairs of contradicting options, the one kept in the resolved set first: the second is
@@ -226,7 +226,7 @@ def spawn(region: str, mountpoint: str, options: set[str], *, log: str | None = 
     cleared = prepare_mountpoint(region, mountpoint, "force" in options)
     options = options - {"force"}
     rfd, wfd = os.pipe()
-    module = "pmemfs.daemon" if single else "pmemfs.supervisor"
+    module = "pmemfs.serve.daemon" if single else "pmemfs.serve.supervisor"
     cmd = [sys.executable, "-m", module, os.path.abspath(region), os.path.abspath(mountpoint),
            "--options", ",".join(sorted(options)), "--ready-fd", str(wfd)]
     if single:

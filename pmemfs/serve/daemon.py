@@ -28,13 +28,13 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from ..fs.engine import Engine, FsError, check_magic
+from ..media.errors import MountError
+from ..media.journal import CrashPoints
+from ..media.region import RegionError
 from . import session, supervisor, systemd
-from .engine import Engine, FsError, check_magic
-from .errors import MountError
 from .fuse_ops import Operations
-from .journal import CrashPoints
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
-from .region import RegionError
 from .supervisor import REMOUNTABLE, one_line, ready_pipe, setup_logging
 
 log = logging.getLogger("pmemfs.daemon")
@@ -271,8 +271,8 @@ def check_can_serve(region: str) -> None:
     here as it will for the engine (magic, version, feature masks, geometry). Read
     without the lock the live daemon holds, so a superblock caught mid-update is read
     again; the backup is not consulted (the engine does not use it either)."""
-    from .format import FormatError, Superblock
-    from .region import Region
+    from ..media.format import FormatError, Superblock
+    from ..media.region import Region
 
     with Region(region, writable=False, lock=False) as r:
         check_magic(region, r.buf)

@@ -818,7 +818,7 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
     """Hold the connection and keep a daemon serving it (or, where a takeover cannot
     work here, remount on a death). Returns when the mount ends."""
     set_oom_score_adj(OOM_SCORE_ADJ_SUPERVISOR, "the supervisor")  # its daemons set their own
-    daemon = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
+    daemon = [sys.executable, "-m", "pmemfs.serve.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
     tail = ["--log", os.path.abspath(log_file)] if log_file else []
     if debug:
         tail.append("--debug")

@@ -18,10 +18,10 @@ import errno
 
 import numpy as np
 
-from .allocator import NoSpace
+from ..media.allocator import NoSpace
+from ..media.format import EXTENT_PACKED, PACK_CHUNKS, SMALL_CHUNKS
+from ..media.journal import Transaction
 from .engine import Engine, FsError
-from .format import EXTENT_PACKED, PACK_CHUNKS, SMALL_CHUNKS
-from .journal import Transaction
 
 
 class Packer:
