@@ -102,7 +102,7 @@ def verify(path: str, guest: int, crc: int) -> None:
 
 
 def main() -> int:
-    from pmemfs.tools.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description="guest memory survives kill -9 of the pmemfs daemon")
     ap.add_argument("--size", default="2G", help="guest RAM size (default 2G)")

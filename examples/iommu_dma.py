@@ -92,7 +92,7 @@ def device(region: str, root_phys: int, guest_bytes: int, log_path: str, stop_at
 
 
 def main() -> int:
-    from pmemfs.tools.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description="IOMMU tables and DMA survive kill -9 of the daemon")
     ap.add_argument("--guest", default="64M")

@@ -12,8 +12,8 @@ import pytest
 
 from pmemfs.fs.engine import Ctx, Engine, FsError
 from pmemfs.kernel import KernelObjects, extents
-from pmemfs.media import check
 from pmemfs.media.region import Region
+from pmemfs.tools.fsck import check_region
 
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
@@ -91,7 +91,7 @@ def test_lifecycle_across_restart(region_factory):
     assert k.info("state").state == "normal"
     e.write(o.ino, 0, b"Z")  # the cycle can start again
     e.close()
-    errors = [f.message for f in check.check_region(region) if f.severity == "error"]
+    errors = [f.message for f in check_region(region) if f.severity == "error"]
     assert not errors, errors
 
 

@@ -25,7 +25,6 @@ from conftest import assert_clean
 
 from pmemfs.fs import placement
 from pmemfs.fs.engine import Engine, FsError, MountError
-from pmemfs.media import check
 from pmemfs.media.format import (
     BLOCK_1G,
     BLOCK_2M,
@@ -42,7 +41,7 @@ from pmemfs.media.format import (
     seal,
 )
 from pmemfs.media.region import Region
-from pmemfs.tools.fsck import fsck
+from pmemfs.tools.fsck import check_region, fsck
 
 BIN = os.path.dirname(sys.executable)
 M2 = 2**63 - 2**21  # s_maxbytes with 2 MiB blocks
@@ -84,7 +83,7 @@ def extent_slots(path: str, owner: int) -> list[int]:
 
 
 def errors(path: str) -> list[str]:
-    return [f.message for f in check.check_region(path) if f.severity == "error"]
+    return [f.message for f in check_region(path) if f.severity == "error"]
 
 
 def mount_refusal(path: str) -> str:

@@ -24,11 +24,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pmemfs.media import check
 from pmemfs.media.mkfs import make_filesystem
 from pmemfs.serve import mounting
 from pmemfs.tools import stress
-from pmemfs.tools.cli import parse_size
+from pmemfs.tools.common import parse_size
+from pmemfs.tools.fsck import check_region
 
 
 def main() -> int:
@@ -85,7 +85,7 @@ def main() -> int:
         except Exception:
             subprocess.run(["fusermount3", "-uz", mp])
         proc.wait()
-        errors = [f.message for f in check.check_region(region) if f.severity == "error"]
+        errors = [f.message for f in check_region(region) if f.severity == "error"]
         print("final check:", "clean" if not errors else errors[:5])
         os.unlink(region)
         subprocess.run(["rm", "-rf", work])

@@ -106,7 +106,7 @@ def measure(mountpoint: str | None = None, size: int = GiB, repeats: int = 9) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pmemfs.tools.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pmemfs.fs.engine import Engine
 from pmemfs.media.mkfs import make_filesystem
-from pmemfs.tools.cli import parse_size
+from pmemfs.tools.common import parse_size
 from pmemfs.tools.fsck import fsck
 
 

@@ -26,8 +26,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import conftest  # noqa: E402
 import test_live_update as live  # noqa: E402
 
-from pmemfs.media import check, mkfs  # noqa: E402
+from pmemfs.media import mkfs  # noqa: E402
 from pmemfs.serve import supervisor  # noqa: E402
+from pmemfs.tools.fsck import check_region  # noqa: E402
 
 
 def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:
@@ -50,7 +51,7 @@ def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:
         assert "Traceback" not in log, log[-3000:]
     finally:
         m.cleanup()
-    errors = [f.message for f in check.check_region(region) if f.severity == "error"]
+    errors = [f.message for f in check_region(region) if f.severity == "error"]
     os.unlink(region)
     assert not errors, errors
     return time.monotonic() - started

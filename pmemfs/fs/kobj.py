@@ -25,10 +25,14 @@ import stat
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..media.format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
 from . import creds
-from .engine import ROOT_CTX, Ctx, Engine, FsError
+from .ctx import ROOT_CTX, Ctx, FsError
+
+if TYPE_CHECKING:  # the engine imports this module; Engine is only a type here
+    from .engine import Engine
 
 NAMESPACE = b".kernel"
 

@@ -922,17 +922,6 @@ def structure(t: Tables, sb: Superblock, hwm: dict[str, int] | None = None,
     return findings
 
 
-def check_region(path: str) -> list[Finding]:
-    """Open a region read-only (no lock: allowed while mounted) and run every check.
-
-    This is `pmemfs-fsck -n` through its Python API; the journal is rolled back in a
-    private copy first, exactly as a mount would.
-    """
-    from ..tools.fsck import fsck
-
-    return fsck(path, mode="n").findings
-
-
 def format_seal_sb(sbv: np.ndarray) -> None:
     """Reseal the primary superblock's checksum after an in-place change."""
     from .format import seal

@@ -342,7 +342,7 @@ def render(view: MapView, color: bool = True) -> list:
     """The map as rich Text lines: rows of cells, 1 GiB marks, legend, scale."""
     from rich.text import Text
 
-    from .cli import human
+    from .common import human
 
     rm, lay = view.rm, view.lay
     bs = rm.block_size
@@ -396,7 +396,7 @@ def write_png(view: MapView, out: str) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from .cli import human
+    from .common import human
 
     lay, rm = view.lay, view.rm
     rgb = np.ones((lay.rows * lay.cols, 3))
