@@ -596,7 +596,7 @@ def test_a_remount_survives_live_updates(region, mount_factory):
     assert remount(m.path, "ro").returncode == 0
     gen, before = generation(region), region_digest(region)
     m.crash()  # kill -9 of the daemon: the standby takes over, started before the remount
-    from pmemfs.serve.supervisor import ask
+    from pmemfs.serve.mountctl import ask
 
     assert "ro" in ask(m.path, {"verb": "status"})["options"]
     with open(m.p("f"), "rb") as f:

@@ -27,7 +27,7 @@ import conftest  # noqa: E402
 import test_live_update as live  # noqa: E402
 
 from pmemfs.media import mkfs  # noqa: E402
-from pmemfs.serve import supervisor  # noqa: E402
+from pmemfs.serve import mountctl  # noqa: E402
 from pmemfs.tools.fsck import check_region  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:
             if event_kind == "kill":
                 m.crash()
             else:
-                answer = supervisor.ask(m.path, {"verb": "upgrade"})
+                answer = mountctl.ask(m.path, {"verb": "upgrade"})
                 assert answer.get("ok"), answer
 
         live.interrupt_workload(m, workdir, n, event, seed)

@@ -84,7 +84,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get(
 import conftest  # noqa: E402  (the suite's Mount: start, crash, unmount, cleanup)
 
 from pmemfs.media.mkfs import make_filesystem  # noqa: E402
-from pmemfs.serve import mounting, supervisor  # noqa: E402
+from pmemfs.serve import mountctl, mounting  # noqa: E402
 from pmemfs.tools import stress  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
@@ -855,7 +855,7 @@ def phase_kill(r: Round) -> str:
         if next(todo) == "kill":
             daemons.add(m.crash())
         else:
-            answer = supervisor.ask(m.path, {"verb": "upgrade"})
+            answer = mountctl.ask(m.path, {"verb": "upgrade"})
             check(answer.get("ok"), f"upgrade refused: {answer}")
             daemons.add(answer["daemon_pid"])
 

@@ -32,10 +32,11 @@ from ..fs.engine import Engine, FsError, check_magic
 from ..media.errors import MountError
 from ..media.journal import CrashPoints
 from ..media.region import RegionError
-from . import session, supervisor, systemd
+from . import mountctl, session, supervisor, systemd
 from .fuse_ops import Operations
+from .mountctl import REMOUNTABLE
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
-from .supervisor import REMOUNTABLE, one_line, ready_pipe, setup_logging
+from .supervisor import one_line, ready_pipe, setup_logging
 
 log = logging.getLogger("pmemfs.daemon")
 RESEND_WINDOW = 10.0  # seconds after a takeover in which a resent request can arrive
@@ -230,7 +231,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
         pyfuse3.init(ops, mountpoint, fuse_options(region, options))
         if options & {"strictatime", "nodiratime"} and os.geteuid() == 0:
             # libfuse knows neither: set the mount's own flags (no request reaches us).
-            supervisor.kernel_remount(real, options, bind=True)
+            mountctl.kernel_remount(real, options, bind=True)
     except Exception:
         engine.close()
         raise
@@ -247,7 +248,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_control, remounter, supervisor.daemon_address(real))
+            nursery.start_soon(serve_control, remounter, mountctl.daemon_address(real))
             await _run_until_signalled()
             nursery.cancel_scope.cancel()
 

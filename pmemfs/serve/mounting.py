@@ -306,7 +306,7 @@ def remount(mountpoint: str, words: list[str]) -> str:
     for writing), then the daemon (marks the region clean); to read-write, the daemon
     first. A step that fails undoes the one before it.
     """
-    from .supervisor import REMOUNTABLE, SupervisorError, ask_daemon, kernel_remount
+    from .mountctl import REMOUNTABLE, SupervisorError, ask_daemon, kernel_remount
 
     if pmemfs_mount_at(mountpoint) is None:
         raise MountFailed(f"{mountpoint}: no pmemfs is mounted there")
@@ -372,7 +372,7 @@ def _mount_flags_text(real: str) -> str:
 
 
 def _serving_pids(real: str) -> list[int]:
-    from .supervisor import SupervisorError, ask_daemon
+    from .mountctl import SupervisorError, ask_daemon
 
     try:
         s = ask_daemon(real, {"verb": "status"}, timeout=5.0)

@@ -193,7 +193,7 @@ def umount_command(mountpoint):
 def upgrade_command(mountpoint):
     """Replace MOUNTPOINT's daemon by one running the code installed now, without
     unmounting: in-flight requests drain, clients see a pause."""
-    from ..serve.supervisor import SupervisorError, ask
+    from ..serve.mountctl import SupervisorError, ask
 
     answer = ask(mountpoint, {"verb": "upgrade"})
     if not answer.get("ok"):
@@ -237,7 +237,7 @@ def info_command(as_json, frag, show_map, png, region):
 
 def _restart_mode(mountpoint: str) -> dict:
     """How a daemon restart looks to this mount's clients."""
-    from ..serve.supervisor import SupervisorError, ask
+    from ..serve.mountctl import SupervisorError, ask
 
     try:
         s = ask(mountpoint, {"verb": "status"}, timeout=5.0)

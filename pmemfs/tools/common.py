@@ -34,8 +34,8 @@ def human(n: float) -> str:
 def run(command: click.Command, prog: str, usage_status: int = 2,
         errors: tuple[type[Exception], ...] = (), error_status: int = 1) -> Callable[[], None]:
     """Entry point that turns every expected failure into one line and an exit code."""
+    from ..serve.mountctl import SupervisorError
     from ..serve.mounting import MountFailed
-    from ..serve.supervisor import SupervisorError
 
     expected = (RegionError, FormatError, MountError, MountFailed, SupervisorError, *errors)
 
