@@ -1,9 +1,9 @@
 """The FUSE daemon: owns one region and serves it on a mountpoint until unmounted.
 
-`python -m pmemfs.daemon` is what `pmemfs mount` starts in the background; it reports
+`python -m pmemfs.serve.daemon` is what `pmemfs mount` starts in the background; it reports
 "ok" or the reason it failed on a pipe. Three ways to run:
 
-- supervised (the default): a light supervisor (pmemfs.supervisor) holds the FUSE
+- supervised (the default): a light supervisor (pmemfs.serve.supervisor) holds the FUSE
   connection and runs daemons in `--standby` mode, which serve the connection it
   holds and can die or be replaced without the mount going away;
 - `--single`: one process that mounts and serves (`serve()`; `pmemfs mount -f` runs

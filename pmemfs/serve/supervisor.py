@@ -8,7 +8,7 @@ reads the kernel's FUSE_INIT request and keeps it, then runs daemons as children
   checked it can serve the region, waiting for "go";
 - the *daemon*: the standby it told "go". It opens the region (journal recovery, the
   mount-time check), initialises its libfuse session with the saved INIT
-  (pmemfs.session), asks the kernel to resend what a dead predecessor had taken, and
+  (pmemfs.serve.session), asks the kernel to resend what a dead predecessor had taken, and
   serves the same connection.
 
 When the daemon dies, the standby takes over at once and a new standby is started.
