@@ -11,7 +11,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pmemfs import mounting  # noqa: E402
+from pmemfs.serve import mounting  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 

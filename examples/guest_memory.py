@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 from _common import Demo, cli, drop_caches, fail, proved, step
 
-from pmemfs import mounting
+from pmemfs.serve import mounting
 
 CHUNK = 64 << 20
 SEED = 0x9E3779B97F4A7C15
@@ -102,7 +102,7 @@ def verify(path: str, guest: int, crc: int) -> None:
 
 
 def main() -> int:
-    from pmemfs.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description="guest memory survives kill -9 of the pmemfs daemon")
     ap.add_argument("--size", default="2G", help="guest RAM size (default 2G)")

@@ -33,7 +33,7 @@ import numpy as np
 from _common import Demo, drop_caches, fail, proved, step
 
 from pmemfs.kernel import KernelObjects, extents
-from pmemfs.mounting import pmemfs_mount_at
+from pmemfs.serve.mounting import pmemfs_mount_at
 
 PAGE = 4096
 ENTRIES = 512
@@ -92,7 +92,7 @@ def device(region: str, root_phys: int, guest_bytes: int, log_path: str, stop_at
 
 
 def main() -> int:
-    from pmemfs.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description="IOMMU tables and DMA survive kill -9 of the daemon")
     ap.add_argument("--guest", default="64M")

@@ -44,7 +44,7 @@ def guest(path: str, stop_at: float) -> None:
 
 
 def main() -> int:
-    from pmemfs.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description="carve a side-car VM's memory out of a running guest")
     ap.add_argument("--guest", default="2G")

@@ -56,8 +56,8 @@ from _vm import (
 )
 
 from pmemfs import direct
-from pmemfs.cli import human, parse_size
 from pmemfs.kernel import KernelObjects, extents
+from pmemfs.tools.common import human, parse_size
 
 GiB = 1 << 30
 HUGE_PAGE = 2 << 20  # the IOMMU tables map guest RAM with 2 MiB leaves

@@ -46,8 +46,8 @@ import weakref
 
 import numpy as np
 
-from .control import EXTENTS, LEASE, PREALLOC
-from .mounting import mounts
+from .serve.control import EXTENTS, LEASE, PREALLOC
+from .serve.mounting import mounts
 
 MADV_POPULATE_READ = 22  # Linux 5.14; Python 3.11 has no constant for these
 MADV_POPULATE_WRITE = 23

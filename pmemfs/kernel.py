@@ -19,7 +19,7 @@ import errno
 import json
 import os
 
-from .control import EXTENTS, KERNEL
+from .serve.control import EXTENTS, KERNEL
 
 TYPES = ("generic", "iommu-page-table", "dma-buffer", "device-state", "clock-calibration")
 

@@ -17,11 +17,12 @@ import uuid
 
 import pytest
 
-from pmemfs import check, mounting
-from pmemfs.engine import Engine
-from pmemfs.format import STATE_CLEAN, read_superblock
-from pmemfs.mkfs import make_filesystem
-from pmemfs.region import Region
+from pmemfs.fs.engine import Engine
+from pmemfs.media.format import STATE_CLEAN, read_superblock
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.media.region import Region
+from pmemfs.serve import mounting
+from pmemfs.tools.fsck import check_region
 
 SMALL = 64 << 20
 
@@ -31,7 +32,7 @@ def new_region_path() -> str:
 
 
 def assert_clean(region: str) -> None:
-    errors = [f for f in check.check_region(region) if f.severity == "error"]
+    errors = [f for f in check_region(region) if f.severity == "error"]
     assert not errors, "region fails its checks: " + "; ".join(f.message for f in errors[:5])
 
 

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from pmemfs import systemd
+from pmemfs.serve import systemd
 
 UNIT = "pmemfs@live.service"
 

@@ -21,13 +21,13 @@ import sys
 import pytest
 from conftest import assert_clean, new_region_path, wait_for
 
-from pmemfs import supervisor
-from pmemfs.engine import Engine, FsError
-from pmemfs.format import FEATURE_COMPAT_SPARSE, read_superblock
-from pmemfs.journal import CrashPoints
-from pmemfs.mkfs import make_filesystem
-from pmemfs.placement import prealloc
-from pmemfs.region import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Region, _fallocate
+from pmemfs.fs.engine import Engine, FsError
+from pmemfs.fs.placement import prealloc
+from pmemfs.media.format import FEATURE_COMPAT_SPARSE, read_superblock
+from pmemfs.media.journal import CrashPoints
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.media.region import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Region, _fallocate
+from pmemfs.serve import supervisor
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -88,8 +88,8 @@ def one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
 
 def block_runs(path: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(used, free) data block runs of a region, in bytes."""
-    from pmemfs.allocator import BlockAllocator
-    from pmemfs.format import Tables
+    from pmemfs.media.allocator import BlockAllocator
+    from pmemfs.media.format import Tables
 
     with Region(path, writable=False, lock=False) as r:
         sb, _ = read_superblock(r.buf, r.size)

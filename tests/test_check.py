@@ -7,9 +7,9 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from pmemfs import check
-from pmemfs.engine import Engine, MountError
-from pmemfs.format import (
+from pmemfs.fs.engine import Engine, MountError
+from pmemfs.media import check
+from pmemfs.media.format import (
     BLOB_CONT,
     FLAG_ORPHAN,
     ROOT_INO,
@@ -18,8 +18,8 @@ from pmemfs.format import (
     Tables,
     seal,
 )
-from pmemfs.fsck import fsck
-from pmemfs.region import Region
+from pmemfs.media.region import Region
+from pmemfs.tools.fsck import fsck
 
 BS = 2 << 20
 
@@ -207,7 +207,7 @@ def test_check_finds_and_fsck_repairs(fs, damage):
 
 
 def test_superblock_raw_checks():
-    from pmemfs.format import Geometry
+    from pmemfs.media.format import Geometry
 
     g = Geometry.plan(64 << 20, BS)
     raw = Superblock.new(g).encode()
@@ -232,7 +232,7 @@ def test_superblock_raw_checks():
 
 
 def test_compare_backup_ignores_changing_fields():
-    from pmemfs.format import Geometry
+    from pmemfs.media.format import Geometry
 
     sb = Superblock.new(Geometry.plan(64 << 20, BS))
     a = sb.encode()

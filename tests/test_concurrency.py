@@ -74,7 +74,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 def fsck_cli(region: str) -> subprocess.CompletedProcess:
     """`pmemfs-fsck -n REGION` with the code under test (the venv's script runs main's)."""
-    return subprocess.run([sys.executable, "-c", "from pmemfs.fsck import main; main()", "-n", region],
+    return subprocess.run([sys.executable, "-c", "from pmemfs.tools.fsck import main; main()", "-n", region],
                           capture_output=True, text=True, timeout=120)
 
 

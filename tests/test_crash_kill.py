@@ -9,7 +9,8 @@ import time
 
 from conftest import wait_for
 
-from pmemfs import mounting, stress
+from pmemfs.serve import mounting
+from pmemfs.tools import stress
 
 
 def run_round(mount, logs: dict[int, str], seed: int, workers: int = 3) -> int:

@@ -17,11 +17,12 @@ import traceback
 import numpy as np
 import pytest
 
-import pmemfs.engine as engine_module
-from pmemfs import check, placement
-from pmemfs.engine import RENAME_EXCHANGE, RENAME_WHITEOUT, Engine
-from pmemfs.journal import CrashPoints
-from pmemfs.snapshot import snapshot
+import pmemfs.fs.engine as engine_module
+from pmemfs.fs import placement
+from pmemfs.fs.engine import RENAME_EXCHANGE, RENAME_WHITEOUT, Engine
+from pmemfs.fs.snapshot import snapshot
+from pmemfs.media import check
+from pmemfs.media.journal import CrashPoints
 
 MiB = 1 << 20
 # Fixed at import: forked children must write the same bytes as the reference run.
@@ -178,7 +179,7 @@ def mounted_state(path: str) -> dict:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    from pmemfs.mkfs import make_filesystem
+    from pmemfs.media.mkfs import make_filesystem
 
     path = f"/dev/shm/pmemfs-crash-template-{os.getpid()}.region"
     make_filesystem(path, size=32 * MiB, inodes=64)

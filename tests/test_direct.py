@@ -20,7 +20,7 @@ import pytest
 from conftest import drop_caches
 
 from pmemfs import direct
-from pmemfs.control import CARVE, LEASE
+from pmemfs.serve.control import CARVE, LEASE
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, the region, drop_caches)")
 

@@ -12,7 +12,7 @@ import stat
 import pytest
 from conftest import assert_clean
 
-from pmemfs.engine import (
+from pmemfs.fs.engine import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_CREATE,
@@ -21,7 +21,7 @@ from pmemfs.engine import (
     Engine,
     FsError,
 )
-from pmemfs.format import ROOT_INO
+from pmemfs.media.format import ROOT_INO
 
 R = ROOT_INO
 MB2 = 2 << 20

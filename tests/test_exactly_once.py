@@ -17,10 +17,10 @@ import traceback
 import pytest
 from test_crash_points import ino, mounted_state, populate
 
-from pmemfs.engine import RENAME_EXCHANGE, RENAME_WHITEOUT, XATTR_CREATE, Ctx, Engine, FsError
-from pmemfs.journal import CrashPoints, Journal
-from pmemfs.region import Region
-from pmemfs.replies import Replies
+from pmemfs.fs.engine import RENAME_EXCHANGE, RENAME_WHITEOUT, XATTR_CREATE, Ctx, Engine, FsError
+from pmemfs.fs.replies import Replies
+from pmemfs.media.journal import CrashPoints, Journal
+from pmemfs.media.region import Region
 
 CALLER = Ctx(0, 0, 4242)
 OTHER = Ctx(0, 0, 4343)
@@ -71,7 +71,7 @@ def resend(path: str, name: str, ctx: Ctx = CALLER):
 
 @pytest.fixture(scope="module")
 def template():
-    from pmemfs.mkfs import make_filesystem
+    from pmemfs.media.mkfs import make_filesystem
 
     path = f"/dev/shm/pmemfs-once-template-{os.getpid()}.region"
     make_filesystem(path, size=32 << 20, inodes=64)

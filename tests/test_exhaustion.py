@@ -16,8 +16,8 @@ import os
 import pytest
 from conftest import snapshot, wait_for
 
-from pmemfs.engine import Engine, FsError
-from pmemfs.format import ROOT_INO
+from pmemfs.fs.engine import Engine, FsError
+from pmemfs.media.format import ROOT_INO
 
 MB2 = 2 << 20
 SMALL = 64 << 10  # the largest packed file at 2 MiB blocks

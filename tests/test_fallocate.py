@@ -1,7 +1,7 @@
 """fallocate(2) modes and SEEK_DATA/SEEK_HOLE, through a real mount and on the engine.
 
 pyfuse3 has neither handler; pmemfs installs them into libfuse's session
-(pmemfs.session.install_operations). Where Linux defines the outcome, the file on
+(pmemfs.serve.session.install_operations). Where Linux defines the outcome, the file on
 pmemfs is compared with the same file on tmpfs (/dev/shm) after the same calls: the
 results (value or errno), the size and every byte. Hole positions are not compared
 (tmpfs has 4 KiB pages, pmemfs 2 MiB blocks); what SEEK_DATA/SEEK_HOLE answer is
@@ -22,8 +22,8 @@ import pytest
 from conftest import assert_clean
 from hypothesis import HealthCheck, given, settings
 
-from pmemfs import holes
-from pmemfs.engine import Engine, FsError
+from pmemfs.fs import holes
+from pmemfs.fs.engine import Engine, FsError
 
 MiB = 1 << 20
 BS = 2 * MiB

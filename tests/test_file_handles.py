@@ -17,7 +17,7 @@ import tempfile
 import pytest
 from conftest import drop_caches
 
-from pmemfs.engine import FsError
+from pmemfs.fs.engine import FsError
 
 AT_FDCWD = -100
 MAX_HANDLE_SZ = 128

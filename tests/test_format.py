@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import new_region_path
 
-from pmemfs import format as fmt
-from pmemfs.engine import Engine, MountError
-from pmemfs.format import (
+from pmemfs.fs.engine import Engine, MountError
+from pmemfs.media import format as fmt
+from pmemfs.media.format import (
     BLOCK_1G,
     BLOCK_2M,
     SB_SLOT,
@@ -27,8 +27,8 @@ from pmemfs.format import (
     record_checksums,
     seal,
 )
-from pmemfs.mkfs import make_filesystem
-from pmemfs.region import Region
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.media.region import Region
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from pmemfs import fsck as fsckmod
-from pmemfs.engine import Engine, MountError
-from pmemfs.format import SB_STRUCT, FormatError
-from pmemfs.fsck import fsck
-from pmemfs.region import RegionError
+from pmemfs.fs.engine import Engine, MountError
+from pmemfs.media.format import SB_STRUCT, FormatError
+from pmemfs.media.region import RegionError
+from pmemfs.tools import fsck as fsckmod
+from pmemfs.tools.fsck import fsck
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -278,9 +278,9 @@ def test_preen_fixes_safe_things_only(populated):
 def test_interrupted_transaction_rolled_back_like_mount(populated, region_factory):
     path, expected = populated
     # Make a transaction and leave it open: state active with valid undo records.
-    from pmemfs.format import Superblock, Tables
-    from pmemfs.journal import Journal
-    from pmemfs.region import Region
+    from pmemfs.media.format import Superblock, Tables
+    from pmemfs.media.journal import Journal
+    from pmemfs.media.region import Region
 
     with Region(path) as r:
         sb = Superblock.decode(r.buf, r.size)
@@ -310,8 +310,8 @@ def test_a_rollback_names_the_files_it_changes(populated):
     f1 = e.lookup(1, b"f1")
     e.setxattr(f1, b"user.last", b"v")  # the last transaction before the "crash"
     e.region.close()  # no unmount: that would be the last transaction instead
-    from pmemfs.format import JOURNAL_OFFSET
-    from pmemfs.journal import HEADER_SIZE
+    from pmemfs.media.format import JOURNAL_OFFSET
+    from pmemfs.media.journal import HEADER_SIZE
 
     with open(path, "r+b") as f:
         f.seek(JOURNAL_OFFSET + 24)  # the state word (FORMAT.md, "Journal")
@@ -337,8 +337,8 @@ def test_shared_blocks_of_two_owners_are_quarantined(populated, room):
     named in the report as quarantined: neither user can read the other's data."""
     path, _ = populated
     was = tree(path)
-    from pmemfs.format import Superblock, Tables, seal
-    from pmemfs.region import Region
+    from pmemfs.media.format import Superblock, Tables, seal
+    from pmemfs.media.region import Region
 
     big = [i for i, rec in was["inodes"].items() if len(rec.get("data", b"")) > BS]  # whole-block files
     with Region(path) as r:  # the first extent of one of them onto the other's first block
@@ -386,7 +386,7 @@ def test_orphans_and_truncating_are_finished(populated):
     e.ref(ino)
     e.unlink(1, b"gone")  # open and unlinked: an orphan
     big = next(i for i, v in expected.items() if v[0] == "file" and len(v[1]) > 2 * BS)
-    from pmemfs.format import FLAG_TRUNCATING
+    from pmemfs.media.format import FLAG_TRUNCATING
     with e.transaction() as tx:  # an interrupted truncate: size cut, blocks still there
         e._save_inode(tx, big)
         e.I["size"][big] = 10
@@ -417,7 +417,7 @@ def test_backup_superblock_used_when_primary_dies(populated):
 def test_damaged_backup_superblock_rewritten(populated):
     path, _ = populated
     rep = fsck(path)
-    from pmemfs.format import Superblock
+    from pmemfs.media.format import Superblock
     with open(path, "r+b") as f:
         sb = Superblock.decode(f.read(SB_STRUCT))
         f.seek(sb.geometry.backup_offset + 100)
@@ -531,8 +531,8 @@ def test_every_changed_file_named_with_what_happened(populated):
     victim = next(i for i, p in sorted((i, p) for p, i in was["paths"].items())
                   if i not in (overlap["victims"][0], cut["ino"], renamed["ino"]) and p.count("/") == 1
                   and "data" in was["inodes"][i])
-    from pmemfs.format import Superblock, Tables
-    from pmemfs.region import Region
+    from pmemfs.media.format import Superblock, Tables
+    from pmemfs.media.region import Region
 
     with Region(path) as r:  # the owner field of one inode record, not resealed
         sb = Superblock.decode(r.buf, r.size)
@@ -636,7 +636,7 @@ def test_cli_exit_codes_and_json(populated):
 
 def test_repair_refused_while_locked_but_n_allowed(populated):
     path, _ = populated
-    code = ("import sys; from pmemfs.engine import Engine; e = Engine(sys.argv[1]); "
+    code = ("import sys; from pmemfs.fs.engine import Engine; e = Engine(sys.argv[1]); "
             "print('ready', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -660,8 +660,8 @@ def test_repair_is_journaled(populated):
     """A repair transaction cut short is rolled back by the next fsck (or mount)."""
     path, expected = populated
     corrupt.apply(path, "link-count", seed=4)
-    from pmemfs.format import Superblock
-    from pmemfs.region import Region
+    from pmemfs.media.format import Superblock
+    from pmemfs.media.region import Region
 
     r_before = _read(path, 8 << 20)
     with Region(path) as region:
@@ -694,7 +694,7 @@ def test_backup_file_matches_metadata(populated, tmp_path):
     path, _ = populated
     dest = str(tmp_path / "m")
     fsck(path, "n", backup=dest)
-    from pmemfs.format import Superblock
+    from pmemfs.media.format import Superblock
     with open(path, "rb") as f:
         sb = Superblock.decode(f.read(SB_STRUCT))
         g = sb.geometry
@@ -769,8 +769,8 @@ def _read(path: str, n: int = -1) -> bytes:
 def test_posix_acls_are_xattrs_fsck_keeps(region_factory):
     """system.posix_acl_* are the two system names pmemfs serves: fsck must find
     nothing wrong with them (a namespace check once took them for damage)."""
-    from pmemfs import acl
-    from pmemfs.engine import Engine
+    from pmemfs.fs import acl
+    from pmemfs.fs.engine import Engine
 
     path = region_factory()
     e = Engine(path)

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from pmemfs import check
-from pmemfs.engine import Ctx, Engine, FsError
+from pmemfs.fs.engine import Ctx, Engine, FsError
 from pmemfs.kernel import KernelObjects, extents
-from pmemfs.region import Region
+from pmemfs.media.region import Region
+from pmemfs.tools.fsck import check_region
 
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
@@ -91,7 +91,7 @@ def test_lifecycle_across_restart(region_factory):
     assert k.info("state").state == "normal"
     e.write(o.ino, 0, b"Z")  # the cycle can start again
     e.close()
-    errors = [f.message for f in check.check_region(region) if f.severity == "error"]
+    errors = [f.message for f in check_region(region) if f.severity == "error"]
     assert not errors, errors
 
 
@@ -203,8 +203,8 @@ def test_cli_errors_are_one_line(region, mount_factory, cmd):
 
 
 def test_fsck_checks_kernel_objects(region_factory):
-    from pmemfs import fsck as fsck_mod
-    from pmemfs.format import seal
+    from pmemfs.media.format import seal
+    from pmemfs.tools import fsck as fsck_mod
 
     region = region_factory(size=64 * MiB)
     e = Engine(region)
@@ -212,7 +212,7 @@ def test_fsck_checks_kernel_objects(region_factory):
     e.close()
     assert fsck_mod.fsck(region, "n").exit_code == 0
     with Region(region) as r:  # unpin it behind the filesystem's back
-        from pmemfs.format import Superblock, Tables
+        from pmemfs.media.format import Superblock, Tables
 
         t = Tables(r.buf, Superblock.decode(r.buf, r.size))
         t.inodes["flags"][o.ino] = 0

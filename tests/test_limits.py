@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from conftest import assert_clean
 
-from pmemfs import check, placement
-from pmemfs.engine import Engine, FsError, MountError
-from pmemfs.format import (
+from pmemfs.fs import placement
+from pmemfs.fs.engine import Engine, FsError, MountError
+from pmemfs.media.format import (
     BLOCK_1G,
     BLOCK_2M,
     BLOCK_SIZES,
@@ -40,8 +40,8 @@ from pmemfs.format import (
     max_file_size,
     seal,
 )
-from pmemfs.fsck import fsck
-from pmemfs.region import Region
+from pmemfs.media.region import Region
+from pmemfs.tools.fsck import check_region, fsck
 
 BIN = os.path.dirname(sys.executable)
 M2 = 2**63 - 2**21  # s_maxbytes with 2 MiB blocks
@@ -83,7 +83,7 @@ def extent_slots(path: str, owner: int) -> list[int]:
 
 
 def errors(path: str) -> list[str]:
-    return [f.message for f in check.check_region(path) if f.severity == "error"]
+    return [f.message for f in check_region(path) if f.severity == "error"]
 
 
 def mount_refusal(path: str) -> str:

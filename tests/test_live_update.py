@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import children, wait_for
 
-from pmemfs import mounting, supervisor
+from pmemfs.serve import mountctl, mounting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENTS = os.path.join(HERE, "live_clients.py")
@@ -209,7 +209,7 @@ def _incompat(region: str, bits: int) -> None:
 
     import numpy as np
 
-    from pmemfs.format import SUPERBLOCK_DTYPE, seal
+    from pmemfs.media.format import SUPERBLOCK_DTYPE, seal
 
     with open(region, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m:
         sb = np.frombuffer(m, SUPERBLOCK_DTYPE, 1, 0)
@@ -219,7 +219,7 @@ def _incompat(region: str, bits: int) -> None:
 
 
 def test_supervisor_status_and_upgrade_refused_for_unknown_region_features(mounted):
-    status = supervisor.ask(mounted.path, {"verb": "status"})
+    status = mountctl.ask(mounted.path, {"verb": "status"})
     assert status["mode"] == "live" and status["daemon_pid"] == mounted.pid
     r = subprocess.run([os.path.join(BIN, "pmemfs"), "info", "--json", mounted.path],
                        capture_output=True, text=True)
@@ -248,8 +248,8 @@ def test_an_unprivileged_user_cannot_upgrade(mounted):
 def test_an_unprivileged_user_cannot_remount_through_the_supervisor(mounted):
     """The remount verb asked of the supervisor's socket directly (the CLI would first
     fail at the kernel's MS_REMOUNT): refused, and the mount stays writable."""
-    ask = ("import json, sys; from pmemfs import supervisor; "
-           "print(json.dumps(supervisor.ask(sys.argv[1], {'verb': 'remount', 'options': ['ro']})))")
+    ask = ("import json, sys; from pmemfs.serve import mountctl; "
+           "print(json.dumps(mountctl.ask(sys.argv[1], {'verb': 'remount', 'options': ['ro']})))")
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
                         ask, mounted.path], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr

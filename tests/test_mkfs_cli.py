@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import new_region_path
 
-from pmemfs.format import BLOCK_1G, BLOCK_2M, Geometry, Tables, read_superblock
-from pmemfs.region import Region
+from pmemfs.media.format import BLOCK_1G, BLOCK_2M, Geometry, Tables, read_superblock
+from pmemfs.media.region import Region
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -10,9 +10,9 @@ import sys
 
 from conftest import drop_caches, superblock_state, wait_for
 
-from pmemfs import mounting
-from pmemfs.engine import Engine
-from pmemfs.format import ROOT_INO, STATE_CLEAN
+from pmemfs.fs.engine import Engine
+from pmemfs.media.format import ROOT_INO, STATE_CLEAN
+from pmemfs.serve import mounting
 
 BIN = os.path.dirname(sys.executable)
 

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 import pytest
 from conftest import assert_clean, drop_caches, superblock_state, wait_for, written_bytes
 
-from pmemfs import mounting
-from pmemfs.format import STATE_CLEAN
-from pmemfs.mkfs import make_filesystem
+from pmemfs.media.format import STATE_CLEAN
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.serve import mounting
 
 MiB, GiB = 1 << 20, 1 << 30
 BIN = os.path.dirname(sys.executable)
@@ -515,8 +515,8 @@ def mountinfo_flags(mp: str) -> tuple[set[str], set[str]]:
 
 
 def generation(region: str) -> int:
-    from pmemfs.format import read_superblock
-    from pmemfs.region import Region
+    from pmemfs.media.format import read_superblock
+    from pmemfs.media.region import Region
 
     with Region(region, writable=False, lock=False) as r:
         return read_superblock(r.buf, r.size)[0].mount_generation
@@ -596,7 +596,7 @@ def test_a_remount_survives_live_updates(region, mount_factory):
     assert remount(m.path, "ro").returncode == 0
     gen, before = generation(region), region_digest(region)
     m.crash()  # kill -9 of the daemon: the standby takes over, started before the remount
-    from pmemfs.supervisor import ask
+    from pmemfs.serve.mountctl import ask
 
     assert "ro" in ask(m.path, {"verb": "status"})["options"]
     with open(m.p("f"), "rb") as f:
@@ -753,7 +753,7 @@ def test_remount_through_mount_8(region, tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "pmemfs").write_text(
-        f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -P -c 'from pmemfs.cli import main; main()' \"$@\"\n")
+        f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -P -c 'from pmemfs.tools.cli import main; main()' \"$@\"\n")
     (bindir / "pmemfs").chmod(0o755)
     mp = str(tmp_path / "m")
     os.mkdir(mp)
@@ -782,8 +782,8 @@ def test_a_read_only_engine_refuses_every_change(engine, region):
     """What a read-only daemon answers when a write reaches it anyway (the kernel refuses
     them first on a read-only mount, so this is the engine, without FUSE): EROFS, and
     not a byte of the region changes."""
-    from pmemfs import control
-    from pmemfs.engine import Ctx, FsError
+    from pmemfs.fs.engine import Ctx, FsError
+    from pmemfs.serve import control
 
     ctx = Ctx(0, 0, os.getpid())
     f = engine.create(1, b"f", 0o644, ctx).ino

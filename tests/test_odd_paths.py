@@ -21,8 +21,8 @@ import time
 import pytest
 from conftest import SMALL, Mount, assert_clean, new_region_path
 
-from pmemfs.engine import RENAME_WHITEOUT, Engine
-from pmemfs.mkfs import make_filesystem
+from pmemfs.fs.engine import RENAME_WHITEOUT, Engine
+from pmemfs.media.mkfs import make_filesystem
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 NOBODY = 65534
@@ -155,7 +155,7 @@ def test_rename_whiteout_as_tmpfs(shm, mnt):
 def test_resent_whiteout_rename_is_answered_once(region):
     """A rename whose answer was lost is resent to the next daemon: without the reply
     record it would move the fresh whiteout over the file it had just renamed."""
-    from pmemfs.engine import Ctx
+    from pmemfs.fs.engine import Ctx
 
     caller = Ctx(0, 0, 4242)
     e = Engine(region)

@@ -22,7 +22,7 @@ import threading
 import pytest
 from conftest import wait_for
 
-from pmemfs.pagecache import DirectWriters
+from pmemfs.serve.pagecache import DirectWriters
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from pmemfs import fsck as fsck_mod
-from pmemfs.engine import Engine
-from pmemfs.region import Region
+from pmemfs.fs.engine import Engine
+from pmemfs.media.region import Region
+from pmemfs.tools import fsck as fsck_mod
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -124,7 +124,7 @@ def test_df_through_the_mount_counts_chunks(mounted):
 def test_fsck_finds_two_files_in_one_chunk_and_a_pack_that_is_gone(region_factory):
     import zlib
 
-    from pmemfs import check
+    from pmemfs.tools.fsck import check_region
 
     region = region_factory()
     e = Engine(region)
@@ -145,7 +145,7 @@ def test_fsck_finds_two_files_in_one_chunk_and_a_pack_that_is_gone(region_factor
         ext[6] = ext[6] & 0xFFFF  # flags: chunk 0
         del ext
         reseal(r, ext_off + slot_b * 32, 32)
-    codes = {f.code for f in check.check_region(region) if f.severity == "error"}
+    codes = {f.code for f in check_region(region) if f.severity == "error"}
     assert "chunk-twice" in codes
     rep = fsck_mod.fsck(region, "y")
     assert rep.exit_code == 1

@@ -13,9 +13,11 @@ import sys
 import pytest
 from conftest import drop_caches
 
-from pmemfs import check, placement
-from pmemfs.engine import Engine, FsError
-from pmemfs.journal import CrashPoints
+from pmemfs.fs import placement
+from pmemfs.fs.engine import Engine, FsError
+from pmemfs.media import check
+from pmemfs.media.journal import CrashPoints
+from pmemfs.tools.fsck import check_region
 
 MiB, GiB = 1 << 20, 1 << 30
 CHUNK = 512  # 2 MiB blocks per GiB
@@ -43,7 +45,7 @@ def big_engine(region_factory):
     e = Engine(region_factory(size=12 * GiB))
     yield e
     e.close()
-    assert not [f for f in check.check_region(e.path) if f.severity == "error"]
+    assert not [f for f in check_region(e.path) if f.severity == "error"]
 
 
 def test_sequential_big_file_lands_in_aligned_gib_runs_after_churn(big_engine):
@@ -118,7 +120,7 @@ def test_prealloc_shorter_than_the_file_keeps_its_later_blocks(region_factory):
         assert bytes(e.read(g, 0, bs)) == before[g]
     finally:
         e.close()
-    assert not [x for x in check.check_region(e.path) if x.severity == "error"]
+    assert not [x for x in check_region(e.path) if x.severity == "error"]
 
 
 def test_align_policy_is_inherited(big_engine):

@@ -24,7 +24,7 @@ import time
 import pytest
 from conftest import drop_caches, wait_for
 
-from pmemfs.engine import Engine
+from pmemfs.fs.engine import Engine
 
 MB2 = 2 << 20
 BLK512 = MB2 // 512  # st_blocks of one allocation block

@@ -10,10 +10,10 @@ import sys
 import pytest
 from conftest import new_region_path
 
-from pmemfs.format import SB_SLOT, read_superblock
-from pmemfs.info import describe
-from pmemfs.mkfs import make_filesystem
-from pmemfs.region import Region, RegionError, RegionLocked, probe
+from pmemfs.media.format import SB_SLOT, read_superblock
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.media.region import Region, RegionError, RegionLocked, probe
+from pmemfs.tools.info import describe
 
 MiB = 1 << 20
 TiB = 1 << 40
@@ -133,7 +133,7 @@ def test_a_char_device_that_is_not_dax_is_refused():
 
 
 # ------------------------------------------------------------------ locking
-HOLDER = ("import sys; from pmemfs.region import Region; r = Region(sys.argv[1]); "
+HOLDER = ("import sys; from pmemfs.media.region import Region; r = Region(sys.argv[1]); "
           "print('ready', flush=True); sys.stdin.read()")
 
 

@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import pytest
 
-from pmemfs import regionmap
-from pmemfs.engine import Engine
-from pmemfs.format import Superblock, Tables, read_superblock
-from pmemfs.region import Region
-from pmemfs.regionmap import BAD, FILE, FREE, KOBJ, LEAKED, META
+from pmemfs.fs.engine import Engine
+from pmemfs.media.format import Superblock, Tables, read_superblock
+from pmemfs.media.region import Region
+from pmemfs.tools import regionmap
+from pmemfs.tools.regionmap import BAD, FILE, FREE, KOBJ, LEAKED, META
 
 MB2 = 2 << 20
 GiB = 1 << 30
@@ -333,7 +333,7 @@ def test_map_cli(layout, tmp_path):
     # kernel-object cell (the topmost patch of its colour; the legend's is below the grid).
     assert png_row_cells(img, KOBJ) == [(FILE, 3), (FREE, 2), (FILE, 3), (KOBJ, 1), (FREE, 55)]
     # Without matplotlib, --png is a one-line error naming what to install, and writes nothing.
-    code = ("import sys; sys.modules['matplotlib'] = None; from pmemfs.cli import main; "
+    code = ("import sys; sys.modules['matplotlib'] = None; from pmemfs.tools.cli import main; "
             "sys.argv = ['pmemfs'] + sys.argv[1:]; main()")
     r = subprocess.run([sys.executable, "-c", code, "info", "--png", str(tmp_path / "m2.png"), layout.path],
                        capture_output=True, text=True, timeout=120)

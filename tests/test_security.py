@@ -290,10 +290,10 @@ def test_daemon_checks_what_the_kernel_checked(engine):
     """Requests the kernel would have refused, handed straight to the control channel:
     the daemon refuses them too (a mount without default_permissions, or a kernel bug,
     gets no further)."""
-    from pmemfs import control
-    from pmemfs.creds import ALL_CAPS, Creds
-    from pmemfs.engine import Ctx, FsError
-    from pmemfs.format import ROOT_INO
+    from pmemfs.fs.creds import ALL_CAPS, Creds
+    from pmemfs.fs.engine import Ctx, FsError
+    from pmemfs.media.format import ROOT_INO
+    from pmemfs.serve import control
 
     e = engine
 
@@ -336,7 +336,7 @@ def test_daemon_checks_what_the_kernel_checked(engine):
 
 def test_credentials_of_a_process(tmp_path):
     """Groups and capabilities come from /proc; anything doubtful counts as nothing."""
-    from pmemfs import creds
+    from pmemfs.fs import creds
 
     me = creds.of_process(os.getuid(), os.getgid(), os.getpid())
     assert me.capable(creds.CAP_SYS_ADMIN) and me.groups == frozenset(os.getgroups())
@@ -371,7 +371,7 @@ def wait_for_status(pid: int) -> bool:
 
 def cli_as(cwd: str, uid: int, *args: str) -> subprocess.CompletedProcess:
     cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", sys.executable, "-c",
-           "import sys; from pmemfs.cli import main; main(sys.argv[1:])", *args]
+           "import sys; from pmemfs.tools.cli import main; main(sys.argv[1:])", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 

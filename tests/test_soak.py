@@ -13,7 +13,7 @@ import time
 
 from conftest import wait_for
 
-from pmemfs import mounting
+from pmemfs.serve import mounting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = os.path.join(ROOT, "tools", "soak.py")

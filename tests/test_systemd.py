@@ -18,7 +18,7 @@ import sys
 import pytest
 from conftest import new_region_path
 
-from pmemfs import systemd
+from pmemfs.serve import systemd
 
 BIN = os.path.dirname(sys.executable)
 

@@ -21,7 +21,7 @@ import sys
 import pytest
 from conftest import assert_clean, wait_for
 
-from pmemfs import mounting
+from pmemfs.serve import mounting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))

@@ -44,7 +44,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pmemfs.region import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
+from pmemfs.media.region import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -159,8 +159,8 @@ def hugetlbfs(pages: int):
 
 def through_a_mount(runs: int) -> dict[str, dict[str, float]]:
     """Median seconds of each step, per region kind (see the module's docstring)."""
-    from pmemfs import mounting
-    from pmemfs.mkfs import make_filesystem
+    from pmemfs.media.mkfs import make_filesystem
+    from pmemfs.serve import mounting
 
     out: dict[str, dict[str, list[float]]] = {}
     for kind in ("reserved", "sparse"):

@@ -684,7 +684,7 @@ class Bench:
 
         fsck = _fsck_command()
         if fsck is None:
-            msg = "fsck rows skipped: pmemfs/fsck.py does not exist yet"
+            msg = "fsck rows skipped: pmemfs/tools/fsck.py does not exist yet"
             log(msg)
             self.res.notes.append(msg)
         else:
@@ -834,7 +834,7 @@ def _round(n: int, to: int) -> int:
 
 
 def _geometry(size: int, inodes: int | None):
-    from pmemfs.format import BLOCK_2M, Geometry
+    from pmemfs.media.format import BLOCK_2M, Geometry
 
     return Geometry.plan(size, BLOCK_2M, inodes)
 
@@ -853,7 +853,7 @@ def _internal(argv: list[str]) -> int:
     if what == "meta-client":
         _meta_client(region, n)
         return 0
-    from pmemfs.engine import Engine
+    from pmemfs.fs.engine import Engine
 
     if what == "populate":
         _populate(Engine, region, n)
@@ -879,10 +879,10 @@ def _populate(Engine, region: str, n: int) -> None:
 
 
 def _fsck_command() -> list[str] | None:
-    if not (ROOT / "pmemfs" / "fsck.py").exists():
+    if not (ROOT / "pmemfs" / "tools" / "fsck.py").exists():
         return None
     script = BIN / "pmemfs-fsck"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pmemfs.fsck"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pmemfs.tools.fsck"]
 
 
 # ----------------------------------------------------------------- report

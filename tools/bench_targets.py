@@ -255,7 +255,7 @@ def pmemfs_mount(region: str, mp: str, options: list[str], extra: tuple[str, ...
 
 
 def serving_pid(region: str) -> int | None:
-    from pmemfs.mounting import region_holder
+    from pmemfs.serve.mounting import region_holder
 
     return region_holder(region)
 

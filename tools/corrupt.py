@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pmemfs.format import (
+from pmemfs.media.format import (
     JOURNAL_OFFSET,
     KIND_DIR,
     KIND_REG,
@@ -35,8 +35,8 @@ from pmemfs.format import (
     Tables,
     seal,
 )
-from pmemfs.journal import HEADER_SIZE
-from pmemfs.region import Region
+from pmemfs.media.journal import HEADER_SIZE
+from pmemfs.media.region import Region
 
 
 class Damage:

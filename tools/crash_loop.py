@@ -24,9 +24,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pmemfs import check, mounting, stress
-from pmemfs.cli import parse_size
-from pmemfs.mkfs import make_filesystem
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.serve import mounting
+from pmemfs.tools import stress
+from pmemfs.tools.common import parse_size
+from pmemfs.tools.fsck import check_region
 
 
 def main() -> int:
@@ -83,7 +85,7 @@ def main() -> int:
         except Exception:
             subprocess.run(["fusermount3", "-uz", mp])
         proc.wait()
-        errors = [f.message for f in check.check_region(region) if f.severity == "error"]
+        errors = [f.message for f in check_region(region) if f.severity == "error"]
         print("final check:", "clean" if not errors else errors[:5])
         os.unlink(region)
         subprocess.run(["rm", "-rf", work])

@@ -40,12 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import corrupt
 
-from pmemfs import creds
-from pmemfs.engine import ROOT_CTX, Ctx, Engine, MountError
-from pmemfs.format import FormatError
-from pmemfs.fsck import display, format_text, fsck
-from pmemfs.mkfs import make_filesystem
-from pmemfs.region import RegionError
+from pmemfs.fs import creds
+from pmemfs.fs.engine import ROOT_CTX, Ctx, Engine, MountError
+from pmemfs.media.format import FormatError
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.media.region import RegionError
+from pmemfs.tools.fsck import display, format_text, fsck
 
 BS = 2 << 20
 
@@ -220,7 +220,7 @@ class Template:
     def __init__(self, path: str):
         with open(path, "rb") as f:
             self.image = f.read()
-        from pmemfs.format import Superblock
+        from pmemfs.media.format import Superblock
 
         g = Superblock.decode(self.image[:4096], len(self.image)).geometry
         self.meta_end = g.data_start_block * g.block_size

@@ -26,8 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pmemfs import direct, mounting
-from pmemfs.mkfs import make_filesystem
+from pmemfs import direct
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.serve import mounting
 
 GiB = 1 << 30
 
@@ -105,7 +106,7 @@ def measure(mountpoint: str | None = None, size: int = GiB, repeats: int = 9) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pmemfs.cli import parse_size
+    from pmemfs.tools.common import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, ROOT)
 
-from pmemfs import mounting  # noqa: E402
+from pmemfs.serve import mounting  # noqa: E402
 
 
 # ------------------------------------------------------------------ the empty fs

@@ -21,10 +21,10 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pmemfs.cli import parse_size
-from pmemfs.engine import Engine
-from pmemfs.fsck import fsck
-from pmemfs.mkfs import make_filesystem
+from pmemfs.fs.engine import Engine
+from pmemfs.media.mkfs import make_filesystem
+from pmemfs.tools.common import parse_size
+from pmemfs.tools.fsck import fsck
 
 
 def build(path: str, size: int, files: int) -> float:

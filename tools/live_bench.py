@@ -29,9 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pmemfs import mounting, supervisor  # noqa: E402
-from pmemfs.engine import Engine  # noqa: E402
-from pmemfs.mkfs import make_filesystem  # noqa: E402
+from pmemfs.fs.engine import Engine  # noqa: E402
+from pmemfs.media.mkfs import make_filesystem  # noqa: E402
+from pmemfs.serve import mountctl, mounting  # noqa: E402
 
 CLIENT = r"""
 import os, sys, time
@@ -61,7 +61,7 @@ def populate(region: str, files: int) -> None:
 def wait_standby(mp: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        s = supervisor.ask(mp, {"verb": "status"}, timeout=10)
+        s = mountctl.ask(mp, {"verb": "status"}, timeout=10)
         if s["standby_pid"] and s["daemon_pid"]:
             return
         time.sleep(0.05)
@@ -93,13 +93,13 @@ def run(kind: str, files: int, events: int, workdir: str) -> dict:
         for _ in range(events):
             t0 = time.monotonic()
             if kind == "kill":
-                before = supervisor.ask(mp, {"verb": "status"})["restarts"]
+                before = mountctl.ask(mp, {"verb": "status"})["restarts"]
                 t0 = time.monotonic()
                 os.kill(mounting.region_holder(region), signal.SIGKILL)
-                while supervisor.ask(mp, {"verb": "status"}, timeout=30)["restarts"] == before:
+                while mountctl.ask(mp, {"verb": "status"}, timeout=30)["restarts"] == before:
                     time.sleep(0.01)
             else:
-                answer = supervisor.ask(mp, {"verb": "upgrade"})
+                answer = mountctl.ask(mp, {"verb": "upgrade"})
                 if not answer.get("ok"):
                     raise RuntimeError(answer)
             spans.append((t0, time.monotonic()))

@@ -26,7 +26,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import conftest  # noqa: E402
 import test_live_update as live  # noqa: E402
 
-from pmemfs import check, mkfs, supervisor  # noqa: E402
+from pmemfs.media import mkfs  # noqa: E402
+from pmemfs.serve import mountctl  # noqa: E402
+from pmemfs.tools.fsck import check_region  # noqa: E402
 
 
 def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:
@@ -41,7 +43,7 @@ def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:
             if event_kind == "kill":
                 m.crash()
             else:
-                answer = supervisor.ask(m.path, {"verb": "upgrade"})
+                answer = mountctl.ask(m.path, {"verb": "upgrade"})
                 assert answer.get("ok"), answer
 
         live.interrupt_workload(m, workdir, n, event, seed)
@@ -49,7 +51,7 @@ def one_round(workdir: Path, n: int, event_kind: str, seed: int) -> float:
         assert "Traceback" not in log, log[-3000:]
     finally:
         m.cleanup()
-    errors = [f.message for f in check.check_region(region) if f.severity == "error"]
+    errors = [f.message for f in check_region(region) if f.severity == "error"]
     os.unlink(region)
     assert not errors, errors
     return time.monotonic() - started

@@ -83,8 +83,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get(
 
 import conftest  # noqa: E402  (the suite's Mount: start, crash, unmount, cleanup)
 
-from pmemfs import mounting, stress, supervisor  # noqa: E402
-from pmemfs.mkfs import make_filesystem  # noqa: E402
+from pmemfs.media.mkfs import make_filesystem  # noqa: E402
+from pmemfs.serve import mountctl, mounting  # noqa: E402
+from pmemfs.tools import stress  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
 KiB, MiB = 1 << 10, 1 << 20
@@ -219,7 +220,7 @@ class Round:
 def fsck_clean(region: str) -> None:
     """What `pmemfs-fsck -n REGION` does, in this process (an interpreter start per round
     would cost more than the check): it must find nothing (exit status 0)."""
-    from pmemfs.fsck import fsck
+    from pmemfs.tools.fsck import fsck
 
     rep = fsck(region, "n")
     check(rep.exit_code == 0, f"fsck -n after the unmount: exit status {rep.exit_code}: "
@@ -854,7 +855,7 @@ def phase_kill(r: Round) -> str:
         if next(todo) == "kill":
             daemons.add(m.crash())
         else:
-            answer = supervisor.ask(m.path, {"verb": "upgrade"})
+            answer = mountctl.ask(m.path, {"verb": "upgrade"})
             check(answer.get("ok"), f"upgrade refused: {answer}")
             daemons.add(answer["daemon_pid"])
 
@@ -884,7 +885,7 @@ def _populate(path: str, seed: int) -> None:
     """damage_loop's template, plus a seeded handful of entries so rounds differ."""
     import damage_loop
 
-    from pmemfs.engine import Engine
+    from pmemfs.fs.engine import Engine
 
     damage_loop.populate(path)
     rng = random.Random(seed)
@@ -935,7 +936,7 @@ def phase_damage(r: Round) -> str:
     import corrupt
     import damage_loop
 
-    from pmemfs.fsck import fsck
+    from pmemfs.tools.fsck import fsck
 
     s, rng = r.scale, random.Random(r.seed)
     template = r.region(96 * MiB)  # damage_loop.populate fills 64 MiB: leave room for a new file
@@ -984,7 +985,7 @@ def phase_damage(r: Round) -> str:
                 # new file may not fit, and ENOSPC is right, but only if nothing is free.
                 if e.errno != errno.ENOSPC:
                     raise
-                from pmemfs.info import describe
+                from pmemfs.tools.info import describe
 
                 free = describe(victim)["free_blocks"]
                 check(free == 0, f"{where}: ENOSPC for a new 100 kB file after the repair with "

@@ -23,8 +23,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from ..media.format import ATTR_APPEND, ATTR_IMMUTABLE, FLAG_PINNED, KIND_KOBJ
 from .engine import FsError
-from .format import ATTR_APPEND, ATTR_IMMUTABLE, FLAG_PINNED, KIND_KOBJ
 
 if TYPE_CHECKING:
     from .engine import Engine, FileMap

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from .format import (
+from ..media.format import (
     FEATURE_COMPAT_SPARSE,
     KIND_DIR,
     KIND_KOBJ,
@@ -19,9 +19,9 @@ from .format import (
     Tables,
     read_superblock,
 )
-from .journal import Journal
-from .mounting import region_holder
-from .region import Region, backing_free
+from ..media.journal import Journal
+from ..media.region import Region, backing_free
+from ..serve.mounting import region_holder
 
 
 def _when(ns: int) -> str:

@@ -35,10 +35,10 @@ import json
 import re
 import stat
 
-from . import creds
-from .creds import CAP_SYS_ADMIN, Creds, R, W, X
-from .engine import Ctx, Engine, FsError
-from .format import (
+from ..fs import creds
+from ..fs.creds import CAP_SYS_ADMIN, Creds, R, W, X
+from ..fs.engine import Ctx, Engine, FsError
+from ..media.format import (
     ATTR_APPEND,
     ATTR_IMMUTABLE,
     KIND_DIR,
@@ -209,7 +209,7 @@ def _extents(engine: Engine, ino: int, who: Creds) -> list[list[int | None]]:
 # ---------------------------------------------------------------- commands
 def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> list[int]:
     """Carry out a command; returns inodes whose cached pages the kernel must drop."""
-    from . import placement
+    from ..fs import placement
 
     who = creds.of(ctx)
     if len(value) > XATTR_VALUE_MAX:
@@ -275,7 +275,7 @@ def _carve(engine: Engine, dst: int, value: bytes, who: Creds) -> list[int]:
     """Move blocks of src into the empty file dst. The caller takes src's bytes (read)
     and leaves a hole in src, as truncating it would (write); dst gets them (write,
     checked by _user_xattr). src is a path walked with the caller's credentials."""
-    from . import placement
+    from ..fs import placement
 
     req = _json_object(value, {"src": str, "offset": int, "length": int})
     src = resolve(engine, _text(req["src"]), who)
@@ -294,8 +294,8 @@ def _lease(engine: Engine, ino: int, value: bytes, who: Creds, pid: int) -> list
     "ro", read and write for "rw". Either way the kernel's cached pages of the file are
     dropped: while leased, the region is the only copy, and opens get direct_io.
     """
-    from .format import KIND_REG
-    from .leases import LeaseError
+    from ..fs.leases import LeaseError
+    from ..media.format import KIND_REG
 
     try:
         if value == b"release":

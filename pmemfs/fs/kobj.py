@@ -25,10 +25,14 @@ import stat
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..media.format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
 from . import creds
-from .engine import ROOT_CTX, Ctx, Engine, FsError
-from .format import FLAG_PINNED, KIND_DIR, KIND_KOBJ, ROOT_INO
+from .ctx import ROOT_CTX, Ctx, FsError
+
+if TYPE_CHECKING:  # the engine imports this module; Engine is only a type here
+    from .engine import Engine
 
 NAMESPACE = b".kernel"
 
@@ -149,7 +153,7 @@ class KernelObjects:
         count = -(-size // bs)
         # Devices want contiguity and alignment: runs of 1 GiB or more start on a 1 GiB line.
         align = max(1, GIB_BLOCKS_ALIGN // bs) if count * bs >= GIB_BLOCKS_ALIGN else 1
-        from .allocator import NoSpace
+        from ..media.allocator import NoSpace
 
         try:
             if count > e.blocks_available():  # an overcommitted region's backing may hold fewer

@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable
 
 import click
 
-from .errors import FormatError, MountError
-from .region import RegionError
-
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size (use a number with K, M, G or T)")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+from ..media.region import RegionError
+from .common import human, parse_size, progress_bar, run
 
 
 class Size(click.ParamType):
@@ -38,86 +26,6 @@ class Size(click.ParamType):
             return parse_size(value)
         except click.BadParameter as e:
             self.fail(str(e.message), param, ctx)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if abs(n) < 1024 or unit == "EiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def run(command: click.Command, prog: str, usage_status: int = 2,
-        errors: tuple[type[Exception], ...] = (), error_status: int = 1) -> Callable[[], None]:
-    """Entry point that turns every expected failure into one line and an exit code."""
-    from .mounting import MountFailed
-    from .supervisor import SupervisorError
-
-    expected = (RegionError, FormatError, MountError, MountFailed, SupervisorError, *errors)
-
-    def main(argv: list[str] | None = None) -> None:
-        try:
-            rv = command.main(args=argv, prog_name=prog, standalone_mode=False)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo(f"{prog}: aborted", err=True)
-            sys.exit(usage_status)
-        except click.UsageError as e:
-            click.echo(f"{prog}: {e.format_message()}", err=True)
-            sys.exit(usage_status)
-        except click.ClickException as e:
-            click.echo(f"{prog}: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-        except expected as e:
-            click.echo(f"{prog}: {e}", err=True)
-            sys.exit(error_status)
-        except KeyboardInterrupt:
-            click.echo(f"{prog}: interrupted", err=True)
-            sys.exit(130)
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
-            click.echo(f"{prog}: {where}{e.strerror or e}", err=True)
-            sys.exit(error_status)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-    return main
-
-
-def progress_bar(label: str, total: int, unit: str = "bytes") -> Callable[[int], None]:
-    """A rich progress bar on stderr that only appears when the work takes more than a
-    second and stderr is a terminal. unit "bytes" counts sizes; anything else is shown
-    as "done/total unit" (fsck counts checks)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    started = time.monotonic()
-    state: dict = {"bar": None, "done": 0}
-
-    def tick(n: int) -> None:
-        state["done"] += n
-        if state["bar"] is None and time.monotonic() - started > 1.0 and sys.stderr.isatty():
-            # On stderr, where the decision was made: stdout may be a file of results.
-            counts = [DownloadColumn()] if unit == "bytes" else [MofNCompleteColumn(), TextColumn(unit)]
-            bar = Progress("[progress.description]{task.description}", BarColumn(), *counts,
-                           TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-            bar.start()
-            state["bar"] = bar
-            state["task"] = bar.add_task(label, total=total, completed=state["done"])
-        if state["bar"] is not None:
-            state["bar"].update(state["task"], completed=state["done"])
-            if state["done"] >= total:
-                state["bar"].stop()
-
-    return tick
 
 
 # ------------------------------------------------------------------ mkfs
@@ -148,8 +56,8 @@ def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, pack
 
     On tmpfs or hugetlbfs the whole region is reserved from the backing now, and a region
     the backing cannot hold is refused; --sparse overcommits it instead."""
-    from .format import BLOCK_1G, BLOCK_2M
-    from .mkfs import make_filesystem
+    from ..media.format import BLOCK_1G, BLOCK_2M
+    from ..media.mkfs import make_filesystem
 
     bs = BLOCK_2M if block_size.upper() == "2M" else BLOCK_1G
     if size is not None and size <= 0:
@@ -175,7 +83,7 @@ def mkfs_command(region, size, block_size, inodes, extents, dirents, blobs, pack
     click.echo(f"metadata {human(summary['metadata_bytes'])} "
                f"({summary['metadata_percent']}% of the region)")
     if result.sparse:
-        from .region import backing_free
+        from ..media.region import backing_free
 
         free = backing_free(region)
         click.echo(f"sparse: {human(result.reserved)} reserved; blocks are reserved as they are used"
@@ -214,7 +122,7 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
 
     With -o remount: change the options of the mount at MOUNTPOINT (REGION may be left
     out), as mount(8) -o remount does."""
-    from .mounting import OptionError, check_privilege, remount, resolve_options, spawn
+    from ..serve.mounting import OptionError, check_privilege, remount, resolve_options, spawn
 
     words = [o.strip() for group in options for o in group.split(",") if o.strip()]
     if "remount" in words:
@@ -239,9 +147,9 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
     if foreground:
         # Only the single daemon needs the heavy imports (numpy, pyfuse3, trio): the
         # supervisor's start is part of the gap of a `systemctl restart`.
-        from .mounting import make_mountpoint, prepare_mountpoint
-        from .supervisor import setup_logging
-        from .systemd import inherited_fds, notify, under_systemd
+        from ..serve.mounting import make_mountpoint, prepare_mountpoint
+        from ..serve.supervisor import setup_logging
+        from ..serve.systemd import inherited_fds, notify, under_systemd
 
         setup_logging(log, debug)
         inherited = {} if single else inherited_fds()
@@ -256,10 +164,10 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
                 notify(f"READY=1\nSTATUS=serving {region} on {mountpoint}")  # Type=notify units
 
         if single:
-            from .daemon import serve
+            from ..serve.daemon import serve
 
             return serve(region, mountpoint, opts - {"force"}, ready=ready)
-        from .supervisor import supervise
+        from ..serve.supervisor import supervise
 
         return supervise(region, mountpoint, opts - {"force"}, ready, log, debug, inherited)
     m = spawn(region, mountpoint, opts, log=log, debug=debug, single=single)
@@ -274,7 +182,7 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
 @click.argument("mountpoint")
 def umount_command(mountpoint):
     """Unmount MOUNTPOINT and wait until the region is marked clean."""
-    from .mounting import unmount
+    from ..serve.mounting import unmount
 
     region = unmount(mountpoint)
     click.echo(f"unmounted {mountpoint}; {region} is clean")
@@ -285,7 +193,7 @@ def umount_command(mountpoint):
 def upgrade_command(mountpoint):
     """Replace MOUNTPOINT's daemon by one running the code installed now, without
     unmounting: in-flight requests drain, clients see a pause."""
-    from .supervisor import SupervisorError, ask
+    from ..serve.mountctl import SupervisorError, ask
 
     answer = ask(mountpoint, {"verb": "upgrade"})
     if not answer.get("ok"):
@@ -303,8 +211,8 @@ def upgrade_command(mountpoint):
 @click.argument("region")
 def info_command(as_json, frag, show_map, png, region):
     """Describe REGION (a region path, or the mountpoint of one); safe while mounted."""
+    from ..serve.mounting import pmemfs_mount_at
     from .info import describe
-    from .mounting import pmemfs_mount_at
 
     mountpoint = None
     if os.path.isdir(region):
@@ -329,7 +237,7 @@ def info_command(as_json, frag, show_map, png, region):
 
 def _restart_mode(mountpoint: str) -> dict:
     """How a daemon restart looks to this mount's clients."""
-    from .supervisor import SupervisorError, ask
+    from ..serve.mountctl import SupervisorError, ask
 
     try:
         s = ask(mountpoint, {"verb": "status"}, timeout=5.0)
@@ -435,8 +343,8 @@ def kernel_group():
 
 
 def _objects(mountpoint: str):
-    from .kernel import KernelObjects
-    from .mounting import pmemfs_mount_at
+    from ..kernel import KernelObjects
+    from ..serve.mounting import pmemfs_mount_at
 
     if pmemfs_mount_at(mountpoint) is None:
         raise RegionError(f"{mountpoint}: no pmemfs is mounted there")
@@ -540,7 +448,7 @@ def kernel_finish(reclaim, mountpoint):
 
 def _on_pmemfs(path: str) -> str:
     """The mountpoint of the pmemfs holding path (one-line error when there is none)."""
-    from .mounting import mounts
+    from ..serve.mounting import mounts
 
     real = os.path.realpath(path)
     best = ""
@@ -613,7 +521,7 @@ def _path_in_fs(path: str) -> tuple[str, str]:
     subdirectory has that directory as its root (field 4 of /proc/self/mountinfo), so
     the path is that root joined with the path below the mountpoint.
     """
-    from .mounting import _unescape
+    from ..serve.mounting import _unescape
 
     real = os.path.realpath(path)
     best: tuple[str, str, str] | None = None
@@ -661,8 +569,8 @@ def defrag_command(mountpoint):
               help="Make the region at start when it is missing (a /dev/shm region after a cold boot).")
 def systemd_unit_command(do_install, root, instance, region, mountpoint, options, create_size):
     """Print or install pmemfs@.service; an instance NAME mounts /etc/pmemfs/NAME.conf's region."""
-    from .mounting import OptionError, resolve_options
-    from .systemd import UnitError, check_instance, conf_text, install, unit_text
+    from ..serve.mounting import OptionError, resolve_options
+    from ..serve.systemd import UnitError, check_instance, conf_text, install, unit_text
 
     try:
         conf = None

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import acl, check, creds
-from .allocator import BlockAllocator, NoSpace
-from .creds import CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN, Creds
-from .format import (
+from ..media import check
+from ..media.allocator import BlockAllocator, NoSpace
+from ..media.format import (
     ATTR_APPEND,
     ATTR_IMMUTABLE,
     ATTR_KNOWN,
@@ -66,9 +65,12 @@ from .format import (
     clamp_time_ns,
     sparse_requested,
 )
-from .journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
+from ..media.journal import JOURNAL_OFFSET, CrashPoints, Journal, Transaction
+from ..media.region import BackingFull, Region, backing_free
+from . import acl, creds
+from .creds import CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN, Creds
+from .ctx import ROOT_CTX, Ctx, FsError
 from .leases import Leases
-from .region import BackingFull, Region, backing_free
 from .replies import (
     OP_LINK,
     OP_MKDIR,
@@ -109,27 +111,7 @@ class _BackingShort(Exception):
         self.blocks = blocks
 
 
-class FsError(Exception):
-    """An operation failed with an errno, as tmpfs would fail it."""
-
-    def __init__(self, err: int, message: str = ""):
-        super().__init__(message or os.strerror(err))
-        self.errno = err
-
-
-from .errors import MountError  # noqa: E402  (re-exported: engine.MountError)
-
-
-@dataclass(frozen=True)
-class Ctx:
-    uid: int = 0
-    gid: int = 0
-    pid: int = 0
-    creds: Creds | None = None  # None: read the caller's groups and capabilities from /proc
-    umask: int = 0  # applied to a new inode's mode unless its directory has a default ACL
-
-
-ROOT_CTX = Ctx(creds=creds.ROOT)  # the daemon's own work, and engine callers that are root
+from ..media.errors import MountError  # noqa: E402  (re-exported: engine.MountError)
 
 
 @dataclass(frozen=True, slots=True)

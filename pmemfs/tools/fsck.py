@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import check
-from .check import COOKIE_END, Finding, View
-from .format import (
+from ..media import check
+from ..media.check import COOKIE_END, Finding, View
+from ..media.format import (
     ATTR_KNOWN,
     BLOB_CONT,
     BLOB_DATA,
@@ -79,8 +79,8 @@ from .format import (
     max_file_blocks,
     max_file_size,
 )
-from .journal import HEADER_SIZE, JOURNAL_RECORD_HEADER, Journal, JournalFull, format_journal
-from .region import Region, RegionError, lock_holder, probe
+from ..media.journal import HEADER_SIZE, JOURNAL_RECORD_HEADER, Journal, JournalFull, format_journal
+from ..media.region import Region, RegionError, lock_holder, probe
 
 EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, EXIT_OPERATIONAL, EXIT_USAGE = 0, 1, 4, 8, 16
 MAX_PASSES = 8
@@ -2525,6 +2525,15 @@ def format_text(report: Report, verbose: bool = False) -> list[str]:
     return out
 
 
+def check_region(path: str) -> list[Finding]:
+    """Open a region read-only (no lock: allowed while mounted) and run every check.
+
+    This is `pmemfs-fsck -n` through its Python API; the journal is rolled back in a
+    private copy first, exactly as a mount would.
+    """
+    return fsck(path, mode="n").findings
+
+
 def _print_text(report: Report, verbose: bool) -> None:
     import click
 
@@ -2554,7 +2563,7 @@ def _command():
             raise RegionError(f"{region}: no such region")
         if statmod.S_ISDIR(os.stat(region).st_mode):
             raise RegionError(f"{region}: is a directory, not a region")
-        from .cli import progress_bar
+        from .common import progress_bar
 
         tick = None if as_json else progress_bar("checking", len(check.CHECK_NAMES), unit="checks")
         try:
@@ -2578,11 +2587,11 @@ def _command():
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import run
+    from .common import run
 
     run(_command(), "pmemfs-fsck", usage_status=EXIT_USAGE, errors=(FsckError, JournalFull),
         error_status=EXIT_OPERATIONAL)(argv)
 
 
 __all__ = ["EXIT_CLEAN", "EXIT_CORRECTED", "EXIT_OPERATIONAL", "EXIT_UNCORRECTED", "EXIT_USAGE",
-           "FileChange", "FsckError", "Report", "display", "format_text", "fsck", "main", "save_metadata"]
+           "FileChange", "FsckError", "Report", "check_region", "display", "format_text", "fsck", "main", "save_metadata"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .format import (
+from ..media.format import (
     BLOCK_1G,
     EXTENT_PACKED,
     KIND_FREE,
@@ -34,7 +34,7 @@ from .format import (
     Tables,
     read_superblock,
 )
-from .region import Region
+from ..media.region import Region
 
 FREE, FILE, KOBJ, META, BAD, LEAKED = range(6)
 CLASS_NAMES = ("free", "file", "kernel object", "metadata", "bad", "leaked")
@@ -342,7 +342,7 @@ def render(view: MapView, color: bool = True) -> list:
     """The map as rich Text lines: rows of cells, 1 GiB marks, legend, scale."""
     from rich.text import Text
 
-    from .cli import human
+    from .common import human
 
     rm, lay = view.rm, view.lay
     bs = rm.block_size
@@ -396,7 +396,7 @@ def write_png(view: MapView, out: str) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from .cli import human
+    from .common import human
 
     lay, rm = view.lay, view.rm
     rgb = np.ones((lay.rows * lay.cols, 3))
@@ -442,7 +442,7 @@ def write_png(view: MapView, out: str) -> None:
 # ------------------------------------------------------------------ one file's extents
 def _mount_of(path: str):
     """The mount holding path (longest mountpoint prefix of its real path)."""
-    from .mounting import mounts
+    from ..serve.mounting import mounts
 
     real = os.path.realpath(path)
     best = None
@@ -464,8 +464,8 @@ def file_extents(path: str) -> dict:
     import json
     import stat as st_
 
-    from .control import EXTENTS
-    from .region import RegionError
+    from ..media.region import RegionError
+    from ..serve.control import EXTENTS
 
     st = os.stat(path)
     if st_.S_ISDIR(st.st_mode):

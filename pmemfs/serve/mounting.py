@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .region import lock_holder
+from ..media.region import lock_holder
 
 READAHEAD_KB = 1024  # sequential reads then arrive as 1 MiB requests
 # Pairs of contradicting options, the one kept in the resolved set first: the second is
@@ -226,7 +226,7 @@ def spawn(region: str, mountpoint: str, options: set[str], *, log: str | None = 
     cleared = prepare_mountpoint(region, mountpoint, "force" in options)
     options = options - {"force"}
     rfd, wfd = os.pipe()
-    module = "pmemfs.daemon" if single else "pmemfs.supervisor"
+    module = "pmemfs.serve.daemon" if single else "pmemfs.serve.supervisor"
     cmd = [sys.executable, "-m", module, os.path.abspath(region), os.path.abspath(mountpoint),
            "--options", ",".join(sorted(options)), "--ready-fd", str(wfd)]
     if single:
@@ -306,7 +306,7 @@ def remount(mountpoint: str, words: list[str]) -> str:
     for writing), then the daemon (marks the region clean); to read-write, the daemon
     first. A step that fails undoes the one before it.
     """
-    from .supervisor import REMOUNTABLE, SupervisorError, ask_daemon, kernel_remount
+    from .mountctl import REMOUNTABLE, SupervisorError, ask_daemon, kernel_remount
 
     if pmemfs_mount_at(mountpoint) is None:
         raise MountFailed(f"{mountpoint}: no pmemfs is mounted there")
@@ -372,7 +372,7 @@ def _mount_flags_text(real: str) -> str:
 
 
 def _serving_pids(real: str) -> list[int]:
-    from .supervisor import SupervisorError, ask_daemon
+    from .mountctl import SupervisorError, ask_daemon
 
     try:
         s = ask_daemon(real, {"verb": "status"}, timeout=5.0)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 
+from ..media.format import KIND_DIR, KIND_KOBJ, KIND_REG, KIND_SYMLINK, ROOT_INO
 from .engine import Engine
-from .format import KIND_DIR, KIND_KOBJ, KIND_REG, KIND_SYMLINK, ROOT_INO
 
 
 def snapshot(engine: Engine) -> dict:

@@ -8,7 +8,7 @@ reads the kernel's FUSE_INIT request and keeps it, then runs daemons as children
   checked it can serve the region, waiting for "go";
 - the *daemon*: the standby it told "go". It opens the region (journal recovery, the
   mount-time check), initialises its libfuse session with the saved INIT
-  (pmemfs.session), asks the kernel to resend what a dead predecessor had taken, and
+  (pmemfs.serve.session), asks the kernel to resend what a dead predecessor had taken, and
   serves the same connection.
 
 When the daemon dies, the standby takes over at once and a new standby is started.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,13 @@ import time
 from collections.abc import Callable
 
 from . import session, systemd
+from .mountctl import (
+    REMOUNTABLE,
+    SupervisorError,
+    control_address,
+    libc,
+    mount_flags,
+)
 
 log = logging.getLogger("pmemfs.supervisor")
 
@@ -64,111 +70,17 @@ def set_oom_score_adj(value: int, who: str = "this process") -> bool:
         return False
 
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 4096, 1 << 21, 1 << 24
-# The options a remount changes (mounting.resolve_options names them): the kernel's
-# per-mount flags, which the daemon follows for ro and atime.
-REMOUNTABLE = frozenset({"ro", "suid", "dev", "noexec", "noatime", "strictatime", "nodiratime"})
 MNT_DETACH = 2
 START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
 FAILURES_BEFORE_ABORT = 5  # replacements in a row that die young: a crash loop
 YOUNG = 0.25  # a daemon dying this soon after it began serving: a request that kills every daemon
 
 
-class SupervisorError(Exception):
-    """One line for a person."""
-
-
 class DiedEarly(SupervisorError):
     """A standby closed its socket without a word: it died (a signal, a crash)."""
 
 
-def control_address(mountpoint: str, resolved: bool = False) -> str:
-    """The supervisor's control socket (abstract namespace), named by the mountpoint."""
-    real = mountpoint if resolved else os.path.realpath(mountpoint)
-    digest = hashlib.sha256(real.encode()).hexdigest()[:32]
-    return f"\0pmemfs-supervisor-{digest}"
-
-
-def daemon_address(real: str) -> str:
-    """The control socket of a daemon that serves without a supervisor (--single)."""
-    digest = hashlib.sha256(real.encode()).hexdigest()[:32]
-    return f"\0pmemfs-daemon-{digest}"
-
-
-def ask(mountpoint: str, request: dict, timeout: float = 300.0, address: str | None = None) -> dict:
-    """Send one request to the supervisor of `mountpoint`; its JSON answer."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    try:
-        s.connect(address or control_address(mountpoint))
-    except OSError:
-        s.close()
-        raise SupervisorError(f"{mountpoint}: no pmemfs supervisor holds this mount "
-                              "(mounted with --single or -f?)") from None
-    with s:
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    if not data:
-        raise SupervisorError(f"{mountpoint}: the supervisor closed the connection without an answer")
-    return json.loads(data)
-
-
-def ask_daemon(real: str, request: dict, timeout: float = 300.0) -> dict:
-    """Ask whoever serves the mount at `real` (resolved): its supervisor, or else a
-    daemon serving it alone (--single, or the remount fallback)."""
-    try:
-        return ask(real, request, timeout, control_address(real, resolved=True))
-    except SupervisorError:
-        pass
-    try:
-        return ask(real, request, timeout, daemon_address(real))
-    except SupervisorError:
-        raise SupervisorError(f"{real}: no pmemfs daemon answers for this mount") from None
-
-
 # ------------------------------------------------------------------ mounting
-try:
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def mount_flags(options: set[str]) -> int:
-    """mount(2) flags for the options (mounting.resolve_options' form): nosuid and nodev
-    unless suid or dev is asked for, and one atime mode always (a remount that names none
-    would keep the old one)."""
-    flags = (0 if "suid" in options else MS_NOSUID) | (0 if "dev" in options else MS_NODEV)
-    if "noexec" in options:
-        flags |= MS_NOEXEC
-    if "ro" in options:
-        flags |= MS_RDONLY
-    if "noatime" in options:
-        flags |= MS_NOATIME
-    elif "strictatime" in options:
-        flags |= MS_STRICTATIME
-    else:
-        flags |= MS_RELATIME
-    if "nodiratime" in options:
-        flags |= MS_NODIRATIME
-    return flags
-
-
-def kernel_remount(real: str, options: set[str], bind: bool = False) -> None:
-    """MS_REMOUNT of the mount at `real` with exactly these flags (the superblock's
-    read-only state too, unless bind: then only the mount's own flags change, and the
-    kernel asks the filesystem nothing). Raises OSError."""
-    flags = MS_REMOUNT | mount_flags(options) | (MS_BIND if bind else 0)
-    if _libc.mount(None, real.encode(), None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), real)
-
-
 def kernel_mount_options(options: set[str], fuse_fd: int, rootmode: int) -> tuple[int, str]:
     flags = mount_flags(options)
     data = [f"fd={fuse_fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
@@ -185,7 +97,7 @@ def fuse_mount(source: str, mountpoint: str, options: set[str]) -> int:
         return _fusermount(source, mountpoint, options)
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     flags, data = kernel_mount_options(options, fd, st.st_mode & 0o170000)
-    if _libc.mount(source.encode(), mountpoint.encode(), b"fuse.pmemfs", flags, data.encode()) != 0:
+    if libc.mount(source.encode(), mountpoint.encode(), b"fuse.pmemfs", flags, data.encode()) != 0:
         err = ctypes.get_errno()
         os.close(fd)
         raise SupervisorError(f"{mountpoint}: mount failed: {os.strerror(err)}")
@@ -216,10 +128,10 @@ def _fusermount(source: str, mountpoint: str, options: set[str]) -> int:
 def fuse_unmount(mountpoint: str) -> None:
     """Unmount; lazily when busy (the connection then ends as the last user leaves)."""
     if os.geteuid() == 0:
-        if _libc.umount2(mountpoint.encode(), 0) == 0:
+        if libc.umount2(mountpoint.encode(), 0) == 0:
             return
         if ctypes.get_errno() == errno.EBUSY:
-            _libc.umount2(mountpoint.encode(), MNT_DETACH)
+            libc.umount2(mountpoint.encode(), MNT_DETACH)
         return
     r = subprocess.run(["fusermount3", "-u", "-q", mountpoint], capture_output=True)
     if r.returncode != 0:
@@ -818,7 +730,7 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
     """Hold the connection and keep a daemon serving it (or, where a takeover cannot
     work here, remount on a death). Returns when the mount ends."""
     set_oom_score_adj(OOM_SCORE_ADJ_SUPERVISOR, "the supervisor")  # its daemons set their own
-    daemon = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
+    daemon = [sys.executable, "-m", "pmemfs.serve.daemon", os.path.abspath(region), os.path.abspath(mountpoint)]
     tail = ["--log", os.path.abspath(log_file)] if log_file else []
     if debug:
         tail.append("--debug")

@@ -9,7 +9,7 @@ A finding carries a `code` (what is wrong, and which repair applies) and a `fix`
 "p" for repairs that are safe to make without asking (pmemfs-fsck -p and -y), "y" for
 repairs that may lose or rewrite data (-y only), None when nothing can repair it.
 The region-level checks (superblock, layout, backup superblock, journal) are
-functions here too; pmemfs/fsck.py runs them before the table checks.
+functions here too; pmemfs/tools/fsck.py runs them before the table checks.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def crc_bit_columns(length: int) -> np.ndarray:
     """CRC-32 is affine over GF(2): crc(a ^ b) = crc(a) ^ crc(b) ^ crc(0) for messages of one
     length. Column k is what flipping bit k (bit k % 8 of byte k // 8) of a `length`-byte
     message does to its CRC; a damaged record's syndrome is the XOR of the columns of its
-    flipped bits, which is what lets fsck restore records (pmemfs/fsck.py)."""
+    flipped bits, which is what lets fsck restore records (pmemfs/tools/fsck.py)."""
     zero = bytes(length)
     c0 = zlib.crc32(zero)
     out = np.empty(length * 8, np.uint32)
@@ -920,17 +920,6 @@ def structure(t: Tables, sb: Superblock, hwm: dict[str, int] | None = None,
         if on_check:
             on_check(name)
     return findings
-
-
-def check_region(path: str) -> list[Finding]:
-    """Open a region read-only (no lock: allowed while mounted) and run every check.
-
-    This is `pmemfs-fsck -n` through its Python API; the journal is rolled back in a
-    private copy first, exactly as a mount would.
-    """
-    from .fsck import fsck
-
-    return fsck(path, mode="n").findings
 
 
 def format_seal_sb(sbv: np.ndarray) -> None:

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import control, creds, holes, session
-from .engine import Ctx, Engine, FsError, Stat
-from .format import ATTR_APPEND, ATTR_IMMUTABLE, ATTR_NOATIME, ATTR_NODUMP
+from ..fs import creds, holes
+from ..fs.engine import Ctx, Engine, FsError, Stat
+from ..media.format import ATTR_APPEND, ATTR_IMMUTABLE, ATTR_NOATIME, ATTR_NODUMP
+from . import control, session
 from .pagecache import DirectWriters
 
 log = logging.getLogger("pmemfs.fuse")

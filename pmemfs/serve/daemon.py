@@ -1,9 +1,9 @@
 """The FUSE daemon: owns one region and serves it on a mountpoint until unmounted.
 
-`python -m pmemfs.daemon` is what `pmemfs mount` starts in the background; it reports
+`python -m pmemfs.serve.daemon` is what `pmemfs mount` starts in the background; it reports
 "ok" or the reason it failed on a pipe. Three ways to run:
 
-- supervised (the default): a light supervisor (pmemfs.supervisor) holds the FUSE
+- supervised (the default): a light supervisor (pmemfs.serve.supervisor) holds the FUSE
   connection and runs daemons in `--standby` mode, which serve the connection it
   holds and can die or be replaced without the mount going away;
 - `--single`: one process that mounts and serves (`serve()`; `pmemfs mount -f` runs
@@ -28,14 +28,15 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import session, supervisor, systemd
-from .engine import Engine, FsError, check_magic
-from .errors import MountError
+from ..fs.engine import Engine, FsError, check_magic
+from ..media.errors import MountError
+from ..media.journal import CrashPoints
+from ..media.region import RegionError
+from . import mountctl, session, supervisor, systemd
 from .fuse_ops import Operations
-from .journal import CrashPoints
+from .mountctl import REMOUNTABLE
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
-from .region import RegionError
-from .supervisor import REMOUNTABLE, one_line, ready_pipe, setup_logging
+from .supervisor import one_line, ready_pipe, setup_logging
 
 log = logging.getLogger("pmemfs.daemon")
 RESEND_WINDOW = 10.0  # seconds after a takeover in which a resent request can arrive
@@ -230,7 +231,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
         pyfuse3.init(ops, mountpoint, fuse_options(region, options))
         if options & {"strictatime", "nodiratime"} and os.geteuid() == 0:
             # libfuse knows neither: set the mount's own flags (no request reaches us).
-            supervisor.kernel_remount(real, options, bind=True)
+            mountctl.kernel_remount(real, options, bind=True)
     except Exception:
         engine.close()
         raise
@@ -247,7 +248,7 @@ def serve(region: str, mountpoint: str, options: set[str], *,
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_control, remounter, supervisor.daemon_address(real))
+            nursery.start_soon(serve_control, remounter, mountctl.daemon_address(real))
             await _run_until_signalled()
             nursery.cancel_scope.cancel()
 
@@ -271,8 +272,8 @@ def check_can_serve(region: str) -> None:
     here as it will for the engine (magic, version, feature masks, geometry). Read
     without the lock the live daemon holds, so a superblock caught mid-update is read
     again; the backup is not consulted (the engine does not use it either)."""
-    from .format import FormatError, Superblock
-    from .region import Region
+    from ..media.format import FormatError, Superblock
+    from ..media.region import Region
 
     with Region(region, writable=False, lock=False) as r:
         check_magic(region, r.buf)

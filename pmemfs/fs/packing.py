@@ -15,13 +15,17 @@ Engine-level (no FUSE); every change is inside the caller's journal transaction.
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .allocator import NoSpace
-from .engine import Engine, FsError
-from .format import EXTENT_PACKED, PACK_CHUNKS, SMALL_CHUNKS
-from .journal import Transaction
+from ..media.allocator import NoSpace
+from ..media.format import EXTENT_PACKED, PACK_CHUNKS, SMALL_CHUNKS
+from ..media.journal import Transaction
+from .ctx import FsError
+
+if TYPE_CHECKING:  # the engine imports this module; Engine is only a type here
+    from .engine import Engine
 
 
 class Packer:

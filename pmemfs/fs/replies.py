@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from .journal import Transaction
+from ..media.journal import Transaction
 
 REPLY_OFFSET = 2048  # in the superblock's 4 KiB slot, after the 512 defined bytes
 CURRENT, INHERITED = 0, 1

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .allocator import NoSpace
+from ..media.allocator import NoSpace
+from ..media.format import FLAG_PINNED, KIND_REG
+from ..media.journal import Transaction
 from .engine import Engine, FileMap, FsError
-from .format import FLAG_PINNED, KIND_REG
-from .journal import Transaction
 
 ALIGN_XATTR = b"user.pmemfs.align"
 ALIGNS = {b"2M": 2 << 20, b"1G": 1 << 30}
