@@ -504,7 +504,14 @@ class Bench:
             return out
 
         self.each(f"create / stat / unlink of {n} files", cycle)
-        self.each(f"create / stat / unlink of 2 x {n} files, 2 processes", lambda t: meta_pair(t, n))
+        def pair(t: Target) -> dict[str, tuple[float, str, str]]:
+            try:
+                return meta_pair(t, n)
+            except RuntimeError as e:  # one target's failure (a baseline's bug) is a note
+                self.res.notes.append(f"{t.name}: two-process metadata rows missing: {e}")
+                return {}
+
+        self.each(f"create / stat / unlink of 2 x {n} files, 2 processes", pair)
 
         m = self.prof.ls_files
 
