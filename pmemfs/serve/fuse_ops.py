@@ -132,6 +132,22 @@ def replying(fn: Callable) -> Callable:
     return wrapper
 
 
+def _privs_to_drop(mode: int, *, chown: bool, fsetid: bool, in_group: bool) -> int:
+    """The set-uid/set-gid bits the kernel's setattr_should_drop_suidgid (or, for a
+    chown, chown_common) would clear: regular files only; set-uid always on chown, else
+    without CAP_FSETID; set-gid likewise, where it means something (group exec) or the
+    caller is outside the file's group."""
+    if not stat.S_ISREG(mode):
+        return 0
+    kill = 0
+    if mode & stat.S_ISUID and (chown or not fsetid):
+        kill |= stat.S_ISUID
+    drop_sgid = mode & stat.S_IXGRP or not (fsetid or in_group)
+    if mode & stat.S_ISGID and drop_sgid and (chown or not fsetid):
+        kill |= stat.S_ISGID
+    return kill
+
+
 def _admin(ctx: pyfuse3.RequestContext) -> bool:
     return creds.of_process(ctx.uid, ctx.gid, ctx.pid).capable(creds.CAP_SYS_ADMIN)
 
@@ -221,41 +237,30 @@ class Operations(pyfuse3.Operations):
         return self.attrs(self.engine.setattr(inode, times_now=times_now, **kw))
 
     def _kill_on_write(self, ino: int, fh: int) -> None:
-        """A write through an FH_KILL handle clears set-uid, and set-gid with group
-        exec (or for a writer outside the group), as file_remove_privs would."""
+        """A write through an FH_KILL handle (its opener lacked CAP_FSETID) clears what
+        file_remove_privs would have."""
         st = self.engine.stat(ino)
-        if stat.S_ISREG(st.mode) and st.mode & (stat.S_ISUID | stat.S_ISGID):
-            kill = stat.S_ISUID
-            if st.mode & stat.S_IXGRP or fh & FH_OUTSIDE:
-                kill |= stat.S_ISGID
-            if st.mode & kill:
-                self.engine.setattr(ino, mode=stat.S_IMODE(st.mode) & ~kill)
-                _drop_cached_attrs(ino)
+        kill = _privs_to_drop(st.mode, chown=False, fsetid=False, in_group=not fh & FH_OUTSIDE)
+        if kill:
+            self.engine.setattr(ino, mode=stat.S_IMODE(st.mode) & ~kill)
+            _drop_cached_attrs(ino)
 
     def _killed_mode(self, inode: int, kw: dict, ctx) -> int | None:
         """The mode with set-uid/set-gid cleared where the kernel would clear them, or
         None: with FUSE_HANDLE_KILLPRIV_V2 (negotiated at INIT, docs/DESIGN.md "One
         request per write") the kernel leaves that to us, and libfuse 3.14 drops the
-        flags that say so. So the rules of setattr_should_drop_suidgid are applied here:
-        a chown always clears set-uid; a truncate, or the empty SETATTR the kernel sends
-        before a write to such a file, clears them when the caller lacks CAP_FSETID.
-        Without KILLPRIV_V2 the kernel sends the same mode itself; this agrees with it."""
+        flags that say so. A chown, a truncate, or the empty SETATTR the kernel sends
+        before a write to such a file. Without KILLPRIV_V2 the kernel sends the same
+        mode itself; this agrees with it."""
         if "mode" in kw or not ({"uid", "gid", "size"} >= kw.keys()):
             return None  # chmod says what it wants; times alone clear nothing
         st = self.engine.stat(inode)
-        mode = st.mode
-        if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
-            return None
+        if not stat.S_ISREG(st.mode) or not st.mode & (stat.S_ISUID | stat.S_ISGID):
+            return None  # the common case: no credentials to read
         who = creds.of_process(ctx.uid, ctx.gid, ctx.pid)
-        fsetid = who.capable(creds.CAP_FSETID)
-        chown = "uid" in kw or "gid" in kw
-        kill = 0
-        if mode & stat.S_ISUID and (chown or not fsetid):
-            kill |= stat.S_ISUID
-        drop_sgid = mode & stat.S_IXGRP or not (fsetid or who.in_group(st.gid))
-        if mode & stat.S_ISGID and drop_sgid and (chown or not fsetid):
-            kill |= stat.S_ISGID
-        return stat.S_IMODE(mode) & ~kill if kill else None
+        kill = _privs_to_drop(st.mode, chown="uid" in kw or "gid" in kw,
+                              fsetid=who.capable(creds.CAP_FSETID), in_group=who.in_group(st.gid))
+        return stat.S_IMODE(st.mode) & ~kill if kill else None
 
     @handler
     async def readlink(self, inode, ctx):
