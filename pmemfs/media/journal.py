@@ -159,15 +159,9 @@ class Journal:
             raise RuntimeError("nested transaction")
         size = table.dtype.itemsize
         offset = table_offset + index * size
-        seq = int(self._sequence[0]) + 1
-        self._sequence[0] = seq
-        self._nrecords[0] = 0
-        self._state[0] = STATE_ACTIVE
+        seq = self._start()
         buf = self.buf
-        pos = JOURNAL_OFFSET + HEADER_SIZE
-        data_at = pos + JOURNAL_RECORD_HEADER
-        buf[data_at:data_at + size] = buf[offset:offset + size]
-        _RECORD.pack_into(buf, pos, offset, size, _record_checksum(seq, offset, buf[data_at:data_at + size]))
+        data_at = _put_undo(buf, JOURNAL_OFFSET + HEADER_SIZE, seq, offset, size)
         self._nrecords[0] = 1
         crash = self.crash
         if crash:
@@ -186,14 +180,29 @@ class Journal:
         if crash:
             crash.step()
 
+    def _start(self) -> int:
+        """Step 1 of a transaction: a new sequence number, no records, ACTIVE."""
+        seq = int(self._sequence[0]) + 1
+        self._sequence[0] = seq
+        self._nrecords[0] = 0
+        self._state[0] = STATE_ACTIVE
+        return seq
+
     def begin(self) -> Transaction:
         if self.active is not None:
             raise RuntimeError("nested transaction")
-        self._sequence[0] = int(self._sequence[0]) + 1
-        self._nrecords[0] = 0
-        self._state[0] = STATE_ACTIVE
+        self._start()
         self.active = Transaction(self)
         return self.active
+
+
+def _put_undo(buf: memoryview, pos: int, seq: int, offset: int, length: int) -> int:
+    """Write the undo record of buf[offset:offset+length] at journal position pos (its
+    old bytes, then the header with their checksum); returns where the bytes went."""
+    data_at = pos + JOURNAL_RECORD_HEADER
+    buf[data_at:data_at + length] = buf[offset:offset + length]
+    _RECORD.pack_into(buf, pos, offset, length, _record_checksum(seq, offset, buf[data_at:data_at + length]))
+    return data_at
 
 
 def _seal_at(buf: memoryview, offset: int, size: int) -> None:
@@ -231,11 +240,7 @@ class Transaction:
         need = JOURNAL_RECORD_HEADER + length + (-length % 8)
         if self.pos + need > self.end:
             raise JournalFull(f"transaction needs more than {self.j.size} bytes of journal")
-        buf = self.j.buf
-        data_at = self.pos + JOURNAL_RECORD_HEADER
-        buf[data_at:data_at + length] = buf[offset:offset + length]
-        checksum = _record_checksum(self.seq, offset, buf[data_at:data_at + length])
-        _RECORD.pack_into(buf, self.pos, offset, length, checksum)
+        _put_undo(self.j.buf, self.pos, self.seq, offset, length)
         self.records.append((offset, length, self.pos))
         self.pos += need
         self.j._nrecords[0] = len(self.records)  # the record counts from here on
