@@ -106,3 +106,6 @@ def test_sigterm_mid_round_cleans_up(tmp_path):
 def test_a_usage_error_is_one_line():
     r = subprocess.run([sys.executable, SOAK, "--phases", "fsx,nope"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("soak.py: error:"), r.stderr
+    r = subprocess.run([sys.executable, SOAK, "--rounds", "1", "--workdir", "/nonexistent/soak"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == "soak.py: --workdir /nonexistent/soak: no such directory\n", r.stderr

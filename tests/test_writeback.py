@@ -128,3 +128,38 @@ def test_commands_that_move_blocks_are_refused(region, mount_factory, name, valu
     assert e.value.errno == errno.EOPNOTSUPP
     os.setxattr(m.p("f"), "user.pmemfs.align", b"2M")  # a placement wish moves nothing
     assert os.stat(m.p("f")).st_size == 4096
+
+
+def test_commands_are_refused_to_other_users_too(region, mount_factory):
+    """The refusal is the mount's, not a permission: uid 65534 on its own file gets
+    EOPNOTSUPP for prealloc, and its align still works."""
+    m = mount_factory(region, {"writeback", "allow_other"})
+    os.chmod(m.path, 0o777)
+    dfd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)  # pytest's tmp dirs are 0700
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.fchdir(dfd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with open("mine", "wb") as f:
+                f.write(b"x")
+            try:
+                os.setxattr("mine", "user.pmemfs.prealloc", b"4M")
+                got = "ok"
+            except OSError as e:
+                got = str(e.errno)
+            os.setxattr("mine", "user.pmemfs.align", b"2M")
+            os.write(w, got.encode())
+        except BaseException as e:
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(dfd)
+    got = os.read(r, 100).decode()
+    os.waitpid(pid, 0)
+    assert got == str(errno.EOPNOTSUPP), got
+    assert os.stat(m.p("mine")).st_uid == 65534 and os.stat(m.p("mine")).st_size == 1
