@@ -215,7 +215,7 @@ def test_full_extent_table_inside_a_transaction_rolls_back(region_factory):
     e.unlink(ROOT_INO, b"a")
     assert e.alloc.free == 6
     k = 0
-    while e._have_slots("extent", 3):  # small files, packed with c, until two extents are left
+    while e.have_slots("extent", 3):  # small files, packed with c, until two extents are left
         e.write(e.create(ROOT_INO, b"s%d" % k, 0o644).ino, 0, b"s")
         k += 1
     before = (e.stat(c).size, bytes(e.read(c, 0, 5000)), e.alloc.free, e.stat(d).size)

@@ -388,7 +388,7 @@ def test_orphans_and_truncating_are_finished(populated):
     big = next(i for i, v in expected.items() if v[0] == "file" and len(v[1]) > 2 * BS)
     from pmemfs.media.format import FLAG_TRUNCATING
     with e.transaction() as tx:  # an interrupted truncate: size cut, blocks still there
-        e._save_inode(tx, big)
+        e.save_inode(tx, big)
         e.I["size"][big] = 10
         e.I["flags"][big] |= FLAG_TRUNCATING
     e.region.close()  # a crash: no clean unmount

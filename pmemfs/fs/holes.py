@@ -36,7 +36,7 @@ SUPPORTED = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 
 def fallocate(e: Engine, ino: int, mode: int, offset: int, length: int) -> None:
-    kind = e._file(ino)
+    kind = e.check_file(ino)
     if mode & ~SUPPORTED:
         raise FsError(errno.EOPNOTSUPP)
     punch, zero = bool(mode & FALLOC_FL_PUNCH_HOLE), bool(mode & FALLOC_FL_ZERO_RANGE)
@@ -71,42 +71,42 @@ def _allocate_range(e: Engine, ino: int, start: int, end: int, keep_size: bool, 
     if (packed or not e.maps.get(ino)) and e.packer.eligible(ino, max(end, old_size)):
         _allocate_packed(e, ino, start, end, new_size, zero)
         return
-    fm = e._map(ino)
-    holes = e._unmapped(fm, start // bs, -(-end // bs))
+    fm = e.file_map(ino)
+    holes = e.unmapped(fm, start // bs, -(-end // bs))
     need = sum(n for _, n in holes) + (1 if packed and start >= bs else 0)
     if need > e.blocks_available():  # an overcommitted region: what its backing can give
         raise FsError(errno.ENOSPC)
     slots = len(holes) + (1 if packed and start >= bs else 0)  # unpacking holds two for a moment
-    if slots and not e._have_slots("extent", slots):
+    if slots and not e.have_slots("extent", slots):
         raise FsError(errno.ENOSPC)
     if e.leases.held(ino) and packed:
         raise FsError(errno.EBUSY, "would move a directly mapped (leased) file")
     with e.transaction() as tx:
-        e._save_inode(tx, ino)
+        e.save_inode(tx, ino)
         if packed:
             e.packer.unpack(tx, ino)
-            holes = e._unmapped(fm, start // bs, -(-end // bs))
+            holes = e.unmapped(fm, start // bs, -(-end // bs))
         if new_size > old_size:
-            e._zero_allocated(fm, old_size, new_size)  # old blocks' bytes past the old end
+            e.zero_allocated(fm, old_size, new_size)  # old blocks' bytes past the old end
             e.I["size"][ino] = new_size
         for fb, count in holes:
-            for pfb, _, pn in e._allocate(tx, ino, fm, fb, count):
-                e._zero_allocated(fm, pfb * bs, (pfb + pn) * bs)  # fresh blocks read as zeros
+            for pfb, _, pn in e.allocate(tx, ino, fm, fb, count):
+                e.zero_allocated(fm, pfb * bs, (pfb + pn) * bs)  # fresh blocks read as zeros
         if zero:
-            e._zero_allocated(fm, start, end)
-        _touch(e, ino, data=zero, size=new_size != old_size)
+            e.zero_allocated(fm, start, end)
+        _touch_times(e, ino, data=zero, size=new_size != old_size)
 
 
 def _allocate_packed(e: Engine, ino: int, start: int, end: int, new_size: int, zero: bool) -> None:
     """A small file stays in its pack block: its chunks grow to cover the range."""
     packer = e.packer
     old_size = int(e.I["size"][ino])
-    if packer.needs_space(ino, end) and (not e.blocks_available() or not e._have_slots("pack", 1)):
+    if packer.needs_space(ino, end) and (not e.blocks_available() or not e.have_slots("pack", 1)):
         raise FsError(errno.ENOSPC)
-    if ino not in packer.packed and not e._have_slots("extent", 1):
+    if ino not in packer.packed and not e.have_slots("extent", 1):
         raise FsError(errno.ENOSPC)
     with e.transaction() as tx:
-        e._save_inode(tx, ino)
+        e.save_inode(tx, ino)
         covered = packer.covered(ino)
         packer.cover(tx, ino, max(end, covered))
         base, now_covered = packer.address(ino), packer.covered(ino)
@@ -117,7 +117,7 @@ def _allocate_packed(e: Engine, ino: int, start: int, end: int, new_size: int, z
             e.u8[base + start:base + end] = 0
         if new_size > old_size:
             e.I["size"][ino] = new_size
-        _touch(e, ino, data=zero, size=new_size != old_size)
+        _touch_times(e, ino, data=zero, size=new_size != old_size)
 
 
 def _punch(e: Engine, ino: int, start: int, end: int) -> None:
@@ -125,10 +125,10 @@ def _punch(e: Engine, ino: int, start: int, end: int) -> None:
     if ino in e.packer.packed:
         covered, base = e.packer.covered(ino), e.packer.address(ino)
         with e.transaction() as tx:
-            e._save_inode(tx, ino)
+            e.save_inode(tx, ino)
             if start < covered:
                 e.u8[base + start:base + min(end, covered)] = 0
-            _touch(e, ino, data=True)
+            _touch_times(e, ino, data=True)
         return
     fm = e.maps.get(ino)
     first, last = -(-start // bs), end // bs  # whole blocks: [first, last)
@@ -137,18 +137,18 @@ def _punch(e: Engine, ino: int, start: int, end: int) -> None:
         raise FsError(errno.EBUSY, "would free blocks of a directly mapped (leased) file")
     # A punch inside one extent splits it in two: that needs a slot.
     splits = sum(1 for i, lo, hi in whole if fm.fblk[i] < lo and hi < fm.fblk[i] + fm.cnt[i])
-    if splits and not e._have_slots("extent", splits):
+    if splits and not e.have_slots("extent", splits):
         raise FsError(errno.ENOSPC, "the extent table is full")
     freed: list[tuple[int, int]] = []
     with e.transaction() as tx:
-        e._save_inode(tx, ino)
+        e.save_inode(tx, ino)
         if fm:
             # The partial blocks at the ends become zeros; blocks wholly inside go.
-            e._zero_allocated(fm, start, min(end, first * bs))
-            e._zero_allocated(fm, max(start, last * bs, first * bs), end)
+            e.zero_allocated(fm, start, min(end, first * bs))
+            e.zero_allocated(fm, max(start, last * bs, first * bs), end)
             for i, lo, hi in reversed(whole):
                 freed.append(_cut(e, tx, ino, fm, i, lo, hi))
-        _touch(e, ino, data=True)
+        _touch_times(e, ino, data=True)
     for pb, n in freed:
         _give_back(e, pb, n)
 
@@ -170,9 +170,9 @@ def _cut(e: Engine, tx, ino: int, fm: FileMap, i: int, lo: int, hi: int) -> tupl
     pb = p + (lo - f)
     e.alloc.mark(tx, pb, hi - lo, False)
     e.I["nblocks"][ino] -= hi - lo
-    e._save_extent(tx, slot)
+    e.save_extent(tx, slot)
     if lo == f and hi == f + n:
-        e._drop_extent_slot(tx, slot)
+        e.drop_extent_slot(tx, slot)
         for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
             del lst[i]
     elif lo == f:  # the front goes
@@ -184,8 +184,8 @@ def _cut(e: Engine, tx, ino: int, fm: FileMap, i: int, lo: int, hi: int) -> tupl
     else:  # the middle goes: the tail becomes an extent of its own
         fm.cnt[i] = lo - f
         ext["count"][slot] = fm.cnt[i]
-        tail = e._take_slot(tx, "extent")
-        e._save_extent(tx, tail)
+        tail = e.take_slot(tx, "extent")
+        e.save_extent(tx, tail)
         ext[tail] = (ino, f + n - hi, hi, p + (hi - f), 0, 0)
         for lst, v in ((fm.fblk, hi), (fm.pblk, p + (hi - f)), (fm.cnt, f + n - hi), (fm.slot, tail)):
             lst.insert(i + 1, v)
@@ -202,7 +202,7 @@ def _give_back(e: Engine, pb: int, n: int) -> None:
         e.region.zero(pb * e.block_size, n * e.block_size)
 
 
-def _touch(e: Engine, ino: int, data: bool, size: bool = False) -> None:
+def _touch_times(e: Engine, ino: int, data: bool, size: bool = False) -> None:
     """As tmpfs: changing bytes or the size sets mtime and ctime; a plain allocation
     within the size changes neither."""
     if data or size:
@@ -213,7 +213,7 @@ def _touch(e: Engine, ino: int, data: bool, size: bool = False) -> None:
 
 def seek(e: Engine, ino: int, offset: int, whence: int) -> int:
     """SEEK_DATA / SEEK_HOLE from offset, as lseek(2): ENXIO at or past the end."""
-    e._file(ino)
+    e.check_file(ino)
     size = int(e.I["size"][ino])
     if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
         raise FsError(errno.EINVAL)

@@ -97,12 +97,12 @@ class KernelObjects:
             return ino
         if not create:
             return 0
-        ino = e._new_inode(tx, KIND_DIR, stat.S_IFDIR | 0o700, ROOT_CTX, ROOT_INO)
+        ino = e.new_inode(tx, KIND_DIR, stat.S_IFDIR | 0o700, ROOT_CTX, ROOT_INO)
         e.I["flags"][ino] = FLAG_PINNED
         e.I["uid"][ino] = 0
         e.I["gid"][ino] = 0
-        e._add_dirent(tx, ROOT_INO, NAMESPACE, ino, KIND_DIR)
-        e._touch(tx, ROOT_INO, m=True)
+        e.add_dirent(tx, ROOT_INO, NAMESPACE, ino, KIND_DIR)
+        e.touch(tx, ROOT_INO, m=True)
         e.I["nlink"][ROOT_INO] += 1
         return ino
 
@@ -137,7 +137,7 @@ class KernelObjects:
         self._root(ctx)
         e = self.e
         raw = name.encode(errors="surrogateescape")
-        e._check_name(raw)
+        e.check_name(raw)
         if raw in (b".", b".."):
             raise FsError(errno.EINVAL, "a kernel object cannot be called . or ..")
         if type_name not in TYPES:
@@ -161,13 +161,13 @@ class KernelObjects:
             start = e.alloc.find_contiguous(count, align)
         except NoSpace:
             raise FsError(errno.ENOSPC, f"no free contiguous run of {count} blocks") from None
-        if not (e._have_slots("inode", 2) and e._have_slots("dirent", 2) and e._have_slots("extent", 1)):
+        if not (e.have_slots("inode", 2) and e.have_slots("dirent", 2) and e.have_slots("extent", 1)):
             raise FsError(errno.ENOSPC)
         with e.transaction() as tx:
             ns = self.namespace(create=True, tx=tx)
-            ino = e._new_inode(tx, KIND_KOBJ, stat.S_IFREG | 0o600, ROOT_CTX, ns)
+            ino = e.new_inode(tx, KIND_KOBJ, stat.S_IFREG | 0o600, ROOT_CTX, ns)
             e.alloc.mark(tx, start, count, True)
-            e._add_extent(tx, ino, e._map(ino), 0, start, count)
+            e.add_extent(tx, ino, e.file_map(ino), 0, start, count)
             e.I["nblocks"][ino] = count
             e.I["size"][ino] = size
             e.I["flags"][ino] = FLAG_PINNED
@@ -176,8 +176,8 @@ class KernelObjects:
             e.I["kstate"][ino] = NORMAL
             if not e.alloc.known_zero(start, count):  # fresh blocks may hold old bytes
                 e.region.zero(start * bs, count * bs)
-            e._add_dirent(tx, ns, raw, ino, KIND_KOBJ)
-            e._touch(tx, ns, m=True)
+            e.add_dirent(tx, ns, raw, ino, KIND_KOBJ)
+            e.touch(tx, ns, m=True)
         return self.info(name)
 
     # --------------------------------------------------------------- query
@@ -224,14 +224,14 @@ class KernelObjects:
         with e.transaction() as tx:
             now = time.time_ns()
             for ino, (state, checksum) in changes.items():
-                e._save_inode(tx, ino)
+                e.save_inode(tx, ino)
                 e.I["kstate"][ino] = state
                 if checksum is not None:
                     e.I["kchecksum"][ino] = checksum
                 e.I["ctime_ns"][ino] = now
             if ns_state is not None:
                 ns = self.namespace(create=True, tx=tx)
-                e._save_inode(tx, ns)
+                e.save_inode(tx, ns)
                 e.I["kstate"][ns] = ns_state
 
     def _state(self, ino: int) -> int:
@@ -324,13 +324,13 @@ class KernelObjects:
         e = self.e
         ns = self.namespace()
         with e.transaction() as tx:
-            e._save_inode(tx, ino)
+            e.save_inode(tx, ino)
             e.I["flags"][ino] = int(e.I["flags"][ino]) & ~FLAG_PINNED
             now = time.time_ns()
-            e._remove_dirent(tx, ns, name.encode(errors="surrogateescape"))
-            e._touch(tx, ns, m=True, now=now)
-            e._drop_link(tx, ino, now)
-        e._maybe_reap(ino)
+            e.remove_dirent(tx, ns, name.encode(errors="surrogateescape"))
+            e.touch(tx, ns, m=True, now=now)
+            e.drop_link(tx, ino, now)
+        e.maybe_reap(ino)
 
     # ----------------------------------------------------- guards for the engine
     def check_write(self, ino: int, offset: int, length: int) -> None:

@@ -68,7 +68,7 @@ class Packer:
         e = self.e
         if end > self.limit or e.maps.get(ino):
             return False
-        return not e._wants_aligned(ino)
+        return not e.wants_aligned(ino)
 
     def free_chunks(self) -> int:
         t = self.e.t.packs
@@ -111,7 +111,7 @@ class Packer:
             ((block, _),) = e.alloc.find(1, None)
         except NoSpace:
             raise FsError(errno.ENOSPC) from None
-        slot = e._take_slot(tx, "pack")
+        slot = e.take_slot(tx, "pack")
         tx.save_record(e.t.packs, e.offsets["pack"], slot)
         e.alloc.mark(tx, block, 1, True)
         e.t.packs[slot] = (block, 0, 0, bytes(64), bytes(44), 0)
@@ -175,12 +175,12 @@ class Packer:
             slot = p[0]
             self._drop(tx, ino, keep_extent=True)
         else:
-            slot = e._take_slot(tx, "extent")
+            slot = e.take_slot(tx, "extent")
         self._set_extent(tx, ino, slot, block, c0, need)
 
     def _set_extent(self, tx: Transaction, ino: int, slot: int, block: int, c0: int, n: int) -> None:
         e = self.e
-        e._save_extent(tx, slot)
+        e.save_extent(tx, slot)
         e.t.extents[slot] = (ino, n, 0, block, EXTENT_PACKED | (c0 << 16), 0)
         self.packed[ino] = (slot, block, c0, n)
 
@@ -189,7 +189,7 @@ class Packer:
         pslot = self.pack_of_block[block]
         self._mark(tx, pslot, c0, n, False)
         if not keep_extent:
-            self.e._drop_extent_slot(tx, slot)
+            self.e.drop_extent_slot(tx, slot)
         self._release_pack_if_empty(tx, pslot)
 
     def free(self, tx: Transaction, ino: int) -> None:
@@ -215,13 +215,13 @@ class Packer:
         if ino not in self.packed:
             return
         have = self.covered(ino)
-        fm = e._map(ino)
+        fm = e.file_map(ino)
         if e.alloc.backing is None:
             # Reserved (or not memory): any block must be zeroed, so the pack block this
             # file may have been alone in is as good as any and is taken again.
             data = bytes(e.u8[self.address(ino):self.address(ino) + have])
             self._drop(tx, ino)
-            ((_, pb, _), *_) = e._allocate(tx, ino, fm, 0, 1)
+            ((_, pb, _), *_) = e.allocate(tx, ino, fm, 0, 1)
             at = pb * e.block_size
             e.region.zero(at + have, e.block_size - have)
             e.u8[at:at + have] = np.frombuffer(data, np.uint8)
@@ -231,7 +231,7 @@ class Packer:
         # blocks a GiB of stores); the pack block is freed, and punched, after. (The
         # write that unpacks counted this block and its extent slot already.)
         src = self.address(ino)
-        ((_, pb, _), *_) = e._allocate(tx, ino, fm, 0, 1)
+        ((_, pb, _), *_) = e.allocate(tx, ino, fm, 0, 1)
         at = pb * e.block_size
         if not e.alloc.known_zero(pb, 1):
             e.region.zero(at + have, e.block_size - have)

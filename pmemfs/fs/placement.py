@@ -37,13 +37,13 @@ def file_align(e: Engine, ino: int) -> int:
     if slot is None:
         return 0
     try:
-        return parse_align(e._read_blob(slot)[1])
+        return parse_align(e.read_blob(slot)[1])
     except FsError:
         return 0
 
 
 def _regular(e: Engine, ino: int) -> None:
-    e._check_ino(ino)
+    e.check_ino(ino)
     if e.kind(ino) != KIND_REG:
         raise FsError(errno.EISDIR if e.kind(ino) == 2 else errno.EINVAL)
     if int(e.I["flags"][ino]) & FLAG_PINNED:
@@ -73,20 +73,20 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
     bs = e.block_size
     align = align or file_align(e, ino) or bs
     align_blocks = max(1, align // bs)
-    fm = e._map(ino)
+    fm = e.file_map(ino)
     want = -(-size // bs)
     packed = ino in e.packer.packed
-    need = sum(n for _, n in e._unmapped(fm, 0, want))
+    need = sum(n for _, n in e.unmapped(fm, 0, want))
     if need > e.blocks_available():
         raise FsError(errno.ENOSPC)
-    if len(fm) > MAX_PIECES or not e._have_slots("extent", 2):
+    if len(fm) > MAX_PIECES or not e.have_slots("extent", 2):
         raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
     old_size = int(e.I["size"][ino])
     with e.transaction() as tx:
         if packed:
             e.packer.unpack(tx, ino)
         if size > old_size:
-            e._zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
+            e.zero_allocated(fm, old_size, size)  # old blocks' bytes past EOF
         # Best: the whole file in one aligned run; blocks it already has are copied there.
         # The run holds every block the file has, also those past `size` (block f goes
         # to start + f): a shorter run would drop them and write past its own end.
@@ -106,28 +106,28 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
                 for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
                     e.region.zero((start + f) * bs, bs)
             for _, p, n, slot in old:
-                e._drop_extent_slot(tx, slot)
+                e.drop_extent_slot(tx, slot)
                 e.alloc.mark(tx, p, n, False)
             for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
                 lst.clear()
-            e._add_extent(tx, ino, fm, 0, start, run)
+            e.add_extent(tx, ino, fm, 0, start, run)
             _grow(e, tx, ino, size, old_size, run - sum(n for _, _, n, _ in old))
         else:
-            holes = e._unmapped(fm, 0, want)
+            holes = e.unmapped(fm, 0, want)
             plan: list[tuple[int, int, int]] = []  # (file block, region block, count)
             try:
                 for fb, n in holes:
-                    for pb, k in e.alloc.find(n, e._goal(fm, fb), aligned=align_blocks > 1,
+                    for pb, k in e.alloc.find(n, e.goal(fm, fb), aligned=align_blocks > 1,
                                               phase=fb % max(1, e.alloc.chunk_blocks)):
                         plan.append((fb, pb, k))
                         fb += k
             except NoSpace:
                 raise FsError(errno.ENOSPC, "no free space that large") from None
-            if len(plan) > MAX_PIECES or not e._have_slots("extent", len(plan)):
+            if len(plan) > MAX_PIECES or not e.have_slots("extent", len(plan)):
                 raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
             for fb, pb, n in plan:
                 e.alloc.mark(tx, pb, n, True)
-                e._add_extent(tx, ino, fm, fb, pb, n)
+                e.add_extent(tx, ino, fm, fb, pb, n)
                 if not e.alloc.known_zero(pb, n):
                     e.region.zero(pb * bs, n * bs)
             _grow(e, tx, ino, size, old_size, sum(n for _, _, n in plan))
@@ -135,7 +135,7 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
 
 
 def _grow(e: Engine, tx: Transaction, ino: int, size: int, old_size: int, new_blocks: int) -> None:
-    e._save_inode(tx, ino)
+    e.save_inode(tx, ino)
     e.I["nblocks"][ino] = int(e.I["nblocks"][ino]) + new_blocks
     if size > old_size:
         e.I["size"][ino] = size
@@ -164,19 +164,19 @@ def carve(e: Engine, src: int, offset: int, length: int, dst: int) -> None:
     if offset + length > int(e.I["size"][src]):
         raise FsError(errno.EINVAL, "the range runs past the end of the source")
     b0, b1 = offset // bs, (offset + length) // bs
-    fm = e._map(src)
+    fm = e.file_map(src)
     pieces = _pieces(fm, b0, b1)
-    if len(pieces) > MAX_PIECES or not e._have_slots("extent", len(pieces) + 2):
+    if len(pieces) > MAX_PIECES or not e.have_slots("extent", len(pieces) + 2):
         raise FsError(errno.ENOSPC, "the range has too many extents to move at once")
-    dm = e._map(dst)
+    dm = e.file_map(dst)
     with e.transaction() as tx:
         moved = _cut(e, tx, src, fm, b0, b1)
         for fb, pb, n in moved:
-            e._add_extent(tx, dst, dm, fb - b0, pb, n)
+            e.add_extent(tx, dst, dm, fb - b0, pb, n)
         total = sum(n for _, _, n in moved)
         now = time.time_ns()
         for ino, delta in ((src, -total), (dst, total)):
-            e._save_inode(tx, ino)
+            e.save_inode(tx, ino)
             e.I["nblocks"][ino] = int(e.I["nblocks"][ino]) + delta
             e.I["mtime_ns"][ino] = now
             e.I["ctime_ns"][ino] = now
@@ -204,17 +204,17 @@ def _cut(e: Engine, tx: Transaction, ino: int, fm: FileMap, b0: int, b1: int) ->
         f, p, n, slot = fm.fblk[i], fm.pblk[i], fm.cnt[i], fm.slot[i]
         lo, hi = max(b0, f), min(b1, f + n)
         left, right = lo - f, f + n - hi  # blocks kept before and after the cut
-        e._save_extent(tx, slot)
+        e.save_extent(tx, slot)
         if left:
             fm.cnt[i] = left
             ext["count"][slot] = left
         else:
-            e._drop_extent_slot(tx, slot)
+            e.drop_extent_slot(tx, slot)
             for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
                 del lst[i]
         if right:
-            new = e._take_slot(tx, "extent")
-            e._save_extent(tx, new)
+            new = e.take_slot(tx, "extent")
+            e.save_extent(tx, new)
             ext[new] = (ino, right, hi, p + (hi - f), 0, 0)
             j = i + 1 if left else i
             fm.fblk.insert(j, hi)
@@ -311,7 +311,7 @@ def _move(e: Engine, ino: int, fm: FileMap, fb: int, n: int, lo: int, hi: int) -
         runs = e.alloc.find(n, None, aligned=False, avoid=(lo, hi))
     except NoSpace:
         return False
-    if not e._have_slots("extent", len(runs) + 1):
+    if not e.have_slots("extent", len(runs) + 1):
         return False  # the extent table is full: stop here, what moved stays moved
     bs = e.block_size
     try:
@@ -326,7 +326,7 @@ def _move(e: Engine, ino: int, fm: FileMap, fb: int, n: int, lo: int, hi: int) -
                         src = (opb + a - ofb) * bs
                         dst = (pb + a - pos) * bs
                         e.u8[dst:dst + (b - a) * bs] = e.u8[src:src + (b - a) * bs]
-                e._add_extent(tx, ino, fm, pos, pb, k)
+                e.add_extent(tx, ino, fm, pos, pb, k)
                 pos += k
             for _, opb, on in old:
                 e.alloc.mark(tx, opb, on, False)

@@ -72,7 +72,7 @@ def _user_xattr(engine: Engine, ino: int, who: Creds, write: bool) -> None:
     """What the kernel checks for a user.* xattr (xattr_permission), checked again:
     regular files and directories only (EPERM to set, ENODATA to get, elsewhere); on a
     sticky directory only the owner may set; then write (set) or read (get) permission."""
-    engine._check_ino(ino)
+    engine.check_ino(ino)
     mode = int(engine.I["mode"][ino])
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise FsError(errno.EPERM if write else errno.ENODATA)
@@ -171,7 +171,7 @@ def query(engine: Engine, ino: int, name: bytes, ctx: Ctx) -> bytes:
             return _fit(json.dumps(_extents(engine, ino, who)))
         raise FsError(errno.ENODATA)
     _admin(who, write=False)
-    engine._check_ino(ino)
+    engine.check_ino(ino)
     if name == DEFRAG and ino == ROOT_INO:
         report = getattr(engine, "last_defrag", None)
         if report is None:
@@ -242,7 +242,7 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
             return _carve(engine, ino, value, who)
         raise FsError(errno.EPERM, "reserved for pmemfs")  # user.pmemfs.* is not stored
     _admin(who, write=True)
-    engine._check_ino(ino)
+    engine.check_ino(ino)
     if name == DEFRAG and ino == ROOT_INO:
         engine.last_defrag = placement.defrag(engine)
         return []
@@ -312,7 +312,7 @@ def _lease(engine: Engine, ino: int, value: bytes, who: Creds, pid: int) -> list
         engine.check_access(ino, who, R | (W if value == b"rw" else 0))
         if ino in engine.packer.packed:
             # A small file's chunks move as it grows; a mapped file's blocks must not.
-            if not engine.blocks_available() or not engine._have_slots("extent", 1):
+            if not engine.blocks_available() or not engine.have_slots("extent", 1):
                 raise FsError(errno.ENOSPC)
             with engine.transaction() as tx:
                 engine.packer.unpack(tx, ino)
