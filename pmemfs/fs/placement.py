@@ -91,46 +91,16 @@ def prealloc(e: Engine, ino: int, size: int, align: int = 0) -> list[tuple[int, 
         # The run holds every block the file has, also those past `size` (block f goes
         # to start + f): a shorter run would drop them and write past its own end.
         run = max(want, fm.end())
+        old_blocks = sum(fm.cnt)
         try:
             start = e.alloc.find_contiguous(run, align_blocks)
         except NoSpace:
             start = None
         if start is not None:
-            old = list(zip(fm.fblk, fm.pblk, fm.cnt, fm.slot, strict=True))
-            e.alloc.mark(tx, start, run, True)
-            kept = np.zeros(run, bool)
-            for f, p, n, _ in old:
-                e.u8[(start + f) * bs:(start + f + n) * bs] = e.u8[p * bs:(p + n) * bs]
-                kept[f:f + n] = True
-            if not e.alloc.known_zero(start, run):  # reserved from holes: zeros already
-                for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
-                    e.region.zero((start + f) * bs, bs)
-            for _, p, n, slot in old:
-                e.drop_extent_slot(tx, slot)
-                e.alloc.mark(tx, p, n, False)
-            for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
-                lst.clear()
-            e.add_extent(tx, ino, fm, 0, start, run)
-            _grow(e, tx, ino, size, old_size, run - sum(n for _, _, n, _ in old))
+            _move_into_run(e, tx, ino, fm, start, run)
+            _grow(e, tx, ino, size, old_size, run - old_blocks)
         else:
-            holes = e.unmapped(fm, 0, want)
-            plan: list[tuple[int, int, int]] = []  # (file block, region block, count)
-            try:
-                for fb, n in holes:
-                    for pb, k in e.alloc.find(n, e.goal(fm, fb), aligned=align_blocks > 1,
-                                              phase=fb % max(1, e.alloc.chunk_blocks)):
-                        plan.append((fb, pb, k))
-                        fb += k
-            except NoSpace:
-                raise FsError(errno.ENOSPC, "no free space that large") from None
-            if len(plan) > MAX_PIECES or not e.have_slots("extent", len(plan)):
-                raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
-            for fb, pb, n in plan:
-                e.alloc.mark(tx, pb, n, True)
-                e.add_extent(tx, ino, fm, fb, pb, n)
-                if not e.alloc.known_zero(pb, n):
-                    e.region.zero(pb * bs, n * bs)
-            _grow(e, tx, ino, size, old_size, sum(n for _, _, n in plan))
+            _grow(e, tx, ino, size, old_size, _fill_holes(e, tx, ino, fm, want, align_blocks))
     return e.extents(ino)
 
 
@@ -181,6 +151,50 @@ def carve(e: Engine, src: int, offset: int, length: int, dst: int) -> None:
             e.I["mtime_ns"][ino] = now
             e.I["ctime_ns"][ino] = now
         e.I["size"][dst] = length
+
+
+def _move_into_run(e: Engine, tx: Transaction, ino: int, fm: FileMap, start: int, run: int) -> None:
+    """Copy the file's blocks to the free run at `start` (block f to start + f), zero the
+    rest of the run, free the old blocks: the file is then one extent."""
+    bs = e.block_size
+    old = list(zip(fm.fblk, fm.pblk, fm.cnt, fm.slot, strict=True))
+    e.alloc.mark(tx, start, run, True)
+    kept = np.zeros(run, bool)
+    for f, p, n, _ in old:
+        e.u8[(start + f) * bs:(start + f + n) * bs] = e.u8[p * bs:(p + n) * bs]
+        kept[f:f + n] = True
+    if not e.alloc.known_zero(start, run):  # reserved from holes: zeros already
+        for f in np.flatnonzero(~kept).tolist():  # fresh blocks read as zeros
+            e.region.zero((start + f) * bs, bs)
+    for _, p, n, slot in old:
+        e.drop_extent_slot(tx, slot)
+        e.alloc.mark(tx, p, n, False)
+    for lst in (fm.fblk, fm.pblk, fm.cnt, fm.slot):
+        lst.clear()
+    e.add_extent(tx, ino, fm, 0, start, run)
+
+
+def _fill_holes(e: Engine, tx: Transaction, ino: int, fm: FileMap, want: int, align_blocks: int) -> int:
+    """No run holds the whole file: give each hole of [0, want) blocks, aligned where
+    asked, zeroed. Returns the blocks given."""
+    bs = e.block_size
+    plan: list[tuple[int, int, int]] = []  # (file block, region block, count)
+    try:
+        for fb, n in e.unmapped(fm, 0, want):
+            for pb, k in e.alloc.find(n, e.goal(fm, fb), aligned=align_blocks > 1,
+                                      phase=fb % max(1, e.alloc.chunk_blocks)):
+                plan.append((fb, pb, k))
+                fb += k
+    except NoSpace:
+        raise FsError(errno.ENOSPC, "no free space that large") from None
+    if len(plan) > MAX_PIECES or not e.have_slots("extent", len(plan)):
+        raise FsError(errno.ENOSPC, "free space too fragmented; try pmemfs defrag")
+    for fb, pb, n in plan:
+        e.alloc.mark(tx, pb, n, True)
+        e.add_extent(tx, ino, fm, fb, pb, n)
+        if not e.alloc.known_zero(pb, n):
+            e.region.zero(pb * bs, n * bs)
+    return sum(n for _, _, n in plan)
 
 
 def _pieces(fm: FileMap, b0: int, b1: int) -> list[tuple[int, int, int]]:
