@@ -248,7 +248,12 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
         return []
     if not name.startswith(KERNEL + b".") or ino != ROOT_INO:
         raise FsError(errno.EOPNOTSUPP)
-    verb = name[len(KERNEL) + 1:]
+    _kernel_verb(engine, name[len(KERNEL) + 1:], value, ctx)
+    return []
+
+
+def _kernel_verb(engine: Engine, verb: bytes, value: bytes, ctx: Ctx) -> None:
+    """trusted.pmemfs.kernel.<verb> on the root: the kernel-object commands (kobj.py)."""
     k = engine.kernel
     if verb == b"create":
         req = _json_object(value, {"name": str, "type": str, "size": int}, {"version": int})
@@ -268,7 +273,6 @@ def command(engine: Engine, ino: int, name: bytes, value: bytes, ctx: Ctx) -> li
         k.finish(reclaim=value == b"reclaim", ctx=ctx)
     else:
         raise FsError(errno.EOPNOTSUPP)
-    return []
 
 
 def _carve(engine: Engine, dst: int, value: bytes, who: Creds) -> list[int]:

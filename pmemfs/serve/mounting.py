@@ -306,24 +306,14 @@ def remount(mountpoint: str, words: list[str]) -> str:
     for writing), then the daemon (marks the region clean); to read-write, the daemon
     first. A step that fails undoes the one before it.
     """
-    from .mountctl import REMOUNTABLE, SupervisorError, ask_daemon, kernel_remount
+    from .mountctl import SupervisorError, ask_daemon, kernel_remount
 
     if pmemfs_mount_at(mountpoint) is None:
         raise MountFailed(f"{mountpoint}: no pmemfs is mounted there")
     if os.geteuid() != 0:
         raise MountFailed(f"{mountpoint}: remount needs root (fusermount3 cannot remount)")
     real = os.path.realpath(mountpoint)
-    try:
-        status = ask_daemon(real, {"verb": "status"}, timeout=30.0)
-    except (SupervisorError, OSError, ValueError) as e:
-        raise MountFailed(f"{mountpoint}: cannot reach the daemon: {e}") from None
-    kernel = kernel_options_at(real) or set()
-    before = (set(status.get("options", ())) - REMOUNTABLE) | kernel
-    after = resolve_options([w for w in words if w.split("=")[0] not in ("live", "force")], base=before)
-    fixed = (before ^ after) - REMOUNTABLE
-    if fixed:
-        raise OptionError(f"{mountpoint}: {', '.join(sorted(fixed))} cannot change at a remount "
-                          "(unmount and mount again)")
+    before, after = _remount_options(mountpoint, real, words)
     to_ro, to_rw = "ro" in after - before, "ro" in before - after
 
     def tell(options: set[str], check: bool = False) -> None:
@@ -359,6 +349,25 @@ def remount(mountpoint: str, words: list[str]) -> str:
                 kernel_to(before)
             raise
     return _mount_flags_text(real)
+
+
+def _remount_options(mountpoint: str, real: str, words: list[str]) -> tuple[set[str], set[str]]:
+    """The mount's options now (the daemon's and the kernel's) and after the remount;
+    OptionError for one that cannot change without a fresh mount."""
+    from .mountctl import REMOUNTABLE, SupervisorError, ask_daemon
+
+    try:
+        status = ask_daemon(real, {"verb": "status"}, timeout=30.0)
+    except (SupervisorError, OSError, ValueError) as e:
+        raise MountFailed(f"{mountpoint}: cannot reach the daemon: {e}") from None
+    kernel = kernel_options_at(real) or set()
+    before = (set(status.get("options", ())) - REMOUNTABLE) | kernel
+    after = resolve_options([w for w in words if w.split("=")[0] not in ("live", "force")], base=before)
+    fixed = (before ^ after) - REMOUNTABLE
+    if fixed:
+        raise OptionError(f"{mountpoint}: {', '.join(sorted(fixed))} cannot change at a remount "
+                          "(unmount and mount again)")
+    return before, after
 
 
 def _mount_flags_text(real: str) -> str:
