@@ -26,20 +26,10 @@ from ..media.format import (
 )
 from ..media.journal import Transaction
 from . import acl, creds
-from .core import (
-    ALIGN_POLICY,
-    RELATIME_NS,
-    XATTR_CREATE,
-    XATTR_REPLACE,
-    EngineCore,
-    Stat,
-)
+from .core import ALIGN_POLICY, RELATIME_NS, XATTR_CREATE, XATTR_REPLACE, EngineCore, Stat
 from .creds import CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN, Creds
 from .ctx import ROOT_CTX, Ctx, FsError
-from .replies import (
-    OP_REMOVEXATTR,
-    OP_SETXATTR,
-)
+from .replies import OP_REMOVEXATTR, OP_SETXATTR
 
 
 class Attributes(EngineCore):

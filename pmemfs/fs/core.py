@@ -46,14 +46,11 @@ from ..media.journal import Journal, Transaction
 from ..media.region import BackingFull, Region, backing_free
 from .ctx import Ctx, FsError
 from .leases import Leases
+from .replies import Replies
 
-if TYPE_CHECKING:  # built at mount by Lifecycle; only types here
+if TYPE_CHECKING:  # built at mount by Engine._mount; only types here
     from .kobj import KernelObjects
     from .packing import Packer
-
-from .replies import (
-    Replies,
-)
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -169,6 +166,12 @@ class EngineCore:
     kernel: KernelObjects
     leases: Leases
     replies: Replies
+
+    def _load(self) -> None:
+        """Rebuild the in-memory indexes from the region (Lifecycle._load): a rolled-back
+        transaction's in-memory changes may have run ahead of it."""
+        raise NotImplementedError
+
     def blocks_available(self) -> int:
         """Free blocks that can be had now: the free blocks, and on an overcommitted
         region no more than the backing can still hold (in whole blocks)."""

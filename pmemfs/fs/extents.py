@@ -8,17 +8,9 @@ import errno
 from bisect import bisect_right
 
 from ..media.allocator import NoSpace
-from ..media.format import (
-    FLAG_TRUNCATING,
-)
+from ..media.format import FLAG_TRUNCATING
 from ..media.journal import Transaction
-from .core import (
-    ALIGN_POLICY,
-    FREE_BATCH,
-    GROWTH_MIGRATE_BLOCKS,
-    EngineCore,
-    FileMap,
-)
+from .core import ALIGN_POLICY, FREE_BATCH, GROWTH_MIGRATE_BLOCKS, EngineCore, FileMap
 from .ctx import FsError
 
 

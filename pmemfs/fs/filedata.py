@@ -20,11 +20,7 @@ from ..media.format import (
     KIND_REG,
 )
 from ..media.journal import Transaction
-from .core import (
-    BackingShort,
-    EngineCore,
-    FileMap,
-)
+from .core import BackingShort, EngineCore, FileMap
 from .ctx import FsError
 
 

@@ -36,16 +36,11 @@ from ..media.format import (
 )
 from ..media.journal import Journal
 from ..media.region import BackingFull
-from .core import (
-    EngineCore,
-    FileMap,
-)
+from .core import EngineCore, FileMap
 from .ctx import FsError
 from .leases import Leases
 from .packing import Packer
-from .replies import (
-    Replies,
-)
+from .replies import Replies
 
 log = logging.getLogger("pmemfs.engine")
 

@@ -29,24 +29,9 @@ from ..media.format import (
     SYMLINK_MAX,
 )
 from ..media.journal import Transaction
-from .core import (
-    ALIGN_POLICY,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    RENAME_WHITEOUT,
-    EngineCore,
-    Stat,
-)
+from .core import ALIGN_POLICY, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, EngineCore, Stat
 from .ctx import ROOT_CTX, Ctx, FsError
-from .replies import (
-    OP_LINK,
-    OP_MKDIR,
-    OP_MKNOD,
-    OP_RENAME,
-    OP_RMDIR,
-    OP_SYMLINK,
-    OP_UNLINK,
-)
+from .replies import OP_LINK, OP_MKDIR, OP_MKNOD, OP_RENAME, OP_RMDIR, OP_SYMLINK, OP_UNLINK
 
 
 class Namespace(EngineCore):
