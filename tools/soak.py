@@ -137,97 +137,44 @@ def _stop(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    if os.geteuid() != 0:
-        print("soak.py: must run as root (FUSE mounts with allow_other, kernel caches, fsck of regions)",
-              file=sys.stderr)
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
-    scale_name = "small" if a.small else "normal"
-    scale = SCALES[scale_name]
-    seconds = (a.hours or 0) * 3600 + (a.minutes or 0) * 60
-    rounds = a.rounds if a.rounds is not None else (None if seconds else len(a.phases))
-    if a.workdir and not os.path.isdir(a.workdir):
-        print(f"soak.py: --workdir {a.workdir}: no such directory", file=sys.stderr)
-        return 2
-    work = tempfile.mkdtemp(prefix="pmemfs-soak-", dir=a.workdir)
-    shm = tempfile.mkdtemp(prefix="pmemfs-soak-", dir="/dev/shm")
-    janitor = Janitor(work, shm)
-    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
-    report: dict = {"tool": "tools/soak.py", "started": started, "machine": machine(),
-                    "args": {k: v for k, v in vars(a).items()}, "scale": scale_name, "work_dir": work,
-                    "shm_dir": shm, "rounds": [], "problem": None, "problem_rounds": []}
-    per: dict[str, dict] = {ph: {"rounds": 0, "seconds": 0.0, "problems": 0} for ph in a.phases}
-    status = 0
-    print(f"soak: phases {','.join(a.phases)}, {scale_name} sizes, first seed {a.seed}, "
-          + (f"{rounds} rounds" if rounds else "") + (" or " if rounds and seconds else "")
-          + (f"{seconds / 60:g} minutes" if seconds else "") + f"; mounts in {work}, regions in {shm}; "
-          + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
-    k = 0
+def run_round(r: Round, janitor: Janitor) -> tuple[str, Problem | None]:
+    """One round and its cleanup: what it checked, and its problem if it had one (with the
+    end of the daemons' logs, or whatever the cleanup found left over)."""
+    problem: Problem | None = None
+    checked = ""
     try:
-        while (rounds is None or k < rounds) and (not seconds or time.monotonic() - t0 < seconds):
-            phase = a.phases[k % len(a.phases)]
-            r = Round(k + 1, phase, a.seed + k, scale, janitor, inject=a.inject_fault)
-            began = time.monotonic()
-            problem: Problem | None = None
-            checked = ""
-            try:
-                checked = PHASE_FUNCS[phase](r)
-            except Problem as e:
-                problem = e
-            except Exception as e:
-                problem = Problem(f"{type(e).__name__}: {e}", traceback.format_exc())
-            finally:
-                logs = {m.path: m.log() for m in janitor.mounts} if problem else {}
-                leftovers = janitor.release()
-            for path, text in logs.items():  # the daemons' last words go into the report
-                tail = "\n".join(text.splitlines()[-25:])
-                problem.detail += f"\n--- end of the daemon log of {path}:\n{tail}"
-            if leftovers and problem is None:
-                problem = Problem("cleanup: " + "; ".join(leftovers))
-            secs = time.monotonic() - began
-            per[phase]["rounds"] += 1
-            per[phase]["seconds"] += secs
-            entry = {"round": r.number, "phase": phase, "seed": r.seed, "seconds": round(secs, 1),
-                     "result": "ok" if problem is None else "problem", "checked": checked, "numbers": r.numbers}
-            report["rounds"].append(entry)
-            if problem is not None:
-                replay = (f"python tools/soak.py --phases {phase} --seed {r.seed} --rounds 1"
-                          + (" --small" if a.small else "") + (" --inject-fault" if a.inject_fault else ""))
-                print(f"round {r.number:4d}  {phase:<7} seed {r.seed:<7d} PROBLEM {secs:6.1f} s  {problem}",
-                      flush=True)
-                if problem.detail:
-                    print("  " + problem.detail.strip().replace("\n", "\n  ")[-3000:], flush=True)
-                print(f"  replay: {replay}", flush=True)
-                entry.update(problem=str(problem), detail=problem.detail, replay=replay)
-                report["problem"] = report["problem"] or entry
-                report["problem_rounds"].append(entry)
-                per[phase]["problems"] += 1
-                status = 1
-                if not a.keep_going:
-                    break
-                k += 1
-                continue
-            print(f"round {r.number:4d}  {phase:<7} seed {r.seed:<7d} ok {secs:6.1f} s  {checked}", flush=True)
-            k += 1
-    except (KeyboardInterrupt, SystemExit) as e:
-        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
-        print(f"soak: interrupted (status {code}) in round {k + 1}; cleaning up", flush=True)
-        status = code
-        report["interrupted"] = True
+        checked = PHASE_FUNCS[r.phase](r)
+    except Problem as e:
+        problem = e
+    except Exception as e:
+        problem = Problem(f"{type(e).__name__}: {e}", traceback.format_exc())
     finally:
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # the cleanup runs to its end
-            signal.signal(sig, signal.SIG_IGN)
+        logs = {m.path: m.log() for m in janitor.mounts} if problem else {}
         leftovers = janitor.release()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
-        if leftovers:
-            print("soak: cleanup at exit: " + "; ".join(leftovers), flush=True)
-    elapsed = time.monotonic() - t0
+    for path, text in logs.items():  # the daemons' last words go into the report
+        tail = "\n".join(text.splitlines()[-25:])
+        problem.detail += f"\n--- end of the daemon log of {path}:\n{tail}"
+    if leftovers and problem is None:
+        problem = Problem("cleanup: " + "; ".join(leftovers))
+    return checked, problem
+
+
+def print_problem(a: argparse.Namespace, r: Round, secs: float, problem: Problem, entry: dict) -> None:
+    """The round's PROBLEM line, its detail and the command that replays it."""
+    replay = (f"python tools/soak.py --phases {r.phase} --seed {r.seed} --rounds 1"
+              + (" --small" if a.small else "") + (" --inject-fault" if a.inject_fault else ""))
+    print(f"round {r.number:4d}  {r.phase:<7} seed {r.seed:<7d} PROBLEM {secs:6.1f} s  {problem}",
+          flush=True)
+    if problem.detail:
+        print("  " + problem.detail.strip().replace("\n", "\n  ")[-3000:], flush=True)
+    print(f"  replay: {replay}", flush=True)
+    entry.update(problem=str(problem), detail=problem.detail, replay=replay)
+
+
+def summarize(report: dict, per: dict[str, dict], status: int, elapsed: float) -> None:
+    """Per-phase totals (over the rounds that passed) and the summary line; into the report too."""
     done = sum(v["rounds"] for v in per.values())
-    for ph, v in per.items():  # what each phase checked in all, over its rounds that passed
+    for ph, v in per.items():
         totals: collections.Counter = collections.Counter()
         for x in report["rounds"]:
             if x["phase"] == ph and x["result"] == "ok":
@@ -247,6 +194,87 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{p} {v['rounds']}" for p, v in per.items()) + f"); {problems} problem(s)"
           + "".join(f"; round {x['round']} {x['phase']} seed {x['seed']}: {x['problem'][:200]}"
                     for x in report["problem_rounds"]), flush=True)
+
+
+def start_report(a: argparse.Namespace, scale_name: str, rounds: int | None, seconds: float,
+                 work: str, shm: str) -> dict:
+    """The report's head, and the run's first line (where its mounts and regions are)."""
+    report: dict = {"tool": "tools/soak.py", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "machine": machine(), "args": {k: v for k, v in vars(a).items()}, "scale": scale_name,
+                    "work_dir": work, "shm_dir": shm, "rounds": [], "problem": None, "problem_rounds": []}
+    print(f"soak: phases {','.join(a.phases)}, {scale_name} sizes, first seed {a.seed}, "
+          + (f"{rounds} rounds" if rounds else "") + (" or " if rounds and seconds else "")
+          + (f"{seconds / 60:g} minutes" if seconds else "") + f"; mounts in {work}, regions in {shm}; "
+          + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
+    return report
+
+
+def clean_up(janitor: Janitor, work: str, shm: str) -> None:
+    """At exit, whatever ended the run: no signal stops the cleanup half-way."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    leftovers = janitor.release()
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(shm, ignore_errors=True)
+    if leftovers:
+        print("soak: cleanup at exit: " + "; ".join(leftovers), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if os.geteuid() != 0:
+        print("soak.py: must run as root (FUSE mounts with allow_other, kernel caches, fsck of regions)",
+              file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    scale_name = "small" if a.small else "normal"
+    scale = SCALES[scale_name]
+    seconds = (a.hours or 0) * 3600 + (a.minutes or 0) * 60
+    rounds = a.rounds if a.rounds is not None else (None if seconds else len(a.phases))
+    if a.workdir and not os.path.isdir(a.workdir):
+        print(f"soak.py: --workdir {a.workdir}: no such directory", file=sys.stderr)
+        return 2
+    work = tempfile.mkdtemp(prefix="pmemfs-soak-", dir=a.workdir)
+    shm = tempfile.mkdtemp(prefix="pmemfs-soak-", dir="/dev/shm")
+    janitor = Janitor(work, shm)
+    t0 = time.monotonic()
+    report = start_report(a, scale_name, rounds, seconds, work, shm)
+    per: dict[str, dict] = {ph: {"rounds": 0, "seconds": 0.0, "problems": 0} for ph in a.phases}
+    status = 0
+    k = 0
+    try:
+        while (rounds is None or k < rounds) and (not seconds or time.monotonic() - t0 < seconds):
+            phase = a.phases[k % len(a.phases)]
+            r = Round(k + 1, phase, a.seed + k, scale, janitor, inject=a.inject_fault)
+            began = time.monotonic()
+            checked, problem = run_round(r, janitor)
+            secs = time.monotonic() - began
+            per[phase]["rounds"] += 1
+            per[phase]["seconds"] += secs
+            entry = {"round": r.number, "phase": phase, "seed": r.seed, "seconds": round(secs, 1),
+                     "result": "ok" if problem is None else "problem", "checked": checked, "numbers": r.numbers}
+            report["rounds"].append(entry)
+            if problem is None:
+                print(f"round {r.number:4d}  {phase:<7} seed {r.seed:<7d} ok {secs:6.1f} s  {checked}", flush=True)
+                k += 1
+                continue
+            print_problem(a, r, secs, problem, entry)
+            report["problem"] = report["problem"] or entry
+            report["problem_rounds"].append(entry)
+            per[phase]["problems"] += 1
+            status = 1
+            if not a.keep_going:
+                break
+            k += 1
+    except (KeyboardInterrupt, SystemExit) as e:
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+        print(f"soak: interrupted (status {code}) in round {k + 1}; cleaning up", flush=True)
+        status = code
+        report["interrupted"] = True
+    finally:
+        clean_up(janitor, work, shm)
+    summarize(report, per, status, time.monotonic() - t0)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

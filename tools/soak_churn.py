@@ -89,6 +89,152 @@ def _outcome(fn, *args) -> str:
     return "ok"
 
 
+CHURN_OPS = {"create": 15, "mkdir": 8, "symlink": 5, "link": 7, "unlink": 10, "rmdir": 6, "rename": 22,
+             "setxattr": 8, "removexattr": 4, "write": 10, "truncate": 5, "shared": 20}
+Step = tuple[str, str, str]  # (what the call gave, what the model says, a description)
+
+
+class ChurnModel:
+    """One worker's private directory and the model of it. Each operation draws from rng
+    in a fixed order (a seed replays the same calls), does the call, updates the model and
+    returns a Step, or None when there was nothing to do it on."""
+
+    def __init__(self, rng: random.Random, root: str):
+        self.rng, self.root = rng, root
+        self.names: dict[str, Node] = {}
+        self.serial = 0
+
+    def fresh(self, kind: str) -> str:
+        self.serial += 1
+        d = self.rng.choice([""] + [p for p, n in self.names.items() if n.kind == "d"])
+        return _join(d, f"{kind}{self.serial}")
+
+    def a(self, p: str) -> str:
+        return os.path.join(self.root, p)
+
+    def step(self, op: str) -> Step | None:
+        rng, names = self.rng, self.names
+        files = [p for p, x in names.items() if x.kind == "f"]
+        dirs = [p for p, x in names.items() if x.kind == "d"]
+        others = [p for p, x in names.items() if x.kind != "d"]
+        if op in ("create", "mkdir", "symlink"):
+            return self.make(op)
+        if op == "link" and files and rng.random() < 0.95:
+            src, p = rng.choice(files), self.fresh("h")
+            got = _outcome(os.link, self.a(src), self.a(p))
+            names[p] = names[src]
+            return got, "ok", f"link {src} {p}"
+        if op == "link" and dirs:
+            src = rng.choice(dirs)
+            return _outcome(os.link, self.a(src), self.a(src + ".link")), "EPERM", f"link of directory {src}"
+        if op == "unlink" and others and rng.random() < 0.95:
+            p = rng.choice(others)
+            got = _outcome(os.unlink, self.a(p))
+            del names[p]
+            return got, "ok", f"unlink {p}"
+        if op in ("unlink", "rmdir") and dirs:
+            return self.remove_dir(op, rng.choice(dirs))
+        if op == "rename":
+            return self.rename()
+        if op in ("setxattr", "removexattr"):
+            return self.xattr(op, files + dirs)
+        if op in ("write", "truncate") and files:
+            return self.write(op, rng.choice(files))
+        return None
+
+    def make(self, op: str) -> Step:
+        rng = self.rng
+        if op == "create":
+            p = self.fresh("f")
+            data = rng.randbytes(rng.choice([0, rng.randint(1, 4096), rng.randint(4096, 100_000)]))
+            got = _outcome(_write_new, self.a(p), data)
+            self.names[p] = Node("f", data)
+        elif op == "mkdir":
+            p = self.fresh("d")
+            got = _outcome(os.mkdir, self.a(p))
+            self.names[p] = Node("d")
+        else:
+            p = self.fresh("l")
+            target = rng.choice([*self.names, "nowhere/x"])
+            got = _outcome(os.symlink, target, self.a(p))
+            self.names[p] = Node("l", target=target)
+        return got, "ok", op
+
+    def remove_dir(self, op: str, p: str) -> Step:
+        empty = not any(_parent(q) == p for q in self.names)
+        if op == "unlink":
+            return _outcome(os.unlink, self.a(p)), "EISDIR", f"{op} {p}"
+        got, want = _outcome(os.rmdir, self.a(p)), "ok" if empty else "ENOTEMPTY"
+        if empty:
+            del self.names[p]
+        return got, want, f"{op} {p}"
+
+    def rename(self) -> Step | None:
+        rng, names = self.rng, self.names
+        src = rng.choice(list(names))
+        node = names[src]
+        if rng.random() < 0.6:  # to a new name, maybe into its own subtree
+            dst = self.fresh(node.kind)
+            bad = node.kind == "d" and _under(_parent(dst), src)
+            got, want = _outcome(os.rename, self.a(src), self.a(dst)), "EINVAL" if bad else "ok"
+            if not bad:
+                _move(names, src, dst)
+            return got, want, f"rename {src} {dst}"
+        # Over an existing name that is neither above nor below it.
+        cands = [q for q in names if q != src and not _under(q, src) and not _under(src, q)]
+        if not cands:
+            return None
+        dst = rng.choice(cands)
+        victim = names[dst]
+        want = "ok"
+        if victim is node:
+            want = "ok"  # two names of one file: nothing happens
+        elif node.kind == "d" and victim.kind != "d":
+            want = "ENOTDIR"
+        elif node.kind != "d" and victim.kind == "d":
+            want = "EISDIR"
+        elif node.kind == "d" and any(_parent(q) == dst for q in names):
+            want = "ENOTEMPTY"
+        got = _outcome(os.rename, self.a(src), self.a(dst))
+        if want == "ok" and victim is not node:
+            for q in [q for q in names if _under(q, dst)]:
+                del names[q]
+            _move(names, src, dst)
+        return got, want, f"rename {src} {dst}"
+
+    def xattr(self, op: str, cands: list[str]) -> Step | None:
+        if not cands:
+            return None
+        rng = self.rng
+        p = rng.choice(cands)
+        key = f"user.k{rng.randrange(4)}"
+        xattrs = self.names[p].xattrs
+        if op == "setxattr":
+            value = rng.randbytes(rng.randint(1, 200))
+            got, want = _outcome(os.setxattr, self.a(p), key, value), "ok"
+            xattrs[key] = value
+        else:
+            want = "ok" if key in xattrs else "ENODATA"
+            got = _outcome(os.removexattr, self.a(p), key)
+            xattrs.pop(key, None)
+        return got, want, f"{op} {p} {key}"
+
+    def write(self, op: str, p: str) -> Step:
+        rng, node = self.rng, self.names[p]
+        if op == "write":
+            off = rng.randint(0, min(len(node.data) + 100, 200_000))
+            data = rng.randbytes(rng.randint(1, 20_000))
+            got = _outcome(_pwrite, self.a(p), data, off)
+            node.data.extend(bytes(max(off + len(data) - len(node.data), 0)))
+            node.data[off:off + len(data)] = data
+        else:
+            size = rng.randint(0, 150_000)
+            got = _outcome(os.truncate, self.a(p), size)
+            del node.data[size:]
+            node.data.extend(bytes(size - len(node.data)))
+        return got, "ok", f"{op} {p}"
+
+
 def churn_worker(mount: str, wid: int, seed: int, nops: int, cap: int) -> tuple[dict, dict]:
     """Namespace churn in mount/pWID by a model (every outcome must be the model's), and
     in mount/shared with everyone else (only a racing caller's errors allowed). Returns
@@ -97,136 +243,25 @@ def churn_worker(mount: str, wid: int, seed: int, nops: int, cap: int) -> tuple[
     root = os.path.join(mount, f"p{wid}")
     shared = os.path.join(mount, "shared")
     os.makedirs(root)
-    names: dict[str, Node] = {}
-    serial = 0
+    model = ChurnModel(rng, root)
     count: collections.Counter = collections.Counter()
-
-    def fresh(kind: str) -> str:
-        nonlocal serial
-        serial += 1
-        d = rng.choice([""] + [p for p, n in names.items() if n.kind == "d"])
-        return _join(d, f"{kind}{serial}")
-
-    def a(p: str) -> str:
-        return os.path.join(root, p)
-
-    ops = {"create": 15, "mkdir": 8, "symlink": 5, "link": 7, "unlink": 10, "rmdir": 6, "rename": 22,
-           "setxattr": 8, "removexattr": 4, "write": 10, "truncate": 5, "shared": 20}
     for n in range(1, nops + 1):
-        op = rng.choices(list(ops), list(ops.values()))[0]
-        if len(names) > cap and op in ("create", "mkdir", "symlink", "link"):
+        op = rng.choices(list(CHURN_OPS), list(CHURN_OPS.values()))[0]
+        if len(model.names) > cap and op in ("create", "mkdir", "symlink", "link"):
             op = rng.choice(("unlink", "rmdir"))
-        files = [p for p, x in names.items() if x.kind == "f"]
-        dirs = [p for p, x in names.items() if x.kind == "d"]
-        others = [p for p, x in names.items() if x.kind != "d"]
-        if op != "shared" and not names:
+        if op == "shared":
+            _shared_op(rng, shared, count)
+            continue
+        if not model.names:
             op = "create"
-        want, desc = "ok", op
-        if op == "create":
-            p = fresh("f")
-            data = rng.randbytes(rng.choice([0, rng.randint(1, 4096), rng.randint(4096, 100_000)]))
-            got = _outcome(_write_new, a(p), data)
-            names[p] = Node("f", data)
-        elif op == "mkdir":
-            p = fresh("d")
-            got = _outcome(os.mkdir, a(p))
-            names[p] = Node("d")
-        elif op == "symlink":
-            p = fresh("l")
-            target = rng.choice([*names, "nowhere/x"])
-            got = _outcome(os.symlink, target, a(p))
-            names[p] = Node("l", target=target)
-        elif op == "link" and files and rng.random() < 0.95:
-            src, p = rng.choice(files), fresh("h")
-            got = _outcome(os.link, a(src), a(p))
-            names[p] = names[src]
-            desc = f"link {src} {p}"
-        elif op == "link" and dirs:
-            src = rng.choice(dirs)
-            got, want, desc = _outcome(os.link, a(src), a(src + ".link")), "EPERM", f"link of directory {src}"
-        elif op == "unlink" and others and rng.random() < 0.95:
-            p = rng.choice(others)
-            got = _outcome(os.unlink, a(p))
-            del names[p]
-            desc = f"unlink {p}"
-        elif op in ("unlink", "rmdir") and dirs:
-            p = rng.choice(dirs)
-            empty = not any(_parent(q) == p for q in names)
-            if op == "unlink":
-                got, want = _outcome(os.unlink, a(p)), "EISDIR"
-            else:
-                got, want = _outcome(os.rmdir, a(p)), "ok" if empty else "ENOTEMPTY"
-                if empty:
-                    del names[p]
-            desc = f"{op} {p}"
-        elif op == "rename":
-            src = rng.choice(list(names))
-            node = names[src]
-            if rng.random() < 0.6:  # to a new name, maybe into its own subtree
-                dst = fresh(node.kind)
-                bad = node.kind == "d" and _under(_parent(dst), src)
-                got, want = _outcome(os.rename, a(src), a(dst)), "EINVAL" if bad else "ok"
-                if not bad:
-                    _move(names, src, dst)
-            else:  # over an existing name that is neither above nor below it
-                cands = [q for q in names if q != src and not _under(q, src) and not _under(src, q)]
-                if not cands:
-                    continue
-                dst = rng.choice(cands)
-                victim = names[dst]
-                if victim is node:
-                    want = "ok"  # two names of one file: nothing happens
-                elif node.kind == "d" and victim.kind != "d":
-                    want = "ENOTDIR"
-                elif node.kind != "d" and victim.kind == "d":
-                    want = "EISDIR"
-                elif node.kind == "d" and any(_parent(q) == dst for q in names):
-                    want = "ENOTEMPTY"
-                got = _outcome(os.rename, a(src), a(dst))
-                if want == "ok" and victim is not node:
-                    for q in [q for q in names if _under(q, dst)]:
-                        del names[q]
-                    _move(names, src, dst)
-            desc = f"rename {src} {dst}"
-        elif op in ("setxattr", "removexattr"):
-            cands = files + dirs
-            if not cands:
-                continue
-            p = rng.choice(cands)
-            key = f"user.k{rng.randrange(4)}"
-            if op == "setxattr":
-                value = rng.randbytes(rng.randint(1, 200))
-                got = _outcome(os.setxattr, a(p), key, value)
-                names[p].xattrs[key] = value
-            else:
-                want = "ok" if key in names[p].xattrs else "ENODATA"
-                got = _outcome(os.removexattr, a(p), key)
-                names[p].xattrs.pop(key, None)
-            desc = f"{op} {p} {key}"
-        elif op in ("write", "truncate") and files:
-            p = rng.choice(files)
-            node = names[p]
-            if op == "write":
-                off = rng.randint(0, min(len(node.data) + 100, 200_000))
-                data = rng.randbytes(rng.randint(1, 20_000))
-                got = _outcome(_pwrite, a(p), data, off)
-                node.data.extend(bytes(max(off + len(data) - len(node.data), 0)))
-                node.data[off:off + len(data)] = data
-            else:
-                size = rng.randint(0, 150_000)
-                got = _outcome(os.truncate, a(p), size)
-                del node.data[size:]
-                node.data.extend(bytes(size - len(node.data)))
-            desc = f"{op} {p}"
-        elif op == "shared":
-            desc = _shared_op(rng, shared, count)
+        done = model.step(op)
+        if done is None:
             continue
-        else:
-            continue
+        got, want, desc = done
         count[op] += 1
         if got != want:
             raise AssertionError(f"p{wid} op {n} ({desc}): got {got}, the model says {want}")
-    return expected_tree(names), dict(count)
+    return expected_tree(model.names), dict(count)
 
 
 def _move(names: dict[str, Node], src: str, dst: str) -> None:

@@ -63,8 +63,52 @@ def _walk_mount(root: str) -> tuple[int, int]:
     return n, largest
 
 
-def phase_damage(r: Round) -> str:
+def _damage(victim: str, image: bytes, rng: random.Random, dseed: int, k: int) -> str:
+    """A fresh copy of the template at victim, damaged: every third seed a named damage
+    (tools/corrupt.py), else random bytes. Returns what was done."""
     import corrupt
+
+    with open(victim, "wb") as f:
+        f.write(image)
+    what = "random bytes"
+    if k % 3 == 2:
+        what = rng.choice(sorted(corrupt.DAMAGES))
+        try:
+            corrupt.apply(victim, what, dseed)
+        except SystemExit:  # this damage needs what the template lacks
+            what = "random bytes"
+    if what == "random bytes":
+        corrupt.random_bytes(victim, dseed, writes=rng.choice([1, 2, 4, 8]))
+    return what
+
+
+def _use_repaired(r: Round, victim: str, k: int, where: str, outcome: collections.Counter) -> None:
+    """Mount a repaired region through FUSE: every file reads, a new file can be written
+    (or ENOSPC, only when nothing is free), and the end-of-round check passes."""
+    m = r.mount(victim, f"mnt{k}")
+    entries, largest = _walk_mount(m.path)
+    outcome["largest size read"] = max(outcome["largest size read"], largest)
+    try:
+        with open(m.p("after-repair"), "wb") as f:
+            f.write(b"x" * 100_000)
+    except OSError as e:
+        # A repair may fill the region (a doubly claimed block is cloned): then a
+        # new file may not fit, and ENOSPC is right, but only if nothing is free.
+        if e.errno != errno.ENOSPC:
+            raise
+        from pmemfs.tools.info import describe
+
+        free = describe(victim)["free_blocks"]
+        check(free == 0, f"{where}: ENOSPC for a new 100 kB file after the repair with "
+                         f"{free} free blocks")
+        outcome["full after repair"] += 1
+    else:
+        check(read_all(m.p("after-repair")) == b"x" * 100_000, f"{where}: a new file reads back wrong")
+    unmount_check(m)
+    outcome["entries read through FUSE"] += entries
+
+
+def phase_damage(r: Round) -> str:
     import damage_loop
 
     from pmemfs.tools.fsck import fsck
@@ -79,18 +123,7 @@ def phase_damage(r: Round) -> str:
     fuse_checked = 0
     for k in range(s.damage_seeds):
         dseed = r.seed * 1000 + k
-        with open(victim, "wb") as f:
-            f.write(image)
-        what = "random bytes"
-        if k % 3 == 2:
-            what = rng.choice(sorted(corrupt.DAMAGES))
-            try:
-                corrupt.apply(victim, what, dseed)
-            except SystemExit:  # this damage needs what the template lacks
-                what = "random bytes"
-        if what == "random bytes":
-            corrupt.random_bytes(victim, dseed, writes=rng.choice([1, 2, 4, 8]))
-        where = f"damage seed {dseed} ({what})"
+        where = f"damage seed {dseed} ({_damage(victim, image, rng, dseed, k)})"
         first = fsck(victim, "n").exit_code
         check(first in (0, 4), f"{where}: fsck -n exited {first}")
         check(first == 4 or damage_loop.mounts(victim), f"{where}: fsck -n says clean but mount refuses")
@@ -105,27 +138,7 @@ def phase_damage(r: Round) -> str:
         check(damage_loop.mounts(victim), f"{where}: repaired, but mount refuses it")
         if fuse_checked < s.damage_mounts and (rep == 1 or k == s.damage_seeds - 1):
             fuse_checked += 1
-            m = r.mount(victim, f"mnt{k}")
-            entries, largest = _walk_mount(m.path)
-            outcome["largest size read"] = max(outcome["largest size read"], largest)
-            try:
-                with open(m.p("after-repair"), "wb") as f:
-                    f.write(b"x" * 100_000)
-            except OSError as e:
-                # A repair may fill the region (a doubly claimed block is cloned): then a
-                # new file may not fit, and ENOSPC is right, but only if nothing is free.
-                if e.errno != errno.ENOSPC:
-                    raise
-                from pmemfs.tools.info import describe
-
-                free = describe(victim)["free_blocks"]
-                check(free == 0, f"{where}: ENOSPC for a new 100 kB file after the repair with "
-                                 f"{free} free blocks")
-                outcome["full after repair"] += 1
-            else:
-                check(read_all(m.p("after-repair")) == b"x" * 100_000, f"{where}: a new file reads back wrong")
-            unmount_check(m)
-            outcome["entries read through FUSE"] += entries
+            _use_repaired(r, victim, k, where, outcome)
     r.numbers.update(seeds=s.damage_seeds, fuse_mounts=fuse_checked, **dict(outcome))
     return (f"{s.damage_seeds} damaged copies: {outcome['repaired']} repaired, {outcome['clean']} clean, "
             f"{outcome['refused']} refused (mount refuses them too); every repair fsck-clean and mountable; "

@@ -91,6 +91,30 @@ def fsx_op(rng: random.Random, f: FsxFile, op: str, limit: int, count: collectio
     if op in ("mapwrite", "mapread") and size == 0:
         op = "write"
     count[op] += 1
+    if op in ("write", "dwrite", "read", "dread"):
+        return _fsx_rw(rng, f, op, limit, count)
+    if op in ("mapwrite", "mapread"):
+        return _fsx_map(rng, f, op, count)
+    if op in ("truncate", "fallocate", "prealloc"):
+        return _fsx_size(rng, f, op, limit, reference)
+    if op == "fsync":
+        os.fsync(f.fd)
+        return "fsync"
+    if op == "dontneed":  # drop clean cached pages: the next reads come from the daemon
+        os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return "fadvise DONTNEED"
+    if op == "reopen":
+        f.close()
+        f.open()
+        return "reopen"
+    got = (os.fstat(f.fd).st_size, os.fstat(f.dfd).st_size, os.stat(f.path).st_size)
+    if got != (size,) * 3:
+        raise Mismatch(f"sizes (fstat, fstat of the O_DIRECT descriptor, stat) are {got}, the model has {size}")
+    return "stat"
+
+
+def _fsx_rw(rng: random.Random, f: FsxFile, op: str, limit: int, count: collections.Counter) -> str:
+    """pwrite or pread, buffered or O_DIRECT."""
     if op in ("write", "dwrite"):
         off = _fsx_offset(rng, limit)
         data = rng.randbytes(min(_fsx_length(rng), limit - off))
@@ -99,25 +123,33 @@ def fsx_op(rng: random.Random, f: FsxFile, op: str, limit: int, count: collectio
             raise Mismatch(f"{op} of {len(data)} at {off} wrote {n}")
         f.store(off, data)
         return f"{op} {len(data)}@{off}"
-    if op in ("read", "dread"):
-        off, n = _fsx_offset(rng, limit + 64 * KiB), _fsx_length(rng)
-        f.compare(op, os.pread(f.fd if op == "read" else f.dfd, n, off), off, n)
-        count["reads compared"] += 1
-        return f"{op} {n}@{off}"
-    if op in ("mapwrite", "mapread"):
-        off = rng.randrange(size)
-        n = min(_fsx_length(rng), size - off)
-        with mmap.mmap(f.fd, size, mmap.MAP_SHARED) as m:
-            if op == "mapwrite":
-                data = rng.randbytes(n)
-                m[off:off + n] = data
-                f.store(off, data)
-                if rng.random() < 0.5:
-                    m.flush()
-            else:
-                f.compare("read through a shared mapping", m[off:off + n], off, n)
-                count["reads compared"] += 1
-        return f"{op} {n}@{off}"
+    off, n = _fsx_offset(rng, limit + 64 * KiB), _fsx_length(rng)
+    f.compare(op, os.pread(f.fd if op == "read" else f.dfd, n, off), off, n)
+    count["reads compared"] += 1
+    return f"{op} {n}@{off}"
+
+
+def _fsx_map(rng: random.Random, f: FsxFile, op: str, count: collections.Counter) -> str:
+    """A store or a read through a shared mapping of the whole file (not empty)."""
+    size = len(f.model)
+    off = rng.randrange(size)
+    n = min(_fsx_length(rng), size - off)
+    with mmap.mmap(f.fd, size, mmap.MAP_SHARED) as m:
+        if op == "mapwrite":
+            data = rng.randbytes(n)
+            m[off:off + n] = data
+            f.store(off, data)
+            if rng.random() < 0.5:
+                m.flush()
+        else:
+            f.compare("read through a shared mapping", m[off:off + n], off, n)
+            count["reads compared"] += 1
+    return f"{op} {n}@{off}"
+
+
+def _fsx_size(rng: random.Random, f: FsxFile, op: str, limit: int, reference: bool) -> str:
+    """ftruncate, posix_fallocate or the prealloc control: the size changes, no byte does."""
+    size = len(f.model)
     if op == "truncate":
         new = rng.choice([rng.randrange(size + 1), rng.randrange(limit + 1), _fsx_offset(rng, limit + 1)])
         os.ftruncate(f.fd, new)
@@ -133,29 +165,15 @@ def fsx_op(rng: random.Random, f: FsxFile, op: str, limit: int, count: collectio
         if off + n > size:
             f.resize(off + n)
         return f"posix_fallocate {n}@{off}"
-    if op == "prealloc":  # fallocate(2) mode 0 through the control channel: blocks move
-        new = rng.randint(1, limit)
-        if reference:
-            os.posix_fallocate(f.fd, 0, new)
-        else:
-            os.setxattr(f.path, "user.pmemfs.prealloc", str(new).encode())
-        if new > size:
-            f.resize(new)
-        return f"prealloc {new}"
-    if op == "fsync":
-        os.fsync(f.fd)
-        return "fsync"
-    if op == "dontneed":  # drop clean cached pages: the next reads come from the daemon
-        os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return "fadvise DONTNEED"
-    if op == "reopen":
-        f.close()
-        f.open()
-        return "reopen"
-    got = (os.fstat(f.fd).st_size, os.fstat(f.dfd).st_size, os.stat(f.path).st_size)
-    if got != (size,) * 3:
-        raise Mismatch(f"sizes (fstat, fstat of the O_DIRECT descriptor, stat) are {got}, the model has {size}")
-    return "stat"
+    # prealloc: fallocate(2) mode 0 through the control channel: blocks move
+    new = rng.randint(1, limit)
+    if reference:
+        os.posix_fallocate(f.fd, 0, new)
+    else:
+        os.setxattr(f.path, "user.pmemfs.prealloc", str(new).encode())
+    if new > size:
+        f.resize(new)
+    return f"prealloc {new}"
 
 
 def fsx_sequence(seed: int, s: Scale, root: str, crash=None, inject: bool = False,
