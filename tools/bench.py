@@ -41,6 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+# The harness's parts, imported after sys.path is set: the targets (bench_targets), the
+# rows and goals (bench_results), fio and /proc readings (bench_measure), the run and its
+# interleaved loop (bench_run), the timed workloads (bench_workloads), the other sections
+# (bench_scale, bench_requests) and the tables (bench_report).
 from bench_measure import fio  # noqa: E402
 from bench_report import machine, markdown, print_table  # noqa: E402
 from bench_results import BASELINES, PROFILES, Profile, human_bytes  # noqa: E402
