@@ -101,6 +101,23 @@ def verify(path: str, guest: int, crc: int) -> None:
         fail(f"crc32 {check:08x} != {crc:08x}")
 
 
+def write_guest_ram(path: str, guest: int) -> int:
+    """Write guest bytes of the pattern to path, fsync; returns their crc32."""
+    crc = 0
+    started = time.monotonic()
+    with open(path, "wb") as f:
+        for off in range(0, guest, CHUNK):
+            data = pattern(off, min(CHUNK, guest - off)).tobytes()
+            crc = zlib.crc32(data, crc)
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    secs = time.monotonic() - started
+    print(f"  wrote {guest >> 20} MiB in {secs:.2f} s, pattern and crc32 included "
+          f"({guest / secs / 1e9:.2f} GB/s), crc32 {crc:08x}")
+    return crc
+
+
 def main() -> int:
     from pmemfs.tools.common import parse_size
 
@@ -115,18 +132,7 @@ def main() -> int:
     with Demo("demo", str(region_size), a.region, a.keep) as demo:
         path = demo.p("guest-ram")
         step(f"the guest writes {guest >> 20} MiB of RAM with a known pattern")
-        crc = 0
-        started = time.monotonic()
-        with open(path, "wb") as f:
-            for off in range(0, guest, CHUNK):
-                data = pattern(off, min(CHUNK, guest - off)).tobytes()
-                crc = zlib.crc32(data, crc)
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        secs = time.monotonic() - started
-        print(f"  wrote {guest >> 20} MiB in {secs:.2f} s, pattern and crc32 included "
-              f"({guest / secs / 1e9:.2f} GB/s), crc32 {crc:08x}")
+        crc = write_guest_ram(path, guest)
 
         step("a vCPU maps guest RAM (MAP_SHARED) and keeps touching it: reads verify the "
              "pattern, pages are evicted after each touch so every touch asks the daemon")

@@ -91,6 +91,53 @@ def device(region: str, root_phys: int, guest_bytes: int, log_path: str, stop_at
                 log.flush()
 
 
+def host_tables(k: KernelObjects, guest: str, guest_bytes: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Write guest RAM, build the IOMMU tables over its pages in two kernel objects;
+    returns the root table's region offset and the tables as written."""
+    with open(guest, "wb") as f:
+        f.write(bytes(guest_bytes))
+    pages = []
+    for _, region_off, length in extents(guest):  # extents come in file order
+        pages += range(region_off, region_off + length, PAGE)
+    pages = pages[: guest_bytes // PAGE]
+    n_l1 = -(-len(pages) // ENTRIES)
+    root_obj = k.create("iommu-root", "iommu-page-table", PAGE)
+    dom_obj = k.create("iommu-domain0", "iommu-page-table", (2 + n_l1) * PAGE)
+    root, domain = build_tables(pages, root_obj["phys_offset"], dom_obj["phys_offset"])
+    for name, table in (("iommu-root", root), ("iommu-domain0", domain)):
+        with open(k.path(name), "r+b") as f:
+            f.write(table.tobytes())
+    print(f"  IOMMU tables: root at region offset {root_obj['phys_offset']:#x}, "
+          f"{2 + n_l1} domain tables at {dom_obj['phys_offset']:#x}")
+    return root_obj["phys_offset"], root, domain
+
+
+def check_dma(log_path: str, guest: str, down_from: int, down_to: int) -> None:
+    """Every record the device logged is in guest RAM where its IOVA translates, and some
+    were written while no daemon ran."""
+    with open(log_path) as f:
+        records = [tuple(int(x) for x in line.split()) for line in f if line.count(" ") == 2]
+    os.unlink(log_path)
+    during = sum(1 for _, _, t in records if down_from <= t <= down_to)
+    drop_caches()
+    with open(guest, "rb") as f:
+        mem = f.read()
+    bad = 0
+    for seq, iova, _ in records:
+        rec = mem[iova:iova + RECORD.size]
+        got_seq, got_iova, _, crc = RECORD.unpack(rec)
+        if (got_seq, got_iova) != (seq, iova) or zlib.crc32(rec[:24]) != crc:
+            bad += 1
+    if not records:
+        fail("the device logged no DMA")
+    if bad:
+        fail(f"{bad} of {len(records)} DMA records are missing or misplaced in guest memory")
+    proved(f"all {len(records)} DMA records the device logged are in guest memory at their "
+           f"translated addresses, {during} of them written while no daemon was running")
+    if not during:
+        fail("the device did no DMA while the daemon was down: nothing was shown")
+
+
 def main() -> int:
     from pmemfs.tools.common import parse_size
 
@@ -103,26 +150,12 @@ def main() -> int:
         k = KernelObjects(demo.mp)
         guest = demo.p("guest-ram")
         step(f"guest RAM: {guest_bytes >> 20} MiB file on pmemfs")
-        with open(guest, "wb") as f:
-            f.write(bytes(guest_bytes))
-        pages = []
-        for _, region_off, length in extents(guest):  # extents come in file order
-            pages += range(region_off, region_off + length, PAGE)
-        pages = pages[: guest_bytes // PAGE]
-        n_l1 = -(-len(pages) // ENTRIES)
-        root_obj = k.create("iommu-root", "iommu-page-table", PAGE)
-        dom_obj = k.create("iommu-domain0", "iommu-page-table", (2 + n_l1) * PAGE)
-        root, domain = build_tables(pages, root_obj["phys_offset"], dom_obj["phys_offset"])
-        for name, table in (("iommu-root", root), ("iommu-domain0", domain)):
-            with open(k.path(name), "r+b") as f:
-                f.write(table.tobytes())
-        print(f"  IOMMU tables: root at region offset {root_obj['phys_offset']:#x}, "
-              f"{2 + n_l1} domain tables at {dom_obj['phys_offset']:#x}")
+        root_phys, root, domain = host_tables(k, guest, guest_bytes)
 
         region = pmemfs_mount_at(demo.mp).source
         log_path = f"/tmp/pmemfs-iommu-dma-{os.getpid()}.log"
         dev = multiprocessing.get_context("fork").Process(
-            target=device, args=(region, root_obj["phys_offset"], guest_bytes, log_path,
+            target=device, args=(region, root_phys, guest_bytes, log_path,
                                  time.monotonic() + 4 * a.seconds + 60))
         step("the device starts DMA through the IOMMU tables")
         dev.start()
@@ -154,27 +187,7 @@ def main() -> int:
             dev.join(timeout=30)
         if dev.exitcode not in (0, -signal.SIGTERM):
             fail(f"the device failed (exit {dev.exitcode})")
-        with open(log_path) as f:
-            records = [tuple(int(x) for x in line.split()) for line in f if line.count(" ") == 2]
-        os.unlink(log_path)
-        during = sum(1 for _, _, t in records if down_from <= t <= down_to)
-        drop_caches()
-        with open(guest, "rb") as f:
-            mem = f.read()
-        bad = 0
-        for seq, iova, _ in records:
-            rec = mem[iova:iova + RECORD.size]
-            got_seq, got_iova, _, crc = RECORD.unpack(rec)
-            if (got_seq, got_iova) != (seq, iova) or zlib.crc32(rec[:24]) != crc:
-                bad += 1
-        if not records:
-            fail("the device logged no DMA")
-        if bad:
-            fail(f"{bad} of {len(records)} DMA records are missing or misplaced in guest memory")
-        proved(f"all {len(records)} DMA records the device logged are in guest memory at their "
-               f"translated addresses, {during} of them written while no daemon was running")
-        if not during:
-            fail("the device did no DMA while the daemon was down: nothing was shown")
+        check_dma(log_path, guest, down_from, down_to)
         k.finish()
     print("IOMMU tables and DMA survived the kexec")
     return 0

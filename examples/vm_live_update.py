@@ -44,6 +44,7 @@ import zlib
 import numpy as np
 from _common import Demo, cli, fail, proved, step
 from _vm import (
+    CprSave,
     Guest,
     Qemu,
     VMError,
@@ -222,6 +223,26 @@ class Run:
         k = KernelObjects(demo.mp)
         ram_path = self.vm.ram_path
         ram_ext = extents(ram_path)
+        root_phys = self.iommu_for_ram(k, ram_ext)
+        stopped = time.monotonic()
+        saved, mem_crc = self.preserve_in_order(k, ram_path, ram_ext)
+        gap = restart_daemon(demo)
+        print(f"  kexec: daemon killed, region served again after {gap:.0f} ms")
+        order = self.retrieve_in_order(k, demo, ram_path, ram_ext, mem_crc, root_phys)
+        self.vm = cpr_restore(self.guest, ram_path, self.work, f"qemu{self.n + 1}", k.path("vm0-devices"))
+        self.n += 1
+        self.stack.callback(self.vm.kill)
+        down = (time.monotonic() - stopped) * 1000
+        unclaimed = k.finish()
+        if unclaimed:
+            fail(f"unclaimed kernel objects: {unclaimed}")
+        k.remove("vm0-devices")  # consumed; the IOMMU tables stay with the guest
+        proved(f"retrieved in the order {' → '.join(order)}, then the guest resumed; downtime {down:.0f} ms")
+        self.numbers.append(f"CPR with kernel objects: downtime {down:.0f} ms")
+        guest_proves(self.vm, saved.last_tick)
+
+    def iommu_for_ram(self, k: KernelObjects, ram_ext: list) -> int:
+        """IOMMU tables over the guest's RAM in two kernel objects; the root's region offset."""
         tables = iommu_tables_size(self.ram)
         for name in ("vm0-iommu-root", "vm0-iommu-domain", "vm0-devices"):
             if os.path.exists(k.path(name)):
@@ -234,9 +255,13 @@ class Run:
                 f.write(data)
         print(f"  IOMMU tables for the guest's RAM (2 MiB leaves): root at region "
               f"{root['phys_offset']:#x}, {len(dom_b) // 4096} tables at {dom['phys_offset']:#x}")
+        return root["phys_offset"]
 
+    def preserve_in_order(self, k: KernelObjects, ram_path: str, ram_ext: list) -> tuple[CprSave, int]:
+        """Stop the guest; memory, then IOMMU, then device state preserved; freeze. Returns
+        the save and guest RAM's crc32."""
+        assert self.vm is not None
         state = os.path.join(self.work, "device-state-d")
-        stopped = time.monotonic()
         saved = cpr_save(self.vm, state)  # stop, device state to a file, quit
         mem_crc = ram_crc(ram_path)
         print(f"  1. memory:  guest-ram {human(self.ram)}, {len(ram_ext)} extent(s), "
@@ -254,9 +279,12 @@ class Run:
         k.freeze()
         for o in k.list():
             print(f"     frozen {o['name']:17} {o['type']:17} crc32 {o['checksum_value']:08x} ({o['checksum']})")
-        gap = restart_daemon(demo)
-        print(f"  kexec: daemon killed, region served again after {gap:.0f} ms")
+        return saved, mem_crc
 
+    def retrieve_in_order(self, k: KernelObjects, demo: Demo, ram_path: str, ram_ext: list, mem_crc: int,
+                          root_phys: int) -> list[str]:
+        """After the kexec: memory checked, then the IOMMU tables retrieved and walked, then
+        the device state retrieved. Returns the order it was done in."""
         order = []
         if extents(ram_path) != ram_ext:
             fail("guest RAM moved: the IOMMU tables no longer point at it")
@@ -274,7 +302,7 @@ class Run:
         with open(demo.region, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mem:
             want = [r + i for _, r, n in ram_ext for i in range(0, n, HUGE_PAGE)]
             for page, phys in enumerate(want[: self.ram // HUGE_PAGE]):
-                if walk(mem, root["phys_offset"], page * HUGE_PAGE + 0x123) != phys + 0x123:
+                if walk(mem, root_phys, page * HUGE_PAGE + 0x123) != phys + 0x123:
                     fail(f"IOMMU walk of iova {page * HUGE_PAGE:#x} does not land in guest RAM")
         order.append("IOMMU")
         print(f"     a table walk of every 2 MiB of IOVA lands on guest RAM ({self.ram // HUGE_PAGE} pages)")
@@ -285,17 +313,7 @@ class Run:
         order.append("devices")
         print(f"  3. devices: vm0-devices restored, crc32 {o['checksum_value']:08x} verified, retrieved; "
               "QEMU loads it")
-        self.vm = cpr_restore(self.guest, ram_path, self.work, f"qemu{self.n + 1}", k.path("vm0-devices"))
-        self.n += 1
-        self.stack.callback(self.vm.kill)
-        down = (time.monotonic() - stopped) * 1000
-        unclaimed = k.finish()
-        if unclaimed:
-            fail(f"unclaimed kernel objects: {unclaimed}")
-        k.remove("vm0-devices")  # consumed; the IOMMU tables stay with the guest
-        proved(f"retrieved in the order {' → '.join(order)}, then the guest resumed; downtime {down:.0f} ms")
-        self.numbers.append(f"CPR with kernel objects: downtime {down:.0f} ms")
-        guest_proves(self.vm, saved.last_tick)
+        return order
 
     def migrate(self, a: Demo, b: Demo) -> None:
         step("(c) live migration from region A to region B (two mounts standing for two hosts)")

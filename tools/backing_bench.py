@@ -56,6 +56,37 @@ def touch(buf: memoryview, start: int, length: int) -> None:
         buf[off] = 1
 
 
+def _timed(buf: memoryview, junk: bytes, a: int, b: int, runs: int, name: str, fn) -> dict[str, float]:
+    """Median seconds of fn zeroing [a, b) of a dirty block, and of touching it after."""
+    zero, after = [], []
+    for _ in range(runs):
+        buf[:] = junk  # populated, dirty, mapped: a block another file freed
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        touch(buf, a, b - a)
+        t2 = time.perf_counter()
+        assert buf[a + 1] == 0 and buf[b - 1] == 0, name
+        zero.append(t1 - t0)
+        after.append(t2 - t1)
+    return {"zero": statistics.median(zero), "touch": statistics.median(after)}
+
+
+def _timed_fresh(fd: int, buf: memoryview, block: int, a: int, b: int, runs: int) -> dict[str, float]:
+    """A sparse region's fresh block: a hole reserved by the allocator, then touched."""
+    fresh, after = [], []
+    for _ in range(runs):
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, block)
+        t0 = time.perf_counter()
+        assert _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, block) == 0
+        t1 = time.perf_counter()
+        touch(buf, a, b - a)
+        t2 = time.perf_counter()
+        fresh.append(t1 - t0)
+        after.append(t2 - t1)
+    return {"zero": statistics.median(fresh), "touch": statistics.median(after)}
+
+
 def measure(path: str, block: int, runs: int, page: int) -> dict[str, dict[str, float]]:
     """Per way: median seconds to zero one block, and to touch every page of it after."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -68,21 +99,6 @@ def measure(path: str, block: int, runs: int, page: int) -> dict[str, dict[str, 
         junk = b"\xa5" * block
         # Leave a page at each end, as a short write into a fresh block does.
         a, b = page, block - page
-        out: dict[str, dict[str, float]] = {}
-
-        def way(name: str, fn) -> None:
-            zero, after = [], []
-            for _ in range(runs):
-                buf[:] = junk  # populated, dirty, mapped: a block another file freed
-                t0 = time.perf_counter()
-                fn()
-                t1 = time.perf_counter()
-                touch(buf, a, b - a)
-                t2 = time.perf_counter()
-                assert buf[a + 1] == 0 and buf[b - 1] == 0, name
-                zero.append(t1 - t0)
-                after.append(t2 - t1)
-            out[name] = {"zero": statistics.median(zero), "touch": statistics.median(after)}
 
         def store() -> None:
             for pos in range(a, b, 64 * MiB):
@@ -103,22 +119,9 @@ def measure(path: str, block: int, runs: int, page: int) -> dict[str, dict[str, 
             punch()
             assert _fallocate(fd, FALLOC_FL_KEEP_SIZE, a, b - a) == 0
 
-        way("store", store)
-        way("memset", memset)
-        way("punch", punch)
-        way("punch+re", punch_re)
-        # A sparse region's fresh block: a hole reserved by the allocator.
-        fresh, after = [], []
-        for _ in range(runs):
-            _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, block)
-            t0 = time.perf_counter()
-            assert _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, block) == 0
-            t1 = time.perf_counter()
-            touch(buf, a, b - a)
-            t2 = time.perf_counter()
-            fresh.append(t1 - t0)
-            after.append(t2 - t1)
-        out["fresh"] = {"zero": statistics.median(fresh), "touch": statistics.median(after)}
+        out = {name: _timed(buf, junk, a, b, runs, name, fn)
+               for name, fn in (("store", store), ("memset", memset), ("punch", punch), ("punch+re", punch_re))}
+        out["fresh"] = _timed_fresh(fd, buf, block, a, b, runs)
         return out
     finally:
         if buf is not None:

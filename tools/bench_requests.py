@@ -38,33 +38,48 @@ def requests_in(log: str, offset: int, pattern: re.Pattern) -> collections.Count
         return collections.Counter(k for k in kinds if k not in NOT_LOGGED)
 
 
-def count_requests(t: Target, name: str, log: str, pattern: re.Pattern, ops: int) -> list[dict]:
-    """Run the short workloads on t (mounted with its request log at log); one dict per
-    workload: {workload, target: name, ops, per_op, by_kind}. `ops` 4 KiB / 128 KiB /
-    metadata operations; a quarter as many 1 MiB ones."""
-    out: list[dict] = []
-    big = max(4, ops // 4)
+class _Windows:
+    """The request log of one mounted target, read in windows: one per workload."""
 
-    def window(label: str, n: int, fn: Callable[[], None], prepare: Callable[[], None] | None = None) -> None:
+    def __init__(self, t: Target, name: str, log: str, pattern: re.Pattern):
+        self.t, self.name, self.log, self.pattern = t, name, log, pattern
+        self.out: list[dict] = []
+
+    def window(self, label: str, n: int, fn: Callable[[], None],
+               prepare: Callable[[], None] | None = None) -> None:
         if prepare:
             prepare()
         time.sleep(0.05)  # what the preparation still sends (forgets, readahead) lands before the mark
-        mark = os.path.getsize(log)
+        mark = os.path.getsize(self.log)
         fn()
         time.sleep(0.1)  # and what this workload sends after its last call returned lands inside
-        got = requests_in(log, mark, pattern)
-        out.append({"workload": label, "target": name, "ops": n, "per_op": sum(got.values()) / n,
-                    "by_kind": {k: v / n for k, v in sorted(got.items())}})
+        got = requests_in(self.log, mark, self.pattern)
+        self.out.append({"workload": label, "target": self.name, "ops": n, "per_op": sum(got.values()) / n,
+                         "by_kind": {k: v / n for k, v in sorted(got.items())}})
 
-    def write_file(name: str, bs: int, n: int) -> None:
+    def write_file(self, name: str, bs: int, n: int) -> None:
         buf = b"x" * bs
-        fd = os.open(t.p(name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        fd = os.open(self.t.p(name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         try:
             for _ in range(n):
                 os.write(fd, buf)
         finally:
             os.close(fd)
 
+
+def count_requests(t: Target, name: str, log: str, pattern: re.Pattern, ops: int) -> list[dict]:
+    """Run the short workloads on t (mounted with its request log at log); one dict per
+    workload: {workload, target: name, ops, per_op, by_kind}. `ops` 4 KiB / 128 KiB /
+    metadata operations; a quarter as many 1 MiB ones."""
+    w = _Windows(t, name, log, pattern)
+    _io_requests(w, ops)
+    _meta_requests(w, ops)
+    return w.out
+
+
+def _io_requests(w: _Windows, ops: int) -> None:
+    t, window, write_file = w.t, w.window, w.write_file
+    big = max(4, ops // 4)
     for label, bs, n in (("write 4 KiB, new file", 4096, ops), ("write 128 KiB, new file", 128 << 10, ops),
                          ("write 1 MiB, new file", MiB, big)):
         window(label, n, lambda bs=bs, n=n: write_file("new.dat", bs, n))
@@ -107,7 +122,10 @@ def count_requests(t: Target, name: str, log: str, pattern: re.Pattern, ops: int
     window("random read 4 KiB, cold", ops, rand_read, prepare=drop_caches)
     os.unlink(data)
 
-    d = t.p("meta")
+
+def _meta_requests(w: _Windows, ops: int) -> None:
+    window = w.window
+    d = w.t.p("meta")
     os.mkdir(d)
     names = [os.path.join(d, f"f{i:06d}") for i in range(ops)]
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
@@ -121,4 +139,3 @@ def count_requests(t: Target, name: str, log: str, pattern: re.Pattern, ops: int
     window("ls -l, warm (per file)", ops, ls)
     window("unlink", ops, lambda: [os.unlink(p) for p in names])
     shutil.rmtree(d, ignore_errors=True)
-    return out

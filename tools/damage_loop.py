@@ -124,6 +124,45 @@ def snapshot(path: str) -> dict:
         e.close()
 
 
+def _paths_of(tree: dict, ino: int) -> set[str]:
+    return {p for p, i in tree["paths"].items() if i == ino}
+
+
+def _naming_problem(ino: int, named: dict[int, dict], after: dict, changed_lines: list[str]) -> str | None:
+    """None if ino is named properly (see unexplained), else why not."""
+    f = named.get(ino)
+    if f is None:
+        return "not named"
+    now = _paths_of(after, ino)
+    if now and f["path"] not in now:
+        return f"named by {f['path']!r}, not by one of its paths {sorted(now)}"
+    label = f"{display(f['path'])} (inode {ino})" if f["path"] else f"inode {ino} (no path)"
+    if not any(line.startswith(f"CHANGED: {label}: ") for line in changed_lines):
+        return f"no CHANGED line for {label!r} in the text report"
+    return None
+
+
+def _moved_with_a_named_directory(ino: int, before: dict, after: dict, named: dict[int, dict]) -> bool:
+    """Every old path of ino that is gone became a new one only because a named directory
+    above it moved, keeping the names below."""
+    old, new = _paths_of(before, ino), _paths_of(after, ino)
+    gone, came = old - new, new - old
+    for p in sorted(gone):
+        parts = p.split("/")
+        for k in range(len(parts) - 1, 1, -1):
+            top = "/".join(parts[:k])
+            d = before["paths"].get(top)
+            if d is None or d not in named:
+                continue
+            hit = [q + p[len(top):] for q in _paths_of(after, d) if q + p[len(top):] in came]
+            if hit:
+                came.discard(hit[0])
+                break
+        else:
+            return False
+    return not came
+
+
 def unexplained(before: dict, after: dict, report: dict, text: list[str]) -> dict[int, str]:
     """Files that changed without the report naming them: {inode: what is wrong}.
 
@@ -135,41 +174,6 @@ def unexplained(before: dict, after: dict, report: dict, text: list[str]) -> dic
     named = {f["inode"]: f for f in report["files"]}
     changed_lines = [line for line in text if line.startswith("CHANGED: ")]
     out: dict[int, str] = {}
-
-    def paths_of(tree: dict, ino: int) -> set[str]:
-        return {p for p, i in tree["paths"].items() if i == ino}
-
-    def is_named(ino: int) -> str | None:
-        """None if ino is named properly, else why not."""
-        f = named.get(ino)
-        if f is None:
-            return "not named"
-        now = paths_of(after, ino)
-        if now and f["path"] not in now:
-            return f"named by {f['path']!r}, not by one of its paths {sorted(now)}"
-        label = f"{display(f['path'])} (inode {ino})" if f["path"] else f"inode {ino} (no path)"
-        if not any(line.startswith(f"CHANGED: {label}: ") for line in changed_lines):
-            return f"no CHANGED line for {label!r} in the text report"
-        return None
-
-    def moved_with_a_named_directory(ino: int) -> bool:
-        old, new = paths_of(before, ino), paths_of(after, ino)
-        gone, came = old - new, new - old
-        for p in sorted(gone):
-            parts = p.split("/")
-            for k in range(len(parts) - 1, 1, -1):
-                top = "/".join(parts[:k])
-                d = before["paths"].get(top)
-                if d is None or d not in named:
-                    continue
-                hit = [q + p[len(top):] for q in paths_of(after, d) if q + p[len(top):] in came]
-                if hit:
-                    came.discard(hit[0])
-                    break
-            else:
-                return False
-        return not came
-
     for ino, rec in before["inodes"].items():
         got = after["inodes"].get(ino)
         if got is None:
@@ -178,21 +182,21 @@ def unexplained(before: dict, after: dict, report: dict, text: list[str]) -> dic
             diff = [k for k, v in rec.items() if k != "nlink" and got.get(k) != v]
             if diff:
                 why = f"{', '.join(diff)} changed"
-            elif paths_of(before, ino) != paths_of(after, ino):
-                if ino not in named and moved_with_a_named_directory(ino):
+            elif _paths_of(before, ino) != _paths_of(after, ino):
+                if ino not in named and _moved_with_a_named_directory(ino, before, after, named):
                     continue
-                why = f"names {sorted(paths_of(before, ino))} became {sorted(paths_of(after, ino))}"
+                why = f"names {sorted(_paths_of(before, ino))} became {sorted(_paths_of(after, ino))}"
             else:
                 continue
-        problem = is_named(ino)
+        problem = _naming_problem(ino, named, after, changed_lines)
         if problem:
-            out[ino] = f"{sorted(paths_of(before, ino))} {why}: {problem}"
+            out[ino] = f"{sorted(_paths_of(before, ino))} {why}: {problem}"
     lf = after["paths"].get("/lost+found")
     for ino in after["inodes"]:
         if ino not in before["inodes"] and ino != lf:
-            problem = is_named(ino)
+            problem = _naming_problem(ino, named, after, changed_lines)
             if problem:
-                out[ino] = f"new file {sorted(paths_of(after, ino))}: {problem}"
+                out[ino] = f"new file {sorted(_paths_of(after, ino))}: {problem}"
     return out
 
 

@@ -44,11 +44,10 @@ from pmemfs.serve import mounting  # noqa: E402
 
 
 # ------------------------------------------------------------------ the empty fs
-def serve(mountpoint: str, counts_path: str) -> int:
+def empty_fs(counts: collections.Counter):
+    """The handlers: each counts its request and answers at once from constants. pyfuse3
+    is imported here: only the --serve process needs it."""
     import pyfuse3
-    import trio
-
-    counts: collections.Counter = collections.Counter()
 
     def attrs(ino: int, entry: float, attr: float) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -92,6 +91,16 @@ def serve(mountpoint: str, counts_path: str) -> int:
         async def release(self, fh):
             counts["release"] += 1
 
+    return Empty()
+
+
+def serve(mountpoint: str, counts_path: str) -> int:
+    """Serve the empty filesystem until SIGTERM; SIGUSR1 (and SIGTERM) write the counts."""
+    import pyfuse3
+    import trio
+
+    counts: collections.Counter = collections.Counter()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             async def signals() -> None:
@@ -107,7 +116,7 @@ def serve(mountpoint: str, counts_path: str) -> int:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
-    pyfuse3.init(Empty(), mountpoint, {"fsname=floor", "default_permissions"})
+    pyfuse3.init(empty_fs(counts), mountpoint, {"fsname=floor", "default_permissions"})
     try:
         trio.run(main)
     finally:
