@@ -80,9 +80,12 @@ class Demo:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 break
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split()[2] == "Z":  # dead, not yet reaped
-                    break
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split()[2] == "Z":  # dead, not yet reaped
+                        break
+            except (FileNotFoundError, ProcessLookupError):
+                break  # reaped between the two looks
             time.sleep(0.001)
         # A zombie leader can still have threads exiting, and the descriptors (the FUSE
         # connection, the region's lock) go with the last one: wait for the lock too.
