@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...media import check
 from ...media.check import Finding
 from .fix_blobs import fix_free_blobs, fix_free_chains
 from .fix_blocks import fix_bitmap, fix_drop_extents, fix_overlap
@@ -99,3 +100,24 @@ ONCE_PER_PASS = (fix_checksums, fix_overlap, fix_lost_extents, fix_bitmap, fix_n
 
 def _allowed(f: Finding, mode: str) -> bool:
     return f.fix is not None and (f.fix == "p" or mode == "y") and mode in ("p", "y")
+
+
+def run_pass(r: Repair, flat: list[Finding], todo: set[str], seen: dict[tuple, Finding]) -> None:
+    """One pass: each repair, in FIXERS order, on what the checks find now for its code
+    (a repair that looks at everything itself runs once a pass); the findings it answers
+    are marked repaired (the next checks tell whether they were)."""
+    mode = r.mode
+    ran = set()
+    for code, fixer in FIXERS:
+        if code not in todo:
+            continue
+        if not (fixer in ran and fixer in ONCE_PER_PASS):
+            name = next(f.check for f in flat if f.code == code)
+            fresh = [f for f in check.run_check(name, r.view()) if f.code == code and _allowed(f, mode)]
+            if fresh:  # (a fixer that found nothing to do for one code may still be needed by the next)
+                ran.add(fixer)
+                fixer(r, fresh)
+        for f in flat:
+            if f.code == code and _allowed(f, mode):
+                seen.setdefault(f.key, f).repaired = True
+                f.repaired = True

@@ -3,6 +3,7 @@ tables and repair them in passes until nothing that may be repaired is left."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -11,18 +12,12 @@ import numpy as np
 from ...media import check
 from ...media.check import Finding, View
 from ...media.format import (
-    HWM_STEP,
-    JOURNAL_OFFSET,
-    JOURNAL_SIZE_DEFAULT,
-    SB_STRUCT,
-    TABLE_NAMES,
-    FormatError,
     Superblock,
     Tables,
 )
-from ...media.journal import HEADER_SIZE, Journal, format_journal
-from .fixers import FIXERS, ONCE_PER_PASS, _allowed
-from .image import _Image, find_backup, save_metadata
+from . import header
+from .fixers import _allowed, run_pass
+from .image import _Image, save_metadata
 from .repair import Repair
 from .report import Report
 
@@ -65,126 +60,59 @@ def _note(report: Report, name: str, found: list[Finding], on_check, progress) -
 
 
 def _run(img: _Image, report: Report, backup: str | None, progress, on_check) -> None:
+    note = functools.partial(_note, report, on_check=on_check, progress=progress)
     buf, size, mode = img.buf, img.size, report.mode
     repair = mode != "n"
-    # 1. The journal sits at a fixed offset: roll back an interrupted transaction first,
-    #    as mount does (Journal.recover), before believing the superblock.
-    jfind: list[Finding] = []
-    journal_ok = False
-    journal_active = False
-    try:
-        j = Journal(buf, img.limit)
-        pending = j.pending()
-        journal_ok = True
-        if j.state != 0:
-            journal_active = True
-            jfind.append(Finding("journal", "warning", "journal",
-                                 f"an interrupted transaction ({len(pending)} undo record(s)) is rolled back",
-                                 code="journal-active", fix="p"))
-    except FormatError as e:
-        jfind.append(Finding("journal", "error", "journal", f"journal: {e}", code="journal-damaged", fix="y"))
-    # The superblock tells where the metadata ends: needed for --backup before any write.
-    sb, sb_find = check.check_superblock_raw(buf[:SB_STRUCT], size)
-    bsb, boff = (None, 0)
-    if sb is None:
-        bsb, boff = find_backup(buf, size)
+    # 1. The journal: an interrupted transaction is rolled back before the superblock is
+    #    believed. The superblock tells where the metadata ends: --backup needs it first.
+    jfind, pending, journal_ok, journal_active = header.read_journal(img)
+    sb, sb_find, (bsb, boff) = header.read_superblocks(buf, size)
     use = sb or bsb
     if backup and use is not None:
         g = use.geometry
         save_metadata(img.fd, g.data_start_block * g.block_size, backup)
         report.backup_file = backup
-    undone: list[tuple[int, bytes, bytes]] = []  # (offset, bytes before, after) of a rollback
+    undone: header.Undone = []
     if journal_ok and journal_active and (img.private or repair):
-        before = [(off, bytes(buf[off:off + length])) for off, length, _ in pending]
-        Journal(buf, img.limit).recover()  # a private copy for -n: the region is not touched
-        undone = [(off, old, bytes(buf[off:off + len(old)])) for off, old in before]
-        if repair:
-            jfind[0].repaired = True
-            report.modified = True
-        sb, sb_find = check.check_superblock_raw(buf[:SB_STRUCT], size)
-        if sb is None and bsb is None:
-            bsb, boff = find_backup(buf, size)
-    _note(report, "journal", jfind, on_check, progress)
+        undone = header.roll_back(img, report, pending, jfind)
+        sb, sb_find, (bsb, boff) = header.read_superblocks(buf, size, (bsb, boff))
+    note("journal", jfind)
     # 2. Superblock, layout, backup superblock.
-    hwm_full = False
+    sb, hwm_full = header.choose_superblock(report, sb, sb_find, bsb)
     if sb is None:
-        report.superblock = "backup" if bsb is not None else None
-        if bsb is None:
-            for f in sb_find:
-                f.fix = None
-            sb_find.append(Finding("superblock", "error", "backup superblock",
-                                   "no valid backup superblock found: nothing to check", code="no-backup"))
-            _note(report, "superblock", sb_find, on_check, progress)
-            return
-        for f in sb_find:
-            f.message += "; the backup superblock is valid"
-        sb, hwm_full = bsb, True
-    else:
-        report.superblock = "primary"
+        note("superblock", sb_find)
+        return
     sup = [f for f in sb_find if f.check == "superblock"]
     lay = [f for f in sb_find if f.check == "layout"]
-    g = sb.geometry
-    bfind: list[Finding] = []
-    if report.superblock == "primary":
-        raw_b = bytes(buf[g.backup_offset:g.backup_offset + SB_STRUCT])
-        b_sb, _ = check.check_superblock_raw(raw_b, size)
-        if b_sb is None:
-            bfind.append(Finding("backup-superblock", "error", "backup superblock",
-                                 f"backup superblock at {g.backup_offset} is damaged", code="backup", fix="p"))
-        else:
-            differ = check.compare_backup(bytes(buf[:SB_STRUCT]), raw_b)
-            if differ:
-                bfind.append(Finding("backup-superblock", "error", "backup superblock",
-                                     f"backup superblock differs from the primary in {', '.join(differ[:5])}",
-                                     code="backup", fix="p"))
-    data_start = g.data_start_block * g.block_size
-    # Damaged journal: -y starts it afresh (its undo records are lost).
+    bfind = header.backup_findings(report, buf, size, sb.geometry)
     if not journal_ok and mode == "y":
-        jsize = g.journal_size if JOURNAL_OFFSET + g.journal_size <= data_start else JOURNAL_SIZE_DEFAULT
-        np.frombuffer(buf, np.uint8, HEADER_SIZE, JOURNAL_OFFSET)[:] = 0
-        format_journal(buf, jsize)
+        header.reset_journal(buf, sb.geometry)
         jfind[0].repaired = True
         report.modified = journal_ok = True
     can_write = repair and journal_ok
-    hwm = {n: (getattr(g, f"{n}_count") if hwm_full else int(sb.hwm[n])) for n in TABLE_NAMES}
-    if hwm_full:
-        hwm = _true_hwm(Tables(buf, sb), hwm)
+    hwm = header.high_water_marks(buf, sb, hwm_full)
     if (sup or lay) and can_write:
-        r = Repair(buf, sb, hwm)
-        r.save_bytes(0, SB_STRUCT)
-        raw = bytearray(buf[boff:boff + SB_STRUCT])
-        buf[0:SB_STRUCT] = bytes(raw)
-        for n in TABLE_NAMES:
-            r.sbv[f"{n}_hwm"] = hwm[n]
-        check.format_seal_sb(r.sbv)
-        r.commit()
-        for f in sup + lay:
-            f.repaired = True
-        report.modified = True
-        report.superblock = "backup"
-    _note(report, "superblock", sup, on_check, progress)
-    _note(report, "layout", lay, on_check, progress)
+        header.repair_primary(buf, sb, hwm, boff, sup + lay, report)
+    note("superblock", sup)
+    note("layout", lay)
     if bfind and can_write:
-        raw = bytes(buf[:SB_STRUCT])
-        r = Repair(buf, sb, hwm)
-        r.save_bytes(g.backup_offset, SB_STRUCT)
-        buf[g.backup_offset:g.backup_offset + SB_STRUCT] = raw
-        r.commit()
-        for f in bfind:
-            f.repaired = True
-        report.modified = True
-    _note(report, "backup-superblock", bfind, on_check, progress)
+        header.repair_backup(buf, sb, hwm, bfind, report)
+    note("backup-superblock", bfind)
     # 3. The tables.
+    _tables(buf, sb, hwm, undone, report, note, can_write)
+
+
+def _tables(buf: memoryview, sb: Superblock, hwm: dict[str, int], undone: header.Undone,
+            report: Report, note: Callable[[str, list[Finding]], None], can_write: bool) -> None:
+    """Check the tables; when repairs may be written, repair them in passes, then report
+    each finding once, as repaired or not, and what became of each damaged record."""
     t = Tables(buf, sb)
     first = _table_checks(t, sb, hwm)
     if not can_write:
         for name in check.TABLE_CHECKS:
-            _note(report, name, first[name], on_check, progress)
+            note(name, first[name])
         return
-    seen: dict[tuple, Finding] = {}
-    for name in check.TABLE_CHECKS:
-        for f in first[name]:
-            seen.setdefault(f.key, f)
+    mode = report.mode
     r = Repair(buf, sb, hwm)
     r.mode = mode
     for ino in _rolled_back(buf, sb, undone):
@@ -192,6 +120,24 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
                                    "a change it was making to this file was undone")
     if r.notes or any(_allowed(f, mode) for fs in first.values() for f in fs):
         r.snapshot()
+    seen, final = _passes(r, t, sb, first, report)
+    by_check = _merged(seen, final)
+    _say_outcomes(r, seen)
+    for name in check.TABLE_CHECKS:
+        note(name, by_check.get(name, []))
+    report.files = r.changes()
+    del t, r  # (views of the mapping: gone before it is closed)
+
+
+def _passes(r: Repair, t: Tables, sb: Superblock, first: dict[str, list[Finding]],
+            report: Report) -> tuple[dict[tuple, Finding], dict[str, list[Finding]]]:
+    """Repair in passes until the checks find nothing more to repair (at most MAX_PASSES):
+    (every finding seen, by key; the checks after the last pass, or the first if none ran)."""
+    mode = r.mode
+    seen: dict[tuple, Finding] = {}
+    for name in check.TABLE_CHECKS:
+        for f in first[name]:
+            seen.setdefault(f.key, f)
     current = first
     # -p repairs nothing in the tables when the damage needs -y: its safe repairs (block
     # counts, the bitmap, dropping what points nowhere) would destroy evidence -y uses.
@@ -202,20 +148,7 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
         if not todo:
             break
         report.passes += 1
-        ran = set()
-        for code, fixer in FIXERS:
-            if code not in todo:
-                continue
-            if not (fixer in ran and fixer in ONCE_PER_PASS):
-                name = next(f.check for f in flat if f.code == code)
-                fresh = [f for f in check.run_check(name, r.view()) if f.code == code and _allowed(f, mode)]
-                if fresh:  # (a fixer that found nothing to do for one code may still be needed by the next)
-                    ran.add(fixer)
-                    fixer(r, fresh)
-            for f in flat:
-                if f.code == code and _allowed(f, mode):
-                    seen.setdefault(f.key, f).repaired = True
-                    f.repaired = True
+        run_pass(r, flat, todo, seen)
         r.commit()
         report.modified = report.modified or r.changed
         current = _table_checks(t, sb, r.hwm)
@@ -223,7 +156,11 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
             for f in fs:
                 seen.setdefault(f.key, f)
     r.commit()
-    final = current  # the checks after the last pass (or the first, if none ran)
+    return seen, current
+
+
+def _merged(seen: dict[tuple, Finding], final: dict[str, list[Finding]]) -> dict[str, list[Finding]]:
+    """Each finding once, by check: repaired unless the last checks still find it."""
     left = {f.key for fs in final.values() for f in fs}
     by_check: dict[str, list[Finding]] = {n: [] for n in check.TABLE_CHECKS}
     for f in seen.values():
@@ -233,7 +170,12 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
         for f in fs:
             if f.key not in seen:
                 by_check.setdefault(f.check, []).append(f)
-    for f in seen.values():  # what became of each record that failed its checksum
+    return by_check
+
+
+def _say_outcomes(r: Repair, seen: dict[tuple, Finding]) -> None:
+    """What became of each record that failed its checksum, in its finding's message."""
+    for f in seen.values():
         if f.code in ("checksum", "free-damaged"):
             said = [r.outcome[(f.data["table"], i)] for i in f.data.get("index", [])
                     if (f.data["table"], i) in r.outcome]
@@ -242,10 +184,6 @@ def _run(img: _Image, report: Report, backup: str | None, progress, on_check) ->
             elif said:
                 restored = sum(s.startswith("restored") for s in said)
                 f.message += f" ({restored} restored exactly from their checksums)"
-    for name in check.TABLE_CHECKS:
-        _note(report, name, by_check.get(name, []), on_check, progress)
-    report.files = r.changes()
-    del t, r
 
 
 def _rolled_back(buf: memoryview, sb: Superblock, undone: list[tuple[int, bytes, bytes]]) -> list[int]:
@@ -281,17 +219,6 @@ def _table_checks(t: Tables, sb: Superblock, hwm: dict[str, int]) -> dict[str, l
     v = View(t, sb, hwm)
     return {name: list(fn(v)) for name, fn in check.CHECKS}
 
-
-def _true_hwm(t: Tables, full: dict[str, int]) -> dict[str, int]:
-    """High-water marks recomputed from the tables (used when the backup's may be stale)."""
-    keys = {"inode": t.inodes["kind"], "extent": t.extents["owner"], "dirent": t.dirents["parent"],
-            "blob": t.blobs["owner"], "pack": t.packs["block"]}
-    out = {}
-    for n, arr in keys.items():
-        used = np.flatnonzero(arr[: full[n]] != 0)
-        top = int(used[-1]) + 1 if len(used) else 1
-        out[n] = min(full[n], max(HWM_STEP, -(-top // HWM_STEP) * HWM_STEP))
-    return out
 
 
 def check_region(path: str) -> list[Finding]:
