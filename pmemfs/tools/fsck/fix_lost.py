@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...media import check
-from ...media.check import Finding
+from ...media.check import Finding, View
 from ...media.format import EXTENT_PACKED, PACK_CHUNKS
 from .evidence import _bare, _chunk_runs, _gaps
 from .repair import Repair
@@ -23,7 +23,6 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
         return  # it attaches data to a file by inference: not one of -p's safe repairs
     v = r.view()
     g = r.sb.geometry
-    bs, chunk = g.block_size, g.block_size // PACK_CHUNKS
     owners = check.block_owners(v)
     bits = np.unpackbits(r.t.bitmap, bitorder="little")[: g.block_count].astype(bool)
     bad = np.unpackbits(r.t.badmap, bitorder="little")[: g.block_count].astype(bool)
@@ -32,11 +31,20 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
     ino = r.t.inodes
     sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
     short = v.has_data & (ino["nblocks"][: v.n].astype(np.int64) > sums)
-    # Candidate runs: where a dropped extent lay (if still unowned), then maximal leaked runs.
-    taken = np.zeros(g.block_count, bool)
-    # First the extents triage dropped, where the fields that survived agree with
-    # everything else: their file is short of exactly that many blocks, with a hole
-    # exactly there, and their blocks are marked used and owned by nobody.
+    taken = np.zeros(g.block_count, bool)  # blocks a rebuilt extent has taken
+    _rebuild_dropped(r, v, leaked, taken, sums, short)
+    _rebuild_from_leaks(r, v, _leaked_runs(r, leaked, taken), taken, sums, short)
+    _rebuild_packed(r)
+
+
+def _rebuild_dropped(r: Repair, v: View, leaked: np.ndarray, taken: np.ndarray, sums: np.ndarray,
+                     short: np.ndarray) -> None:
+    """First the extents triage dropped, where the fields that survived agree with
+    everything else: their file is short of exactly that many blocks, with a hole
+    exactly there, and their blocks are marked used and owned by nobody."""
+    g = r.sb.geometry
+    bs = g.block_size
+    ino = r.t.inodes
     for o, s, n, fb, _ in r.lost_hints:
         if not (0 < o < v.n and short[o]) or o in r.suspect["inode"] or not (s >= 0 and s + n <= g.block_count):
             continue
@@ -52,6 +60,12 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
             short[o] = False
             r.rebuilt(o, f"its extent for file block {fb} ({n} block(s)) failed its checksum and was "
                          "dropped: rebuilt from what of it agrees with its block count, size and the bitmap")
+
+
+def _leaked_runs(r: Repair, leaked: np.ndarray, taken: np.ndarray) -> dict[tuple[int, int], None]:
+    """Candidate runs (start, count), in order: where a dropped extent lay (if still
+    unowned), then the maximal runs of leaked blocks."""
+    g = r.sb.geometry
     runs: dict[tuple[int, int], None] = {}
     for _, s, n, _, fl in r.lost_hints:
         if not fl & EXTENT_PACKED and s >= 0 and s + n <= g.block_count and leaked[s:s + n].all() \
@@ -61,6 +75,15 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
     if len(idx):
         for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
             runs[(int(run[0]), len(run))] = None
+    return runs
+
+
+def _rebuild_from_leaks(r: Repair, v: View, runs: dict[tuple[int, int], None], taken: np.ndarray,
+                        sums: np.ndarray, short: np.ndarray) -> None:
+    """A file short of d blocks with exactly one hole of d blocks, and exactly one
+    candidate run of d blocks left: when no other file wants d blocks, the run is its."""
+    bs = r.sb.geometry.block_size
+    ino = r.t.inodes
     wants: list[tuple[int, int, int]] = []  # (inode, file block, count)
     for o in np.flatnonzero(short).tolist():
         if o in r.suspect["inode"]:
@@ -82,8 +105,12 @@ def fix_lost_extents(r: Repair, fs: list[Finding]) -> None:
             r.t.extents[slot] = (o, d, fb, s, 0, 0)
             r.rebuilt(o, f"its extent record for file block {fb} ({d} block(s)) was lost: rebuilt from its "
                          "block count, its size and blocks no file owned")
-    # Packed: chunks a pack bitmap marks that no packed extent claims, and the one small
-    # file with no data whose size needs exactly that many.
+
+
+def _rebuild_packed(r: Repair) -> None:
+    """Packed: chunks a pack bitmap marks that no packed extent claims, and the one small
+    file with no data whose size needs exactly that many."""
+    chunk = r.sb.geometry.block_size // PACK_CHUNKS
     v = r.view()
     bare, need = _bare(v, chunk)
     runs_c = _chunk_runs(v, r)
