@@ -120,93 +120,113 @@ def _byte_errors(length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _plausible(ev: _Evidence, table: str, idx: int, f: str, c, raw: bytes) -> bool:
     """Does the record c (field f solved for) agree with the rest of the metadata?"""
-    if table == "inode":
-        k, mode = int(c["kind"]), int(c["mode"])
-        if f == "kind":
-            return 1 <= k <= KIND_KOBJ and S_IFMT_OF_KIND[k] == mode & 0o170000
-        if f == "mode":
-            return k in S_IFMT_OF_KIND and mode & 0o170000 == S_IFMT_OF_KIND[k] and mode < 0o200000
-        if f == "flags":
-            return int(c["flags"]) & ~FLAGS_KNOWN == 0
-        if f == "nlink":
-            return int(c["nlink"]) == int(ev.expect_nlink[idx])
-        if f == "nblocks":
-            return int(c["nblocks"]) == int(ev.sums[idx])
-        if f == "parent":
-            return int(c["parent"]) == (int(ev.up[idx]) if k == KIND_DIR else 0)
-        if f == "next_cookie":
-            return k != KIND_DIR and int(c["next_cookie"]) == 0
-        if f == "size":
-            if k == KIND_SYMLINK:
-                return int(c["size"]) == ev.target_len.get(idx, -1)
-            return k in SIZELESS and int(c["size"]) == 0
-        return k != KIND_KOBJ and int(c[f]) == 0  # kernel-object fields
-    if table == "extent":
-        o, n, fb, s, fl = (int(c[x]) for x in ("owner", "count", "file_block", "start_block", "flags"))
-        if not ev.data_inode(o) or fl & 0xFFFE:
+    judge = _PLAUSIBLE.get(table)
+    return judge is not None and judge(ev, idx, f, c, raw)
+
+
+def _plausible_inode(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+    """An inode: kind and mode agree, flags are known, a count is what the tables count."""
+    k, mode = int(c["kind"]), int(c["mode"])
+    if f == "kind":
+        return 1 <= k <= KIND_KOBJ and S_IFMT_OF_KIND[k] == mode & 0o170000
+    if f == "mode":
+        return k in S_IFMT_OF_KIND and mode & 0o170000 == S_IFMT_OF_KIND[k] and mode < 0o200000
+    if f == "flags":
+        return int(c["flags"]) & ~FLAGS_KNOWN == 0
+    if f == "nlink":
+        return int(c["nlink"]) == int(ev.expect_nlink[idx])
+    if f == "nblocks":
+        return int(c["nblocks"]) == int(ev.sums[idx])
+    if f == "parent":
+        return int(c["parent"]) == (int(ev.up[idx]) if k == KIND_DIR else 0)
+    if f == "next_cookie":
+        return k != KIND_DIR and int(c["next_cookie"]) == 0
+    if f == "size":
+        if k == KIND_SYMLINK:
+            return int(c["size"]) == ev.target_len.get(idx, -1)
+        return k in SIZELESS and int(c["size"]) == 0
+    return k != KIND_KOBJ and int(c[f]) == 0  # kernel-object fields
+
+
+def _plausible_extent(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+    """An extent: its file holds data; its blocks (or chunks) are marked and no one else's."""
+    o, n, fb, s, fl = (int(c[x]) for x in ("owner", "count", "file_block", "start_block", "flags"))
+    if not ev.data_inode(o) or fl & 0xFFFE:
+        return False
+    if fl & EXTENT_PACKED:
+        c0 = fl >> 16
+        p = ev.pack_of.get(s)
+        return (int(ev.kind[o]) == KIND_REG and fb == 0 and 1 <= n <= SMALL_CHUNKS and c0 + n <= PACK_CHUNKS
+                and p is not None and bool(ev.pack_bits(p)[c0:c0 + n].all()))
+    g = ev.g
+    return (n >= 1 and g.data_start_block <= s <= g.block_count - n
+            and (fb + n <= ev.need(o) or bool(int(ev.flags[o]) & FLAG_TRUNCATING))
+            and ev.marked(s, n) and not ev.claimed(s, n, idx) and not ev.file_overlap(o, fb, n, idx)
+            and int(ev.sums[o]) - ev.own(o, idx) + n == int(ev.nblocks[o]))
+
+
+def _plausible_dirent(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+    """A directory entry: a live directory names a live inode of the kind it records."""
+    parent, ino, kind = int(c["parent"]), int(c["ino"]), int(c["kind"])
+    if not (0 < parent < ev.n and ev.v.is_dir[parent] and 0 < ino < ev.n and ev.live[ino]
+            and int(ev.kind[ino]) == kind):
+        return False
+    if f == "cookie":
+        cookie = int(c["cookie"])
+        others = ev.d_cookie[(ev.v.d_parent == parent) & (ev.v.dir_used != idx)]
+        return 3 <= cookie < int(ev.v.inodes["next_cookie"][parent]) and cookie not in set(others.tolist())
+    if f == "name_len":
+        nl, name = int(c["name_len"]), raw[28:28 + 256]
+        return 1 <= nl <= NAME_MAX and 0 not in name[:nl] and not any(name[nl:])
+    return True
+
+
+def _plausible_blob(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+    """An xattr or symlink record: a live owner, a sound chain and a well-formed value."""
+    owner, kind, nxt = int(c["owner"]), int(c["kind"]), int(c["next"])
+    nl, vl = int(c["name_len"]), int(c["value_len"])
+    b = ev.r.t.blobs
+    linker = int(ev.linked_by[idx]) if idx < len(ev.linked_by) else -1
+    if not (0 < owner < ev.n and ev.live[owner]) or kind not in (BLOB_XATTR, BLOB_SYMLINK, BLOB_CONT):
+        return False
+    if (kind == BLOB_CONT) != (linker > 0) or (linker > 0 and int(b["owner"][linker]) != owner):
+        return False
+    if kind == BLOB_SYMLINK and int(ev.kind[owner]) != KIND_SYMLINK:
+        return False
+    if nxt and not (0 < nxt < ev.r.hwm["blob"] and int(b["kind"][nxt]) == BLOB_CONT
+                    and int(b["owner"][nxt]) == owner and int(ev.linked_by[nxt]) in (-1, idx)):
+        return False
+    data = raw[20:20 + BLOB_DATA]
+    if kind == BLOB_XATTR:
+        if not (1 <= nl <= NAME_MAX and 0 not in data[:nl] and data[:nl].split(b".")[0] in XATTR_NAMESPACES):
             return False
-        if fl & EXTENT_PACKED:
-            c0 = fl >> 16
-            p = ev.pack_of.get(s)
-            return (int(ev.kind[o]) == KIND_REG and fb == 0 and 1 <= n <= SMALL_CHUNKS and c0 + n <= PACK_CHUNKS
-                    and p is not None and bool(ev.pack_bits(p)[c0:c0 + n].all()))
-        g = ev.g
-        return (n >= 1 and g.data_start_block <= s <= g.block_count - n
-                and (fb + n <= ev.need(o) or bool(int(ev.flags[o]) & FLAG_TRUNCATING))
-                and ev.marked(s, n) and not ev.claimed(s, n, idx) and not ev.file_overlap(o, fb, n, idx)
-                and int(ev.sums[o]) - ev.own(o, idx) + n == int(ev.nblocks[o]))
-    if table == "dirent":
-        parent, ino, kind = int(c["parent"]), int(c["ino"]), int(c["kind"])
-        if not (0 < parent < ev.n and ev.v.is_dir[parent] and 0 < ino < ev.n and ev.live[ino]
-                and int(ev.kind[ino]) == kind):
+    elif nl:
+        return False
+    if kind == BLOB_CONT:
+        if not 1 <= vl <= BLOB_DATA:
             return False
-        if f == "cookie":
-            cookie = int(c["cookie"])
-            others = ev.d_cookie[(ev.v.d_parent == parent) & (ev.v.dir_used != idx)]
-            return 3 <= cookie < int(ev.v.inodes["next_cookie"][parent]) and cookie not in set(others.tolist())
-        if f == "name_len":
-            nl, name = int(c["name_len"]), raw[28:28 + 256]
-            return 1 <= nl <= NAME_MAX and 0 not in name[:nl] and not any(name[nl:])
-        return True
-    if table == "blob":
-        owner, kind, nxt = int(c["owner"]), int(c["kind"]), int(c["next"])
-        nl, vl = int(c["name_len"]), int(c["value_len"])
-        b = ev.r.t.blobs
-        linker = int(ev.linked_by[idx]) if idx < len(ev.linked_by) else -1
-        if not (0 < owner < ev.n and ev.live[owner]) or kind not in (BLOB_XATTR, BLOB_SYMLINK, BLOB_CONT):
+        used = vl
+    else:
+        first = BLOB_DATA - nl
+        if (nxt == 0 and vl > first) or (nxt and vl != first + ev.chain_rest(nxt)):
             return False
-        if (kind == BLOB_CONT) != (linker > 0) or (linker > 0 and int(b["owner"][linker]) != owner):
-            return False
-        if kind == BLOB_SYMLINK and int(ev.kind[owner]) != KIND_SYMLINK:
-            return False
-        if nxt and not (0 < nxt < ev.r.hwm["blob"] and int(b["kind"][nxt]) == BLOB_CONT
-                        and int(b["owner"][nxt]) == owner and int(ev.linked_by[nxt]) in (-1, idx)):
-            return False
-        data = raw[20:20 + BLOB_DATA]
-        if kind == BLOB_XATTR:
-            if not (1 <= nl <= NAME_MAX and 0 not in data[:nl] and data[:nl].split(b".")[0] in XATTR_NAMESPACES):
-                return False
-        elif nl:
-            return False
-        if kind == BLOB_CONT:
-            if not 1 <= vl <= BLOB_DATA:
-                return False
-            used = vl
-        else:
-            first = BLOB_DATA - nl
-            if (nxt == 0 and vl > first) or (nxt and vl != first + ev.chain_rest(nxt)):
-                return False
-            used = nl + min(vl, first)
-        return not any(data[used:])
-    if table == "pack":
-        blk = int(c["block"])
-        if not ev.g.data_start_block <= blk < ev.g.block_count:
-            return False
-        if f == "block":
-            return bool((ev.p_block == blk).any()) and ev.pack_of.get(blk, idx) == idx
-        raw_bits = np.frombuffer(raw[16:80], np.uint8)
-        return int(c["used"]) == int(np.unpackbits(raw_bits).sum())
-    return False
+        used = nl + min(vl, first)
+    return not any(data[used:])
+
+
+def _plausible_pack(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+    """A pack record: a data block that packed extents point at, with a true chunk count."""
+    blk = int(c["block"])
+    if not ev.g.data_start_block <= blk < ev.g.block_count:
+        return False
+    if f == "block":
+        return bool((ev.p_block == blk).any()) and ev.pack_of.get(blk, idx) == idx
+    raw_bits = np.frombuffer(raw[16:80], np.uint8)
+    return int(c["used"]) == int(np.unpackbits(raw_bits).sum())
+
+
+_PLAUSIBLE = {"inode": _plausible_inode, "extent": _plausible_extent, "dirent": _plausible_dirent,
+              "blob": _plausible_blob, "pack": _plausible_pack}
 
 
 def _zero_known(ev: _Evidence, table: str, raw: bytes) -> bytes | None:

@@ -54,78 +54,102 @@ def _kind_from_names(ev: _Evidence, i: int) -> set[int]:
 
 def _revive(r: Repair, ev: _Evidence, table: str, i: int) -> bool:
     """A record that looks free but is not empty: rebuild its key from what refers to it."""
-    t, v = r.t, ev.v
-    if table == "inode":
-        kinds = _kind_from_names(ev, i)
-        mode = int(t.inodes["mode"][i])
-        if len(kinds) == 1:
-            k = kinds.pop()
-            if 1 <= k <= KIND_KOBJ and S_IFMT_OF_KIND[k] == mode & 0o170000:
-                r.set("inode", i, kind=k)
-                r.note(i, "unverified", "its inode record failed its checksum and looked free: its kind "
-                                        "was taken from its directory entries")
-                return True
-        return False
-    if table == "extent":
-        e = t.extents
-        n, fb, s, fl = (int(e[x][i]) for x in ("count", "file_block", "start_block", "flags"))
-        g = ev.g
-        cands: list[int] = []
-        if fl & EXTENT_PACKED:
-            c0, p = fl >> 16, ev.pack_of.get(s)
-            owners = set(v.e_owner.tolist())
-            if p is not None and 1 <= n <= SMALL_CHUNKS and c0 + n <= PACK_CHUNKS and ev.pack_bits(p)[c0:c0 + n].all():
-                size = ev.size.astype(np.int64)
-                m = ev.live & (ev.kind == KIND_REG) & (size > (n - 1) * ev.chunk) & (size <= n * ev.chunk)
-                cands = [o for o in np.flatnonzero(m).tolist() if o not in owners]
-        elif not fl and n >= 1 and g.data_start_block <= s <= g.block_count - n and ev.marked(s, n) \
-                and not ev.claimed(s, n, i):
-            deficit = ev.nblocks.astype(np.int64) - ev.sums
-            m = ev.live & np.isin(ev.kind, (KIND_REG, KIND_KOBJ)) & (deficit == n)
-            cands = [o for o in np.flatnonzero(m).tolist()
-                     if fb + n <= ev.need(o) and not ev.file_overlap(o, fb, n, i)]
-        if len(cands) == 1:
-            r.set("extent", i, owner=cands[0])
-            r.note(cands[0], "unverified", f"its extent record {i} failed its checksum and looked free: "
-                                           "its owner was found from the file's size and block count")
-            return True
-        return False
-    if table == "dirent":
-        ino, kind = int(t.dirents["ino"][i]), int(t.dirents["kind"][i])
-        space = _namespace_ino(r)
-        if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_KOBJ == kind and space:
-            r.set("dirent", i, parent=space)  # a kernel object is named in /.kernel and nowhere else
-            r.note(ino, "unverified", "its directory entry failed its checksum and looked free: put back "
-                                      "in /.kernel, where kernel objects live")
-            return True
-        if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_DIR == kind and ev.names[ino] == 0:
-            p = int(t.inodes["parent"][ino])
-            if 0 < p < ev.n and v.is_dir[p]:
-                r.set("dirent", i, parent=p)
-                r.note(ino, "unverified", "its directory entry failed its checksum and looked free: put back "
-                                          "in the directory its '..' names")
-                return True
-        return False
-    if table == "blob":
-        b = t.blobs
-        kind, nxt = int(b["kind"][i]), int(b["next"][i])
-        owner = 0
-        if kind == BLOB_CONT and ev.linked_by[i] > 0:
-            owner = int(b["owner"][ev.linked_by[i]])
-        elif kind in (BLOB_XATTR, BLOB_SYMLINK) and 0 < nxt < r.hwm["blob"] and int(b["kind"][nxt]) == BLOB_CONT:
-            owner = int(b["owner"][nxt])
-        if 0 < owner < ev.n and ev.live[owner]:
-            r.set("blob", i, owner=owner)
-            r.note(owner, "unverified", f"its xattr or symlink record {i} failed its checksum and looked free: "
-                                        "its owner was taken from the rest of its value")
-            return True
-        return False
-    if table == "pack":
-        orphans = sorted(set(ev.p_block.tolist()) - set(ev.pack_of))
-        if len(orphans) == 1:
-            r.set("pack", i, block=orphans[0])
+    revive = _REVIVE.get(table)
+    return revive is not None and revive(r, ev, i)
+
+
+def _revive_inode(r: Repair, ev: _Evidence, i: int) -> bool:
+    """An inode: its kind, when its directory entries agree on one its mode fits."""
+    t = r.t
+    kinds = _kind_from_names(ev, i)
+    mode = int(t.inodes["mode"][i])
+    if len(kinds) == 1:
+        k = kinds.pop()
+        if 1 <= k <= KIND_KOBJ and S_IFMT_OF_KIND[k] == mode & 0o170000:
+            r.set("inode", i, kind=k)
+            r.note(i, "unverified", "its inode record failed its checksum and looked free: its kind "
+                                    "was taken from its directory entries")
             return True
     return False
+
+
+def _revive_extent(r: Repair, ev: _Evidence, i: int) -> bool:
+    """An extent: its owner, when exactly one file fits its size and block count."""
+    t, v = r.t, ev.v
+    e = t.extents
+    n, fb, s, fl = (int(e[x][i]) for x in ("count", "file_block", "start_block", "flags"))
+    g = ev.g
+    cands: list[int] = []
+    if fl & EXTENT_PACKED:
+        c0, p = fl >> 16, ev.pack_of.get(s)
+        owners = set(v.e_owner.tolist())
+        if p is not None and 1 <= n <= SMALL_CHUNKS and c0 + n <= PACK_CHUNKS and ev.pack_bits(p)[c0:c0 + n].all():
+            size = ev.size.astype(np.int64)
+            m = ev.live & (ev.kind == KIND_REG) & (size > (n - 1) * ev.chunk) & (size <= n * ev.chunk)
+            cands = [o for o in np.flatnonzero(m).tolist() if o not in owners]
+    elif not fl and n >= 1 and g.data_start_block <= s <= g.block_count - n and ev.marked(s, n) \
+            and not ev.claimed(s, n, i):
+        deficit = ev.nblocks.astype(np.int64) - ev.sums
+        m = ev.live & np.isin(ev.kind, (KIND_REG, KIND_KOBJ)) & (deficit == n)
+        cands = [o for o in np.flatnonzero(m).tolist()
+                 if fb + n <= ev.need(o) and not ev.file_overlap(o, fb, n, i)]
+    if len(cands) == 1:
+        r.set("extent", i, owner=cands[0])
+        r.note(cands[0], "unverified", f"its extent record {i} failed its checksum and looked free: "
+                                       "its owner was found from the file's size and block count")
+        return True
+    return False
+
+
+def _revive_dirent(r: Repair, ev: _Evidence, i: int) -> bool:
+    """An entry: its directory, for a kernel object (/.kernel) or a directory ('..')."""
+    t, v = r.t, ev.v
+    ino, kind = int(t.dirents["ino"][i]), int(t.dirents["kind"][i])
+    space = _namespace_ino(r)
+    if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_KOBJ == kind and space:
+        r.set("dirent", i, parent=space)  # a kernel object is named in /.kernel and nowhere else
+        r.note(ino, "unverified", "its directory entry failed its checksum and looked free: put back "
+                                  "in /.kernel, where kernel objects live")
+        return True
+    if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_DIR == kind and ev.names[ino] == 0:
+        p = int(t.inodes["parent"][ino])
+        if 0 < p < ev.n and v.is_dir[p]:
+            r.set("dirent", i, parent=p)
+            r.note(ino, "unverified", "its directory entry failed its checksum and looked free: put back "
+                                      "in the directory its '..' names")
+            return True
+    return False
+
+
+def _revive_blob(r: Repair, ev: _Evidence, i: int) -> bool:
+    """An xattr or symlink record: its owner, from the rest of its value."""
+    t = r.t
+    b = t.blobs
+    kind, nxt = int(b["kind"][i]), int(b["next"][i])
+    owner = 0
+    if kind == BLOB_CONT and ev.linked_by[i] > 0:
+        owner = int(b["owner"][ev.linked_by[i]])
+    elif kind in (BLOB_XATTR, BLOB_SYMLINK) and 0 < nxt < r.hwm["blob"] and int(b["kind"][nxt]) == BLOB_CONT:
+        owner = int(b["owner"][nxt])
+    if 0 < owner < ev.n and ev.live[owner]:
+        r.set("blob", i, owner=owner)
+        r.note(owner, "unverified", f"its xattr or symlink record {i} failed its checksum and looked free: "
+                                    "its owner was taken from the rest of its value")
+        return True
+    return False
+
+
+def _revive_pack(r: Repair, ev: _Evidence, i: int) -> bool:
+    """A pack record: its block, when packed extents point at one block no record lists."""
+    orphans = sorted(set(ev.p_block.tolist()) - set(ev.pack_of))
+    if len(orphans) == 1:
+        r.set("pack", i, block=orphans[0])
+        return True
+    return False
+
+
+_REVIVE = {"inode": _revive_inode, "extent": _revive_extent, "dirent": _revive_dirent,
+           "blob": _revive_blob, "pack": _revive_pack}
 
 
 def _lost_free(r: Repair, table: str, i: int) -> str:
