@@ -86,10 +86,14 @@ def check_blobs(v: View) -> Iterator[Finding]:
     stray = used[cont & ~dead & ~bad & ~visited[used]]
     yield from _many("blobs", "stray-cont", "p", "blob", stray,
                      lambda i: f"continuation record {i} is not part of any value")
-    # xattr names: a namespace the filesystem serves (user., trusted., security., the two
-    # system.posix_acl_* names) and
-    # something after it, no NUL, and one of each name per file (else one hides another).
-    xh = heads[ok & (b["kind"][heads] == BLOB_XATTR)]
+    yield from _xattr_names(v, heads[ok & (b["kind"][heads] == BLOB_XATTR)])
+
+
+def _xattr_names(v: View, xh: np.ndarray) -> Iterator[Finding]:
+    """xattr names (of the heads xh): a namespace the filesystem serves (user., trusted.,
+    security., the two system.posix_acl_* names) and something after it, no NUL, and one
+    of each name per file (else one hides another)."""
+    b = v.blobs
     if not len(xh):
         return
     raw = b["data"][xh].view(np.uint8).reshape(len(xh), BLOB_DATA)
@@ -110,12 +114,19 @@ def check_blobs(v: View) -> Iterator[Finding]:
                      lambda i: f"xattr record {i} has a name that is no xattr name "
                                f"({bytes(b['data'][i].tobytes()[:min(int(b['name_len'][i]), NAME_MAX)])!r})")
     keep = valid & ns_ok
-    good = xh[keep]
+    yield from _dup_xattrs(v, xh[keep], raw[keep, :longest], inside[keep])
+
+
+def _dup_xattrs(v: View, good: np.ndarray, raw: np.ndarray, inside: np.ndarray) -> Iterator[Finding]:
+    """Two xattrs of one name on one file (good: heads with valid names; raw, inside: their
+    name bytes and which of them lie inside the name)."""
+    b = v.blobs
     if len(good) < 2:
         return
+    longest = raw.shape[1]
     width = -(-longest // 8) * 8
     masked = np.zeros((len(good), width), np.uint8)
-    masked[:, :longest] = np.where(inside[keep], raw[keep, :longest], 0)
+    masked[:, :longest] = np.where(inside, raw, 0)
     words = masked.view("<u8")
     mult = (np.arange(words.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
     with np.errstate(over="ignore"):

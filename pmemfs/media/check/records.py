@@ -18,7 +18,7 @@ def crc_bit_columns(length: int) -> np.ndarray:
     """CRC-32 is affine over GF(2): crc(a ^ b) = crc(a) ^ crc(b) ^ crc(0) for messages of one
     length. Column k is what flipping bit k (bit k % 8 of byte k // 8) of a `length`-byte
     message does to its CRC; a damaged record's syndrome is the XOR of the columns of its
-    flipped bits, which is what lets fsck restore records (pmemfs/tools/fsck.py)."""
+    flipped bits, which is what lets fsck restore records (pmemfs/tools/fsck/restore.py)."""
     zero = bytes(length)
     c0 = zlib.crc32(zero)
     out = np.empty(length * 8, np.uint32)
