@@ -691,7 +691,7 @@ class Bench:
 
         fsck = _fsck_command()
         if fsck is None:
-            msg = "fsck rows skipped: pmemfs/tools/fsck.py does not exist yet"
+            msg = "fsck rows skipped: pmemfs/tools/fsck/ does not exist yet"
             log(msg)
             self.res.notes.append(msg)
         else:
@@ -886,7 +886,7 @@ def _populate(Engine, region: str, n: int) -> None:
 
 
 def _fsck_command() -> list[str] | None:
-    if not (ROOT / "pmemfs" / "tools" / "fsck.py").exists():
+    if not (ROOT / "pmemfs" / "tools" / "fsck" / "__init__.py").exists():  # (a package since the split)
         return None
     script = BIN / "pmemfs-fsck"
     return [str(script)] if script.exists() else [sys.executable, "-m", "pmemfs.tools.fsck"]
