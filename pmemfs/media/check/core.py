@@ -23,14 +23,8 @@ from ..format import (
 )
 
 LIMIT = 20  # findings of one kind listed one by one; the rest are summarised
-
-
 COOKIE_END = np.uint64(1 << 63)  # readdir cookies are offsets (off_t): below 2^63
-
-
 XATTR_NAMESPACES = (b"user", b"trusted", b"security")  # what the engine serves (engine._check_xattr_ns)
-
-
 XATTR_SYSTEM_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")  # acl.NAMES
 
 

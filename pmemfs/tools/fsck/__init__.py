@@ -19,11 +19,12 @@ changed is in the report's per-file list (Report.files, "files" in --json, CHANG
 lines in the text) by path, with what happened to it.
 
 The package, one concern a module: report (findings, exit codes, the text report),
-image (mapping the region, the backup superblock, --backup), repair (journaled writes
-and the per-file notes), evidence, restore and triage (records that fail their
-checksum), fix_* (the repairs, by what they mend), fixers (which repair answers which
-finding), pipeline (the run: journal, superblocks, repair passes) and command (the CLI).
-Everything callers used from the single module is still importable from here.
+image (mapping the region, finding the backup superblock, --backup), header (the
+journal and both superblocks, checked and repaired first), repair (journaled writes and
+the per-file notes), evidence, restore and triage (records that fail their checksum),
+fix_* (the repairs, by what they mend), fixers (which repair answers which finding, one
+pass), pipeline (the run) and command (the CLI). Every name callers used from the
+single module it once was is still importable from here.
 """
 
 from __future__ import annotations

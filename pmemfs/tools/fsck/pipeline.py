@@ -22,8 +22,6 @@ from .repair import Repair
 from .report import Report
 
 MAX_PASSES = 8
-
-
 MODES = ("n", "p", "y")
 
 

@@ -57,11 +57,7 @@ SOLVE_FIELDS = {
 
 
 SIZELESS = (KIND_DIR, KIND_FIFO, KIND_SOCK, KIND_CHR, KIND_BLK)
-
-
 EXTENT_HEAD = struct.Struct("<IIQQI")  # an extent record but its checksum
-
-
 XATTR_NAMESPACES = (b"user", b"trusted", b"security")
 
 
