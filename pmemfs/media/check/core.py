@@ -168,7 +168,6 @@ def _many(check_name: str, code: str, fix: str | None, what: str, idx: np.ndarra
                       data={key: rest.tolist()}, code=code, fix=fix)
 
 
-
 def run_check(name: str, v: View) -> list[Finding]:
     return [f for n, fn in CHECKS if n == name for f in fn(v)]
 

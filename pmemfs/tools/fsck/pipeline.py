@@ -218,7 +218,6 @@ def _table_checks(t: Tables, sb: Superblock, hwm: dict[str, int]) -> dict[str, l
     return {name: list(fn(v)) for name, fn in check.CHECKS}
 
 
-
 def check_region(path: str) -> list[Finding]:
     """Open a region read-only (no lock: allowed while mounted) and run every check.
 
