@@ -209,7 +209,7 @@ def _fsck_times(b: Bench, sizes: list[tuple[str, int]], regions: dict[str, str])
     n = b.prof.many_files
     fsck = _fsck_command()
     if fsck is None:
-        msg = "fsck rows skipped: pmemfs/tools/fsck.py does not exist yet"
+        msg = "fsck rows skipped: pmemfs/tools/fsck/ does not exist yet"
         log(msg)
         b.res.notes.append(msg)
         return
@@ -264,7 +264,7 @@ def _meta_per_gib(t: Pmemfs, name: str) -> float:
 
 
 def _fsck_command() -> list[str] | None:
-    if not (ROOT / "pmemfs" / "tools" / "fsck.py").exists():
+    if not (ROOT / "pmemfs" / "tools" / "fsck" / "__init__.py").exists():  # (a package since the split)
         return None
     script = BIN / "pmemfs-fsck"
     return [str(script)] if script.exists() else [sys.executable, "-m", "pmemfs.tools.fsck"]
