@@ -16,7 +16,7 @@ from ..format import (
     NAME_MAX,
     SYMLINK_MAX,
 )
-from .core import XATTR_NAMESPACES, XATTR_SYSTEM_NAMES, Finding, View, _many, check
+from .core import XATTR_NAMESPACES, XATTR_SYSTEM_NAMES, Finding, View, check, per_object
 
 
 def blob_chains(v: View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,14 +77,14 @@ def check_blobs(v: View) -> Iterator[Finding]:
             what = f" (xattr {bytes(b['data'][i].tobytes()[:nl])!r}: the file it belonged to cannot be told)"
         return f"xattr/symlink record {i} belongs to a missing inode {int(b['owner'][i])}{what}"
 
-    yield from _many("blobs", "bad-blob", "p", "blob", used[dead], dead_msg)
-    yield from _many("blobs", "bad-blob", "y", "blob", used[bad],
+    yield from per_object("blobs", "bad-blob", "p", "blob", used[dead], dead_msg)
+    yield from per_object("blobs", "bad-blob", "y", "blob", used[bad],
                      lambda i: f"xattr/symlink record {i} is malformed")
     heads, ok, visited = blob_chains(v)
-    yield from _many("blobs", "bad-chain", "y", "blob", heads[~ok],
+    yield from per_object("blobs", "bad-chain", "y", "blob", heads[~ok],
                      lambda i: f"xattr/symlink record {i} has a broken value chain")
     stray = used[cont & ~dead & ~bad & ~visited[used]]
-    yield from _many("blobs", "stray-cont", "p", "blob", stray,
+    yield from per_object("blobs", "stray-cont", "p", "blob", stray,
                      lambda i: f"continuation record {i} is not part of any value")
     yield from _xattr_names(v, heads[ok & (b["kind"][heads] == BLOB_XATTR)])
 
@@ -110,7 +110,7 @@ def _xattr_names(v: View, xh: np.ndarray) -> Iterator[Finding]:
         whole = np.frombuffer(full, np.uint8)
         ns_ok |= (nl == len(whole)) & (raw[:, :len(whole)] == whole).all(axis=1)
     badname = xh[~(valid & ns_ok)]
-    yield from _many("blobs", "bad-xattr-name", "y", "blob", badname,
+    yield from per_object("blobs", "bad-xattr-name", "y", "blob", badname,
                      lambda i: f"xattr record {i} has a name that is no xattr name "
                                f"({bytes(b['data'][i].tobytes()[:min(int(b['name_len'][i]), NAME_MAX)])!r})")
     keep = valid & ns_ok
@@ -136,7 +136,7 @@ def _dup_xattrs(v: View, good: np.ndarray, raw: np.ndarray, inside: np.ndarray) 
     same = (owner[order][1:] == owner[order][:-1]) & (h[order][1:] == h[order][:-1])
     dups = [int(good[order][k + 1]) for k in np.flatnonzero(same).tolist()
             if bytes(masked[order][k]) == bytes(masked[order][k + 1])]
-    yield from _many("blobs", "dup-xattr", "y", "blob", np.array(dups, np.int64),
+    yield from per_object("blobs", "dup-xattr", "y", "blob", np.array(dups, np.int64),
                      lambda i: f"xattr record {i} repeats a name its file already has")
 
 
@@ -148,26 +148,26 @@ def check_symlinks(v: View) -> Iterator[Finding]:
     heads = used[(b["kind"][used] == BLOB_SYMLINK) & v.is_live(b["owner"][used].astype(np.int64))]
     owner = b["owner"][heads].astype(np.int64)
     not_link = v.kind[owner] != KIND_SYMLINK
-    yield from _many("symlinks", "stray-target", "y", "blob", heads[not_link],
+    yield from per_object("symlinks", "stray-target", "y", "blob", heads[not_link],
                      lambda i: f"symlink target record {i} belongs to inode {int(b['owner'][i])}, not a symlink")
     heads, owner = heads[~not_link], owner[~not_link]
     order = np.lexsort((heads, owner))
     heads, owner = heads[order], owner[order]
     first = np.concatenate(([True], owner[1:] != owner[:-1])) if len(owner) else np.zeros(0, bool)
-    yield from _many("symlinks", "extra-target", "y", "blob", heads[~first],
+    yield from per_object("symlinks", "extra-target", "y", "blob", heads[~first],
                      lambda i: f"symlink {int(b['owner'][i])} has more than one target (record {i})")
     has = np.zeros(v.n, bool)
     has[owner] = True
     links = v.live & (v.kind == KIND_SYMLINK)
-    yield from _many("symlinks", "no-target", "y", "inode", np.flatnonzero(links & ~has),
+    yield from per_object("symlinks", "no-target", "y", "inode", np.flatnonzero(links & ~has),
                      lambda i: f"symlink {i} has no target", key="ino")
     target_len = np.zeros(v.n, np.int64)
     target_len[owner[first]] = b["value_len"][heads[first]].astype(np.int64)
     bad_len = links & has & ((target_len == 0) | (target_len > SYMLINK_MAX))
-    yield from _many("symlinks", "bad-target", "y", "inode", np.flatnonzero(bad_len),
+    yield from per_object("symlinks", "bad-target", "y", "inode", np.flatnonzero(bad_len),
                      lambda i: f"symlink {i} has a target of {int(target_len[i])} bytes", key="ino")
     size = v.inodes["size"].astype(np.int64)
     wrong = np.flatnonzero(links & has & ~bad_len & (size != target_len))
-    yield from _many("symlinks", "symlink-size", "p", "inode", wrong,
+    yield from per_object("symlinks", "symlink-size", "p", "inode", wrong,
                      lambda i: f"symlink {i} has size {int(size[i])} but its target is {int(target_len[i])} bytes",
                      key="ino")

@@ -8,22 +8,22 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..format import PACK_CHUNKS
-from .core import Finding, View, _many, _some, check
+from .core import Finding, View, check, first_few, per_object
 
 
 @check("extents")
 def check_extents(v: View) -> Iterator[Finding]:
     bad = ~v.e_ok
     dangling = bad & ~v.is_live(v.e_owner)
-    yield from _many("extents", "bad-extent", "p", "extent", v.ext_used[dangling],
+    yield from per_object("extents", "bad-extent", "p", "extent", v.ext_used[dangling],
                      lambda i: f"extent {i} belongs to inode {int(v.extents['owner'][i])}, which does not exist")
-    yield from _many("extents", "bad-extent", "y", "extent", v.ext_used[bad & ~dangling],
+    yield from per_object("extents", "bad-extent", "y", "extent", v.ext_used[bad & ~dangling],
                      lambda i: f"extent {i} has a bad owner kind, length or place"
                                f" (file block {int(v.extents['file_block'][i])}, "
                                f"{int(v.extents['count'][i])} at region block {int(v.extents['start_block'][i])})")
     sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
     wrong = np.flatnonzero(v.live & (v.inodes["nblocks"].astype(np.int64) != sums))
-    yield from _many("extents", "nblocks", "p", "inode", wrong,
+    yield from per_object("extents", "nblocks", "p", "inode", wrong,
                      lambda i: f"inode {i} says it owns {int(v.inodes['nblocks'][i])} blocks "
                                f"but its extents hold {int(sums[i])}", key="ino")
     # A packed file has that one extent and no other.
@@ -31,14 +31,14 @@ def check_extents(v: View) -> Iterator[Finding]:
     any_owner = np.bincount(v.e_owner[v.e_ok], minlength=v.n)
     mixed = (packed_owner > 0) & (any_owner > 1)
     drop = v.ext_used[v.e_ok & v.e_packed & mixed[np.where(v.e_ok, v.e_owner, 0)]]
-    yield from _many("extents", "packed-mixed", "y", "extent", drop,
+    yield from per_object("extents", "packed-mixed", "y", "extent", drop,
                      lambda i: f"packed extent {i}: its file has other extents too")
     # A file's extents must not overlap in file offsets.
     used, owner, fb, cnt = v.ext_used[v.e_blk], v.e_owner[v.e_blk], v.e_fb[v.e_blk], v.e_count[v.e_blk]
     order = np.lexsort((fb, owner))
     o, s, c = owner[order], fb[order], cnt[order]
     overl = _overlaps(o, s, s + c)
-    yield from _many("extents", "file-overlap", "y", "extent", used[order[overl]],
+    yield from per_object("extents", "file-overlap", "y", "extent", used[order[overl]],
                      lambda i: f"extent {i} overlaps another extent of inode {int(v.extents['owner'][i])} "
                                "in file offsets")
 
@@ -69,7 +69,7 @@ def check_extent_overlap(v: View) -> Iterator[Finding]:
     c = np.concatenate((v.e_count[v.e_blk], np.ones(len(pb), np.int64)))
     order = np.lexsort((used, s))
     overl = _overlaps(None, s[order], (s + c)[order])
-    yield from _many("extent-overlap", "overlap", "y", "extent", used[order[overl]],
+    yield from per_object("extent-overlap", "overlap", "y", "extent", used[order[overl]],
                      lambda i: f"extent {i} (inode {int(v.extents['owner'][i])}) claims region blocks "
                                "another extent already owns")
 
@@ -109,15 +109,15 @@ def check_bitmap(v: View) -> Iterator[Finding]:
     if len(leaked):
         yield Finding("bitmap", "error", f"block {leaked[0]}",
                       f"{len(leaked)} block(s) marked used but owned by nobody (leaked), first {leaked[0]}",
-                      data={"blocks": _some(leaked, 1000)}, code="leaked", fix="p")
+                      data={"blocks": first_few(leaked, 1000)}, code="leaked", fix="p")
     if len(unmarked):
         yield Finding("bitmap", "error", f"block {unmarked[0]}",
                       f"{len(unmarked)} block(s) in use but marked free, first {unmarked[0]}",
-                      data={"blocks": _some(unmarked, 1000)}, code="unmarked", fix="p")
+                      data={"blocks": first_few(unmarked, 1000)}, code="unmarked", fix="p")
     if len(double):
         yield Finding("bitmap", "error", f"block {double[0]}",
                       f"{len(double)} block(s) owned twice, first {double[0]}",
-                      data={"blocks": _some(double, 1000)}, code="double", fix="y")
+                      data={"blocks": first_few(double, 1000)}, code="double", fix="y")
 
 
 @check("badblocks")
@@ -128,11 +128,11 @@ def check_badblocks(v: View) -> Iterator[Finding]:
     if not bad.any():
         return
     yield Finding("badblocks", "warning", "badmap", f"{int(bad.sum())} block(s) are marked bad",
-                  data={"blocks": _some(np.flatnonzero(bad), 1000)}, code="bad-blocks")
+                  data={"blocks": first_few(np.flatnonzero(bad), 1000)}, code="bad-blocks")
     s, c = v.e_start[v.e_ok], v.e_count[v.e_ok]
     prefix = np.concatenate(([0], np.cumsum(bad)))
     holds = (prefix[s + c] - prefix[s]) > 0
-    yield from _many("badblocks", "bad-owned", "y", "extent", v.ext_used[v.e_ok][holds],
+    yield from per_object("badblocks", "bad-owned", "y", "extent", v.ext_used[v.e_ok][holds],
                      lambda i: f"extent {i} (inode {int(v.extents['owner'][i])}) holds a bad block")
 
 
@@ -144,12 +144,12 @@ def check_packs(v: View) -> Iterator[Finding]:
     slots = v.pack_used
     block = v.packs["block"][slots].astype(np.int64)
     bad = (block < g.data_start_block) | (block >= g.block_count)
-    yield from _many("packs", "pack-place", "y", "pack", slots[bad],
+    yield from per_object("packs", "pack-place", "y", "pack", slots[bad],
                      lambda i: f"pack record {i} points outside the data area")
     slots, block = slots[~bad], block[~bad]
     order = np.argsort(block, kind="stable")
     dup = slots[order][1:][block[order][1:] == block[order][:-1]]
-    yield from _many("packs", "pack-dup", "y", "pack", dup, lambda i: f"pack record {i} repeats a pack block")
+    yield from per_object("packs", "pack-dup", "y", "pack", dup, lambda i: f"pack record {i} repeats a pack block")
     bits = np.unpackbits(v.packs["bitmap"][slots].view(np.uint8).reshape(len(slots), 64), axis=1,
                          bitorder="little").astype(np.int64) if len(slots) else np.zeros((0, PACK_CHUNKS), np.int64)
     # Chunk claims of the packed extents, all at once: row of the pack block * 512 + chunk.
@@ -159,7 +159,7 @@ def check_packs(v: View) -> Iterator[Finding]:
     pos = np.searchsorted(block[srt], b)
     found = (pos < len(block)) & (block[srt][np.minimum(pos, max(len(block) - 1, 0))] == b) if len(block) \
         else np.zeros(len(b), bool)
-    yield from _many("packs", "packed-nowhere", "y", "extent", ext[~found],
+    yield from per_object("packs", "packed-nowhere", "y", "extent", ext[~found],
                      lambda i: f"packed extent {i} lies in a block that is not a pack block")
     ext, c0, n = ext[found], c0[found], n[found]
     row = srt[pos[found]] if len(block) else pos[found]
@@ -170,10 +170,10 @@ def check_packs(v: View) -> Iterator[Finding]:
     earliest = np.full(len(slots) * PACK_CHUNKS, np.iinfo(np.int64).max)
     np.minimum.at(earliest, chunk, owner_ext)
     later = np.unique(owner_ext[earliest[chunk] != owner_ext])  # the later claim is the one dropped
-    yield from _many("packs", "chunk-twice", "y", "extent", later,
+    yield from per_object("packs", "chunk-twice", "y", "extent", later,
                      lambda i: f"packed extent {i} claims chunks another file has")
     want = claims.reshape(len(slots), PACK_CHUNKS) if len(slots) else np.zeros((0, PACK_CHUNKS), np.int64)
     wrong = slots[((want > 0) != (bits > 0)).any(axis=1) | (v.packs["used"][slots] != bits.sum(axis=1))
                   | (bits.sum(axis=1) == 0)] if len(slots) else slots
-    yield from _many("packs", "pack-bitmap", "p", "pack", wrong,
+    yield from per_object("packs", "pack-bitmap", "p", "pack", wrong,
                      lambda i: f"pack record {i}: chunk bitmap or count does not match its files")

@@ -151,15 +151,15 @@ def check(name: str):
     return register
 
 
-def _some(idx, limit: int = LIMIT) -> list[int]:
+def first_few(idx, limit: int = LIMIT) -> list[int]:
     return np.asarray(idx)[:limit].tolist()
 
 
-def _many(check_name: str, code: str, fix: str | None, what: str, idx: np.ndarray, message,
+def per_object(check_name: str, code: str, fix: str | None, what: str, idx: np.ndarray, message,
           severity: str = "error", key: str = "index") -> Iterator[Finding]:
     """One finding per object for the first LIMIT, then one summary carrying the rest."""
     idx = np.asarray(idx)
-    for i in _some(idx):
+    for i in first_few(idx):
         yield Finding(check_name, severity, f"{what} {i}", message(i), data={key: [int(i)]}, code=code, fix=fix)
     if len(idx) > LIMIT:
         rest = idx[LIMIT:]

@@ -19,7 +19,7 @@ from ..format import (
     S_IFMT_OF_KIND,
     max_file_size,
 )
-from .core import Finding, View, _many, check
+from .core import Finding, View, check, per_object
 
 
 @check("inodes")
@@ -36,18 +36,18 @@ def check_inodes(v: View) -> Iterator[Finding]:
     live = np.flatnonzero(v.live)
     kinds = v.kind[live]
     bad_kind = live[kinds > KIND_KOBJ]
-    yield from _many("inodes", "bad-kind", "y", "inode", bad_kind,
+    yield from per_object("inodes", "bad-kind", "y", "inode", bad_kind,
                      lambda i: f"inode {i} has unknown kind {int(v.kind[i])}", key="ino")
     ok = live[kinds <= KIND_KOBJ]
     fmt = np.array([S_IFMT_OF_KIND.get(k, 0) for k in range(KIND_KOBJ + 1)], np.uint32)
     wrong_mode = ok[(ino["mode"][ok] & 0o170000) != fmt[v.kind[ok]]]
-    yield from _many("inodes", "bad-mode", "y", "inode", wrong_mode,
+    yield from per_object("inodes", "bad-mode", "y", "inode", wrong_mode,
                      lambda i: f"inode {i} mode {int(ino['mode'][i]):o} does not match its kind", key="ino")
     bad_flags = live[(v.flags[live] & np.uint16(0xFFFF & ~FLAGS_KNOWN)) != 0]
-    yield from _many("inodes", "bad-flags", "p", "inode", bad_flags,
+    yield from per_object("inodes", "bad-flags", "p", "inode", bad_flags,
                      lambda i: f"inode {i} has unknown flags 0x{int(v.flags[i]):x}", key="ino")
     bad_attr = live[(ino["attr"][live] & np.uint8(0xFF & ~ATTR_KNOWN)) != 0]
-    yield from _many("inodes", "bad-attr", "p", "inode", bad_attr,
+    yield from per_object("inodes", "bad-attr", "p", "inode", bad_attr,
                      lambda i: f"inode {i} has unknown chattr flags 0x{int(ino['attr'][i]):x}", key="ino")
 
 
@@ -57,11 +57,11 @@ def check_sizes(v: View) -> Iterator[Finding]:
     size = v.inodes["size"]
     sizeless = v.live & (v.kind <= KIND_KOBJ) & ~v.has_data & (v.kind != KIND_SYMLINK)
     bad = np.flatnonzero(sizeless & (size != 0))
-    yield from _many("sizes", "size-nonzero", "p", "inode", bad,
+    yield from per_object("sizes", "size-nonzero", "p", "inode", bad,
                      lambda i: f"inode {i} ({int(v.kind[i])}) has size {int(size[i])}, expected 0", key="ino")
     bs = v.sb.geometry.block_size
     limit = max_file_size(bs)
-    yield from _many("sizes", "size-too-big", "y", "inode",
+    yield from per_object("sizes", "size-too-big", "y", "inode",
                      np.flatnonzero(v.has_data & (size > np.uint64(limit))),
                      lambda i: f"inode {i} has size {int(size[i])}, past the largest file size {limit}", key="ino")
     ok = v.e_blk
@@ -71,9 +71,9 @@ def check_sizes(v: View) -> Iterator[Finding]:
     need = size // np.uint64(bs) + (size % np.uint64(bs) != 0)
     past = v.has_data & (last.astype(np.uint64) > need)
     truncating = (v.flags & FLAG_TRUNCATING) != 0
-    yield from _many("sizes", "past-eof", "p", "inode", np.flatnonzero(past & ~truncating),
+    yield from per_object("sizes", "past-eof", "p", "inode", np.flatnonzero(past & ~truncating),
                      lambda i: f"inode {i} has blocks past its size {int(size[i])}", key="ino")
-    yield from _many("sizes", "truncating", "p", "inode", np.flatnonzero(v.live & truncating & ~v.orphan),
+    yield from per_object("sizes", "truncating", "p", "inode", np.flatnonzero(v.live & truncating & ~v.orphan),
                      lambda i: f"inode {i}: an interrupted truncate left blocks to free", severity="warning",
                      key="ino")
 
@@ -86,7 +86,7 @@ def check_kernel_objects(v: View) -> Iterator[Finding]:
     ino = v.inodes
     bad = ko[((v.flags[ko] & FLAG_PINNED) == 0) | (ino["ktype"][ko] == 0) | (ino["kstate"][ko] > 5)
              | (ino["uid"][ko] != 0)]
-    yield from _many("kernel-objects", "kobj-fields", None, "inode", bad,
+    yield from per_object("kernel-objects", "kobj-fields", None, "inode", bad,
                      lambda i: f"kernel object {i} is not pinned, has no type tag, an unknown state "
                                "or an owner other than root", key="ino")
     ok = v.e_blk
@@ -94,14 +94,14 @@ def check_kernel_objects(v: View) -> Iterator[Finding]:
     blocks = np.bincount(v.e_owner[ok], weights=v.e_count[ok], minlength=v.n).astype(np.int64)
     bs = v.sb.geometry.block_size
     short = ko[(runs[ko] != 1) | (blocks[ko] * bs < ino["size"][ko].astype(np.int64))]
-    yield from _many("kernel-objects", "kobj-contiguity", None, "inode", short,
+    yield from per_object("kernel-objects", "kobj-contiguity", None, "inode", short,
                      lambda i: f"kernel object {i} is not one contiguous run holding its payload", key="ino")
     named = v.d_linked & (v.kind[np.where(v.d_linked, v.d_ino, 0)] == KIND_KOBJ)
     parents = v.d_parent[named]
     wrong_home = v.d_ino[named][(v.flags[parents] & FLAG_PINNED) == 0]
-    yield from _many("kernel-objects", "kobj-namespace", None, "inode", np.unique(wrong_home),
+    yield from per_object("kernel-objects", "kobj-namespace", None, "inode", np.unique(wrong_home),
                      lambda i: f"kernel object {i} is named outside /.kernel", key="ino")
     spaces = np.flatnonzero(v.is_dir & ((v.flags & FLAG_PINNED) != 0))
     loose = spaces[(ino["uid"][spaces] != 0) | ((ino["mode"][spaces] & 0o7777) != 0o700)]
-    yield from _many("kernel-objects", "kobj-namespace", None, "inode", loose,
+    yield from per_object("kernel-objects", "kobj-namespace", None, "inode", loose,
                      lambda i: f"the kernel namespace {i} is not root's with mode 0700", key="ino")

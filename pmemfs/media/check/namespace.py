@@ -8,19 +8,19 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..format import NAME_MAX, ROOT_INO
-from .core import COOKIE_END, Finding, View, _many, check
+from .core import COOKIE_END, Finding, View, check, per_object
 
 
 @check("dirents")
 def check_dirents(v: View) -> Iterator[Finding]:
     """Entries join a live directory to a live inode, with the right kind and a sane cookie."""
     d = v.dirents
-    yield from _many("dirents", "bad-dirent", "p", "dirent", v.dir_used[~v.d_linked],
+    yield from per_object("dirents", "bad-dirent", "p", "dirent", v.dir_used[~v.d_linked],
                      lambda i: f"directory entry {i} ({_name(v, i)!r}) is in a missing directory "
                                "or names a missing inode")
     used, parent, ino = v.dir_used[v.d_linked], v.d_parent[v.d_linked], v.d_ino[v.d_linked]
     wrong_kind = used[d["kind"][used] != v.kind[ino]]
-    yield from _many("dirents", "dirent-kind", "p", "dirent", wrong_kind,
+    yield from per_object("dirents", "dirent-kind", "p", "dirent", wrong_kind,
                      lambda i: f"directory entry {i} ({_name(v, i)!r}) records the wrong file kind")
     cookie = d["cookie"][used].astype(np.uint64)
     bad = (cookie < 3) | (cookie >= v.inodes["next_cookie"][parent]) | (cookie >= COOKIE_END)
@@ -29,10 +29,10 @@ def check_dirents(v: View) -> Iterator[Finding]:
     if len(used) > 1:
         same = (parent[order][1:] == parent[order][:-1]) & (cookie[order][1:] == cookie[order][:-1])
         dup[order[1:][same]] = True
-    yield from _many("dirents", "cookie", "p", "dirent", used[bad | dup],
+    yield from per_object("dirents", "cookie", "p", "dirent", used[bad | dup],
                      lambda i: f"directory entry {i} has a readdir cookie that is reused or from the future")
     past = np.flatnonzero(v.is_dir & (v.inodes["next_cookie"] >= COOKIE_END))
-    yield from _many("dirents", "next-cookie", "p", "inode", past,
+    yield from per_object("dirents", "next-cookie", "p", "inode", past,
                      lambda i: f"directory inode {i} would hand out readdir cookies past 2^63 "
                                "(readdir offsets are off_t)")
 
@@ -70,7 +70,7 @@ def check_names(v: View) -> Iterator[Finding]:
     """Names are 1..255 bytes without '/' or NUL, not '.' or '..', unique in their directory."""
     used = v.dir_used
     bad = name_problems(v, used)
-    yield from _many("names", "bad-name", "y", "dirent", used[bad],
+    yield from per_object("names", "bad-name", "y", "dirent", used[bad],
                      lambda i: f"directory entry {i} has an invalid name {_name(v, i)!r}")
     ok = v.d_linked & ~bad
     used, parent = used[ok], v.d_parent[ok]
@@ -82,7 +82,7 @@ def check_names(v: View) -> Iterator[Finding]:
     cand = np.flatnonzero((sp[1:] == sp[:-1]) & (sh[1:] == sh[:-1])) + 1
     names = v.dirents["name"]
     dups = [int(su[k]) for k in cand.tolist() if names[su[k]] == names[su[k - 1]]]
-    yield from _many("names", "dup-name", "y", "dirent", np.array(dups, np.int64),
+    yield from per_object("names", "dup-name", "y", "dirent", np.array(dups, np.int64),
                      lambda i: f"name {_name(v, i)!r} appears twice in directory {int(v.dirents['parent'][i])}")
 
 
@@ -99,11 +99,11 @@ def check_links(v: View) -> Iterator[Finding]:
     """Link count == names (directories: 2 + subdirectories); orphans have no names."""
     names = v.names_per_inode()
     named_orphan = np.flatnonzero(v.orphan & (names > 0))
-    yield from _many("links", "named-orphan", "p", "inode", named_orphan,
+    yield from per_object("links", "named-orphan", "p", "inode", named_orphan,
                      lambda i: f"inode {i} is marked orphan but still has a name", key="ino")
     expect = expected_nlink(v)
     wrong = np.flatnonzero(v.live & (v.inodes["nlink"].astype(np.int64) != expect))
-    yield from _many("links", "nlink", "p", "inode", wrong,
+    yield from per_object("links", "nlink", "p", "inode", wrong,
                      lambda i: f"inode {i} has link count {int(v.inodes['nlink'][i])}, expected {int(expect[i])}",
                      key="ino")
 
@@ -150,7 +150,7 @@ def check_tree(v: View) -> Iterator[Finding]:
     if v.n <= ROOT_INO or not v.is_dir[ROOT_INO]:
         return
     names = v.names_per_inode()
-    yield from _many("tree", "dir-names", "y", "inode", np.flatnonzero(v.is_dir & (names > 1)),
+    yield from per_object("tree", "dir-names", "y", "inode", np.flatnonzero(v.is_dir & (names > 1)),
                      lambda i: f"directory {i} has {int(names[i])} names", key="ino")
     if names[ROOT_INO]:
         yield Finding("tree", "error", f"inode {ROOT_INO}", "the root directory has a name",
@@ -161,11 +161,11 @@ def check_tree(v: View) -> Iterator[Finding]:
     reached, up0, cyclic = reachability(v)
     pfield = v.inodes["parent"].astype(np.int64)
     wrong = np.flatnonzero(v.is_dir & (up0 >= 0) & (pfield != up0))
-    yield from _many("tree", "dotdot", "p", "inode", wrong,
+    yield from per_object("tree", "dotdot", "p", "inode", wrong,
                      lambda i: f"directory {i} has '..' {int(pfield[i])} but its entry is in {int(up0[i])}",
                      key="ino")
     unreachable = np.flatnonzero(v.live & ~reached & ~v.orphan)
-    yield from _many("tree", "unreachable", "p", "inode", unreachable,
+    yield from per_object("tree", "unreachable", "p", "inode", unreachable,
                      lambda i: f"inode {i} is not reachable from the root"
                                + (" (a directory cycle)" if cyclic[i] else ""), key="ino")
 
@@ -179,7 +179,7 @@ def check_orphans(v: View) -> Iterator[Finding]:
     # Freeing a directory that still has entries would strand them: mount must not do it.
     parents = np.zeros(v.n, bool)
     parents[v.d_parent[v.d_linked]] = True
-    yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & ~parents),
+    yield from per_object("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & ~parents),
                      lambda i: f"orphan inode {i} is waiting to be freed", severity="warning", key="ino")
-    yield from _many("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & parents),
+    yield from per_object("orphans", "orphan", "p", "inode", np.flatnonzero(orphans & parents),
                      lambda i: f"orphan directory {i} still has entries", key="ino")

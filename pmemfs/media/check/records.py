@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..format import record_checksums
-from .core import KEY_FIELD, Finding, View, _many, check, table_arrays
+from .core import KEY_FIELD, Finding, View, check, per_object, table_arrays
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,13 +81,13 @@ def check_checksums(v: View) -> Iterator[Finding]:
         if not len(used):
             continue
         bad = used[record_checksums(table, used) != table["checksum"][used]]
-        for f in _many("checksums", "checksum", "y", f"{name}", bad,
+        for f in per_object("checksums", "checksum", "y", f"{name}", bad,
                        lambda i, name=name: f"{name} record {i} checksum mismatch"):
             f.data["table"] = name
             yield f
     for name, table in table_arrays(v).items():
         bad = damaged_free(name, table, len(table))
-        for f in _many("checksums", "free-damaged", "y", f"{name}", bad,
+        for f in per_object("checksums", "free-damaged", "y", f"{name}", bad,
                        lambda i, name=name: f"{name} record {i} is marked free but is not empty "
                                             f"(its {KEY_FIELD[name]} field may be damaged)"):
             f.data["table"] = name

@@ -18,7 +18,7 @@ from ...media.format import (
 from .repair import Repair
 
 
-class _Evidence:
+class Evidence:
     """What the rest of the metadata says about a record: for judging explanations of
     its damage and for cross-checking records that stay unexplained."""
 
@@ -94,7 +94,7 @@ class _Evidence:
             self._short = []
             for o in short.tolist():
                 mine = self.b_owner == o
-                for fb, gap in _gaps(self.b_fb[mine].tolist(), self.b_count[mine].tolist(), self.need(o))[:10]:
+                for fb, gap in gaps(self.b_fb[mine].tolist(), self.b_count[mine].tolist(), self.need(o))[:10]:
                     cnt = min(int(deficit[o]), gap)
                     if cnt <= self.g.block_count and fb + cnt <= max_file_blocks(self.bs):  # (damaged counts)
                         self._short.append((o, fb, cnt))
@@ -125,7 +125,7 @@ class _Evidence:
         return total
 
 
-def _bare(v: View, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def bare_small_files(v: View, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """(mask of small regular files with a size but no extent at all, chunks each needs)."""
     has_ext = np.zeros(v.n, bool)
     has_ext[v.e_owner[v.e_ok]] = True
@@ -134,7 +134,7 @@ def _bare(v: View, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     return bare, -(-size // chunk)
 
 
-def _chunk_runs(v: View, r: Repair) -> list[tuple[int, int, int]]:
+def chunk_runs(v: View, r: Repair) -> list[tuple[int, int, int]]:
     """(block, first chunk, count) of the runs of chunks a sound pack record marks and
     no packed extent claims."""
     ok = v.e_ok & v.e_packed
@@ -155,12 +155,12 @@ def _chunk_runs(v: View, r: Repair) -> list[tuple[int, int, int]]:
     return out
 
 
-def _orphan_chunks(ev: _Evidence) -> list[tuple[int, int, int, int]]:
+def _orphan_chunks(ev: Evidence) -> list[tuple[int, int, int, int]]:
     """(block, first chunk, count, candidate owner) for every pairing of unclaimed chunks
     with a small file that has no data (a packed extent lost them)."""
-    bare, need = _bare(ev.v, ev.chunk)
+    bare, need = bare_small_files(ev.v, ev.chunk)
     out: list[tuple[int, int, int, int]] = []
-    for blk, c0, n in _chunk_runs(ev.v, ev.r)[:100]:
+    for blk, c0, n in chunk_runs(ev.v, ev.r)[:100]:
         for o in np.flatnonzero(bare & (need <= n)).tolist()[:100]:
             for start in range(c0, c0 + n - int(need[o]) + 1):
                 out.append((blk, start, int(need[o]), o))
@@ -169,7 +169,7 @@ def _orphan_chunks(ev: _Evidence) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _gaps(fbs: list[int], counts: list[int], need: int) -> list[tuple[int, int]]:
+def gaps(fbs: list[int], counts: list[int], need: int) -> list[tuple[int, int]]:
     """The unmapped file-block ranges of [0, need), given a file's extents."""
     out, at = [], 0
     for fb, n in sorted(zip(fbs, counts, strict=True)):

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from ...media.check import Finding
 from ...media.format import BLOB_CONT, BLOB_XATTR, KIND_SYMLINK, NAME_MAX
-from .repair import Repair, _items
-from .report import _decode
+from .repair import Repair, finding_items
+from .report import decode_name
 
 
 def _blob_what(r: Repair, slot: int) -> str:
     b = r.t.blobs
     if int(b["kind"][slot]) == BLOB_XATTR:
         nl = min(int(b["name_len"][slot]), NAME_MAX)
-        return f"xattr {_decode(b['data'][slot].tobytes()[:nl])!r}"
+        return f"xattr {decode_name(b['data'][slot].tobytes()[:nl])!r}"
     return "symlink target" if int(b["kind"][slot]) == 2 else "xattr or symlink record"
 
 
@@ -23,7 +23,7 @@ def _blob_owner_live(r: Repair, slot: int) -> int:
 
 
 def fix_free_blobs(r: Repair, fs: list[Finding]) -> None:
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         if not r.t.blobs["owner"][slot]:
             continue
         o = _blob_owner_live(r, slot)

@@ -8,7 +8,7 @@ import numpy as np
 from ...media import check
 from ...media.check import Finding, View
 from ...media.format import EXTENT_PACKED, KIND_KOBJ
-from .repair import Repair, _items
+from .repair import Repair, finding_items
 
 DROP_WHY = {"bad-extent": "it has a bad owner kind, length or place", "file-overlap":
             "it overlaps another extent of the file", "bad-owned": "it holds a bad block",
@@ -17,7 +17,7 @@ DROP_WHY = {"bad-extent": "it has a bad owner kind, length or place", "file-over
             "chunk-twice": "another file owns its chunks"}
 
 
-def _drop_extent(r: Repair, slot: int, why: str) -> None:
+def drop_extent(r: Repair, slot: int, why: str) -> None:
     e = r.t.extents
     o = int(e["owner"][slot])
     if not o:
@@ -32,11 +32,11 @@ def _drop_extent(r: Repair, slot: int, why: str) -> None:
 
 def fix_drop_extents(r: Repair, fs: list[Finding]) -> None:
     why = {i: DROP_WHY.get(f.code, f.code) for f in fs for i in f.data.get("index", [])}
-    for slot in _items(fs, "index"):
-        _drop_extent(r, slot, why[slot])
+    for slot in finding_items(fs, "index"):
+        drop_extent(r, slot, why[slot])
 
 
-def _free_block_mask(r: Repair, v: View) -> np.ndarray:
+def free_block_mask(r: Repair, v: View) -> np.ndarray:
     """Blocks a clone may take: unowned, marked free, not bad, in the data area."""
     g = r.sb.geometry
     owners = check.block_owners(v)
@@ -47,7 +47,7 @@ def _free_block_mask(r: Repair, v: View) -> np.ndarray:
     return free
 
 
-def _take_runs(free: np.ndarray, n: int) -> list[tuple[int, int]] | None:
+def take_runs(free: np.ndarray, n: int) -> list[tuple[int, int]] | None:
     """n free blocks as (start, length) runs, fewest runs first; marks them taken."""
     blocks = np.flatnonzero(free)
     if len(blocks) < n:
@@ -65,7 +65,7 @@ def _take_runs(free: np.ndarray, n: int) -> list[tuple[int, int]] | None:
     return out
 
 
-def _copy(r: Repair, dst: int, src: int, length: int) -> None:
+def copy_data(r: Repair, dst: int, src: int, length: int) -> None:
     """Copy data bytes (not journaled: the destination is free until the extent that
     points at it commits, so a crash leaves only garbage in free blocks)."""
     u8 = np.frombuffer(r.buf, np.uint8)
@@ -76,13 +76,13 @@ def _clone_extent(r: Repair, slot: int, free: np.ndarray) -> bool:
     e = r.t.extents
     n, fb, s = int(e["count"][slot]), int(e["file_block"][slot]), int(e["start_block"][slot])
     owner = int(e["owner"][slot])
-    runs = _take_runs(free, n)
+    runs = take_runs(free, n)
     if runs is None:
         return False
     bs = r.sb.geometry.block_size
     k = 0
     for i, (start, length) in enumerate(runs):
-        _copy(r, start * bs, (s + k) * bs, length * bs)
+        copy_data(r, start * bs, (s + k) * bs, length * bs)
         if i == 0:
             r.set("extent", slot, start_block=start, count=length)
         else:
@@ -97,7 +97,7 @@ def _uid(r: Repair, ino: int) -> int:
     return int(r.t.inodes["uid"][ino])
 
 
-def _settle_shared(r: Repair, later: int, partners: set[int], cloned: bool, unit: str,
+def settle_shared(r: Repair, later: int, partners: set[int], cloned: bool, unit: str,
                    vouched: bool = False) -> None:
     """Name both sides of a doubly claimed block or chunk; quarantine them when the
     copy went to a file of another owner, or when no copy could be made. vouched: the
@@ -131,7 +131,7 @@ def fix_overlap(r: Repair, fs: list[Finding]) -> None:
     keeps its blocks and the extent over it is copied. docs/FSCK.md has the rules."""
     v = r.view()
     fs = [f for f in check.run_check("extent-overlap", v) if f.code == "overlap"]  # ("double" says only blocks)
-    free = _free_block_mask(r, v)
+    free = free_block_mask(r, v)
     ok = v.e_blk
     slots, starts, counts, owners = v.ext_used[ok], v.e_start[ok], v.e_count[ok], v.e_owner[ok]
     pb = v.packs["block"][v.pack_used].astype(np.int64)
@@ -163,7 +163,7 @@ def fix_overlap(r: Repair, fs: list[Finding]) -> None:
                 cloned = _clone_extent(r, slot, free)
                 if not cloned:
                     r.zero("extent", slot)
-                _settle_shared(r, later, partners, cloned, "block", vouched)
+                settle_shared(r, later, partners, cloned, "block", vouched)
 
 
 def fix_bitmap(r: Repair, fs: list[Finding]) -> None:

@@ -20,7 +20,7 @@ from ...media.format import (
     S_IFMT_OF_KIND,
     max_file_size,
 )
-from .repair import Repair, _items
+from .repair import Repair, finding_items
 
 
 def fix_root(r: Repair, fs: list[Finding]) -> None:
@@ -46,14 +46,14 @@ CLEAR_WHY = {"bad-kind": "it has an unknown kind", "no-target": "a symlink witho
 
 def fix_clear_inode(r: Repair, fs: list[Finding]) -> None:
     why = {ino: CLEAR_WHY.get(f.code, f.code) for f in fs for ino in f.data.get("ino", [])}
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         if ino != ROOT_INO and r.t.inodes["kind"][ino]:
             r.note(ino, "removed", f"removed: {why[ino]}")
             r.free_inode(ino)
 
 
 def fix_mode(r: Repair, fs: list[Finding]) -> None:
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         kind = int(r.t.inodes["kind"][ino])
         mode = int(r.t.inodes["mode"][ino])
         new = S_IFMT_OF_KIND[kind] | (mode & 0o7777)
@@ -62,17 +62,17 @@ def fix_mode(r: Repair, fs: list[Finding]) -> None:
 
 
 def fix_flags(r: Repair, fs: list[Finding]) -> None:
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         r.set("inode", ino, flags=int(r.t.inodes["flags"][ino]) & FLAGS_KNOWN)
 
 
 def fix_attr(r: Repair, fs: list[Finding]) -> None:
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         r.set("inode", ino, attr=int(r.t.inodes["attr"][ino]) & ATTR_KNOWN)
 
 
 def fix_named_orphan(r: Repair, fs: list[Finding]) -> None:
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         r.set("inode", ino, flags=int(r.t.inodes["flags"][ino]) & ~FLAG_ORPHAN)
 
 
@@ -80,7 +80,7 @@ def fix_trim(r: Repair, fs: list[Finding]) -> None:
     """Free the blocks past what each file's size needs (finishes an interrupted truncate)."""
     v = r.view()
     bs = r.sb.geometry.block_size
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         size = int(r.t.inodes["size"][ino])
         keep = -(-size // bs)
         freed = 0
@@ -100,7 +100,7 @@ def fix_trim(r: Repair, fs: list[Finding]) -> None:
 def fix_nblocks(r: Repair, fs: list[Finding]) -> None:
     v = r.view()
     sums = np.bincount(v.e_owner[v.e_blk], weights=v.e_count[v.e_blk], minlength=v.n).astype(np.int64)
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         if not v.live[ino]:
             continue
         have = int(r.t.inodes["nblocks"][ino])
@@ -111,7 +111,7 @@ def fix_nblocks(r: Repair, fs: list[Finding]) -> None:
 
 
 def fix_size_zero(r: Repair, fs: list[Finding]) -> None:
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         r.set("inode", ino, size=0)
 
 
@@ -119,7 +119,7 @@ def fix_size_limit(r: Repair, fs: list[Finding]) -> None:
     """A size past the largest file size becomes that size (bytes past it cannot be
     addressed by any file offset; extents past it are dropped by their own check)."""
     limit = max_file_size(r.sb.geometry.block_size)
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         r.note(ino, "size", f"its size {int(r.t.inodes['size'][ino])} was past the largest file size: "
                             f"set to {limit}")
         r.set("inode", ino, size=limit)
@@ -130,7 +130,7 @@ def fix_symlink_size(r: Repair, fs: list[Finding]) -> None:
     b = r.t.blobs
     heads = v.blob_used[b["kind"][v.blob_used] == 2]
     length = dict(zip(b["owner"][heads].tolist(), b["value_len"][heads].tolist(), strict=True))
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         if ino in length:
             r.set("inode", ino, size=int(length[ino]))
 

@@ -8,7 +8,7 @@ import numpy as np
 from ...media import check
 from ...media.check import Finding, View
 from ...media.format import EXTENT_PACKED, PACK_CHUNKS
-from .evidence import _bare, _chunk_runs, _gaps
+from .evidence import bare_small_files, chunk_runs, gaps
 from .repair import Repair
 
 
@@ -50,7 +50,7 @@ def _rebuild_dropped(r: Repair, v: View, leaked: np.ndarray, taken: np.ndarray, 
             continue
         d = int(ino["nblocks"][o]) - int(sums[o])
         mine = (v.e_owner == o) & v.e_blk
-        holes = _gaps(v.e_fb[mine].tolist(), v.e_count[mine].tolist(), -(-int(ino["size"][o]) // bs))
+        holes = gaps(v.e_fb[mine].tolist(), v.e_count[mine].tolist(), -(-int(ino["size"][o]) // bs))
         if n == d and (fb, n) in holes and leaked[s:s + n].all() and not taken[s:s + n].any():
             taken[s:s + n] = True
             slot = r.alloc("extent")
@@ -91,7 +91,7 @@ def _rebuild_from_leaks(r: Repair, v: View, runs: dict[tuple[int, int], None], t
         d = int(ino["nblocks"][o]) - int(sums[o])
         mine = (v.e_owner == o) & v.e_blk
         need = -(-int(ino["size"][o]) // bs)
-        fits = [a for a, n in _gaps(v.e_fb[mine].tolist(), v.e_count[mine].tolist(), need) if n == d]
+        fits = [a for a, n in gaps(v.e_fb[mine].tolist(), v.e_count[mine].tolist(), need) if n == d]
         if len(fits) == 1:
             wants.append((o, fits[0], d))
     for o, fb, d in wants:
@@ -112,8 +112,8 @@ def _rebuild_packed(r: Repair) -> None:
     file with no data whose size needs exactly that many."""
     chunk = r.sb.geometry.block_size // PACK_CHUNKS
     v = r.view()
-    bare, need = _bare(v, chunk)
-    runs_c = _chunk_runs(v, r)
+    bare, need = bare_small_files(v, chunk)
+    runs_c = chunk_runs(v, r)
     for blk, c0, n in runs_c:
         cands = np.flatnonzero(bare & (need == n)).tolist()
         same = [x for x in runs_c if x[2] == n]

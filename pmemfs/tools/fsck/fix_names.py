@@ -8,12 +8,12 @@ import numpy as np
 from ...media import check
 from ...media.check import COOKIE_END, Finding
 from ...media.format import KIND_KOBJ, NAME_MAX, ROOT_INO
-from .repair import Repair, _items, _namespace_ino
-from .report import _decode, display
+from .repair import Repair, finding_items, namespace_ino
+from .report import decode_name, display
 
 
 def fix_drop_dirents(r: Repair, fs: list[Finding]) -> None:
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         d = r.t.dirents
         if not d["parent"][slot]:
             continue
@@ -29,12 +29,12 @@ def fix_drop_dirents(r: Repair, fs: list[Finding]) -> None:
 
 
 def fix_dirent_kind(r: Repair, fs: list[Finding]) -> None:
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         r.set("dirent", slot, kind=int(r.t.inodes["kind"][int(r.t.dirents["ino"][slot])]))
 
 
 def fix_cookies(r: Repair, fs: list[Finding]) -> None:
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         parent = int(r.t.dirents["parent"][slot])
         if not parent:
             continue
@@ -49,7 +49,7 @@ def fix_cookies(r: Repair, fs: list[Finding]) -> None:
 
 
 def fix_next_cookie(r: Repair, fs: list[Finding]) -> None:
-    for ino in _items(fs, "index"):
+    for ino in finding_items(fs, "index"):
         _renumber_cookies(r, ino)
 
 
@@ -71,7 +71,7 @@ def _sanitize(raw: bytes, nlen: int) -> bytes:
 
 
 def fix_rename(r: Repair, fs: list[Finding]) -> None:
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         d = r.t.dirents
         parent, ino = int(d["parent"][slot]), int(d["ino"][slot])
         if not parent:
@@ -89,13 +89,13 @@ def fix_rename(r: Repair, fs: list[Finding]) -> None:
                 k += 1
         old = r.slot_path(slot)
         r.set("dirent", slot, name=name, name_len=len(name))
-        r.note(ino, "renamed", f"its name {old} was invalid or taken twice: renamed {_decode(name)!r}")
+        r.note(ino, "renamed", f"its name {old} was invalid or taken twice: renamed {decode_name(name)!r}")
 
 
 def fix_dir_names(r: Repair, fs: list[Finding]) -> None:
     v = r.view()
     up = check.dir_name_parent(v)
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         slots = v.dir_used[v.d_linked & (v.d_ino == ino)]
         keep = [s for s in slots.tolist() if int(r.t.dirents["parent"][s]) == up[ino]][:1] or slots[:1].tolist()
         for s in slots.tolist():
@@ -114,7 +114,7 @@ def fix_root_named(r: Repair, fs: list[Finding]) -> None:
 
 def fix_dotdot(r: Repair, fs: list[Finding]) -> None:
     up = check.dir_name_parent(r.view())
-    for ino in _items(fs, "ino"):
+    for ino in finding_items(fs, "ino"):
         r.set("inode", ino, parent=ROOT_INO if ino == ROOT_INO else int(up[ino]))
 
 
@@ -144,7 +144,7 @@ def fix_reconnect(r: Repair, fs: list[Finding]) -> None:
         done.update(path)
         done.add(x)
     tops.extend(np.flatnonzero(unreachable & ~v.is_dir & (names == 0)).tolist())
-    space = _namespace_ino(r)
+    space = namespace_ino(r)
     if space:  # kernel objects are named in /.kernel and nowhere else: they go back there
         for ino in [i for i in tops if v.kind[i] == KIND_KOBJ]:
             tops.remove(ino)
@@ -153,7 +153,7 @@ def fix_reconnect(r: Repair, fs: list[Finding]) -> None:
             while name in taken:
                 name, k = b"#%d.%d" % (ino, k), k + 1
             r.add_dirent(space, name, ino)
-            r.note(ino, "moved", f"it was not reachable from the root: now /.kernel/{_decode(name)}")
+            r.note(ino, "moved", f"it was not reachable from the root: now /.kernel/{decode_name(name)}")
     if not tops:
         return
     lf = r.lost_and_found()
@@ -174,4 +174,4 @@ def fix_reconnect(r: Repair, fs: list[Finding]) -> None:
         if v.is_dir[ino]:
             r.set("inode", ino, parent=lf)
         below = " (with everything under it)" if v.is_dir[ino] else ""
-        r.note(ino, "moved", f"it was not reachable from the root: now /lost+found/{_decode(name)}{below}")
+        r.note(ino, "moved", f"it was not reachable from the root: now /lost+found/{decode_name(name)}{below}")

@@ -8,15 +8,15 @@ import numpy as np
 from ...media import check
 from ...media.check import Finding, View
 from ...media.format import EXTENT_PACKED, PACK_CHUNKS
-from .evidence import _bare, _chunk_runs
-from .fix_blocks import DROP_WHY, _copy, _drop_extent, _free_block_mask, _settle_shared, _take_runs
-from .repair import Repair, _items
+from .evidence import bare_small_files, chunk_runs
+from .fix_blocks import DROP_WHY, copy_data, drop_extent, free_block_mask, settle_shared, take_runs
+from .repair import Repair, finding_items
 
 
 def fix_drop_packs(r: Repair, fs: list[Finding]) -> None:
     """Pack records that point nowhere or repeat a block: drop them (their files' packed
     extents are then rebuilt a pack record, or dropped, as lying nowhere)."""
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         if r.t.packs["block"][slot]:
             r.zero("pack", slot)
 
@@ -30,7 +30,7 @@ def fix_packed_nowhere(r: Repair, fs: list[Finding]) -> None:
     bad = np.unpackbits(r.t.badmap, bitorder="little")[: g.block_count].astype(bool)
     e = r.t.extents
     by_block: dict[int, list[int]] = {}
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         if e["owner"][slot]:
             by_block.setdefault(int(e["start_block"][slot]), []).append(slot)
     for blk, slots in sorted(by_block.items()):
@@ -41,7 +41,7 @@ def fix_packed_nowhere(r: Repair, fs: list[Finding]) -> None:
             owners[blk] = 1
         else:
             for slot in slots:
-                _drop_extent(r, slot, DROP_WHY["packed-nowhere"])
+                drop_extent(r, slot, DROP_WHY["packed-nowhere"])
 
 
 def _chunk_room(v: View, n: int, avoid: int) -> tuple[int, int] | None:
@@ -71,7 +71,7 @@ def fix_chunk_twice(r: Repair, fs: list[Finding]) -> None:
     g = r.sb.geometry
     chunk = g.block_size // PACK_CHUNKS
     e = r.t.extents
-    for slot in _items(fs, "index"):
+    for slot in finding_items(fs, "index"):
         if not e["owner"][slot]:
             continue
         v = r.view()
@@ -82,7 +82,7 @@ def fix_chunk_twice(r: Repair, fs: list[Finding]) -> None:
         partners = {int(o) for o in v.e_owner[sel].tolist()} - {later}
         room = _chunk_room(v, n, slot)
         if room is None:
-            runs = _take_runs(_free_block_mask(r, v), 1)
+            runs = take_runs(free_block_mask(r, v), 1)
             if runs:
                 p = r.alloc("pack")
                 r.save("pack", p)
@@ -90,11 +90,11 @@ def fix_chunk_twice(r: Repair, fs: list[Finding]) -> None:
                 room = (runs[0][0], 0)
         if room is not None:
             nb, nc = room
-            _copy(r, nb * g.block_size + nc * chunk, blk * g.block_size + c0 * chunk, n * chunk)
+            copy_data(r, nb * g.block_size + nc * chunk, blk * g.block_size + c0 * chunk, n * chunk)
             r.set("extent", slot, start_block=nb, flags=EXTENT_PACKED | (nc << 16))
         else:
             r.zero("extent", slot)
-        _settle_shared(r, later, partners, room is not None, "chunk")
+        settle_shared(r, later, partners, room is not None, "chunk")
 
 
 def fix_pack_bitmaps(r: Repair, fs: list[Finding]) -> None:
@@ -102,8 +102,8 @@ def fix_pack_bitmaps(r: Repair, fs: list[Finding]) -> None:
     block left with no chunks is given up (fix_bitmap then frees its block)."""
     v = r.view()
     chunk = r.sb.geometry.block_size // PACK_CHUNKS
-    bare, need = _bare(v, chunk)
-    for _, _, n in _chunk_runs(v, r):
+    bare, need = bare_small_files(v, chunk)
+    for _, _, n in chunk_runs(v, r):
         # Chunks no file claims: a packed extent was lost, and the file it belonged to
         # is one of those with a size but no data. Each of them is named.
         for o in np.flatnonzero(bare & (need <= n)).tolist():

@@ -98,7 +98,7 @@ FIXERS: list[tuple[str, Callable[[Repair, list[Finding]], None]]] = [
 ONCE_PER_PASS = (fix_checksums, fix_overlap, fix_lost_extents, fix_bitmap, fix_nlink)  # they look at everything themselves
 
 
-def _allowed(f: Finding, mode: str) -> bool:
+def fix_allowed(f: Finding, mode: str) -> bool:
     return f.fix is not None and (f.fix == "p" or mode == "y") and mode in ("p", "y")
 
 
@@ -113,11 +113,11 @@ def run_pass(r: Repair, flat: list[Finding], todo: set[str], seen: dict[tuple, F
             continue
         if not (fixer in ran and fixer in ONCE_PER_PASS):
             name = next(f.check for f in flat if f.code == code)
-            fresh = [f for f in check.run_check(name, r.view()) if f.code == code and _allowed(f, mode)]
+            fresh = [f for f in check.run_check(name, r.view()) if f.code == code and fix_allowed(f, mode)]
             if fresh:  # (a fixer that found nothing to do for one code may still be needed by the next)
                 ran.add(fixer)
                 fixer(r, fresh)
         for f in flat:
-            if f.code == code and _allowed(f, mode):
+            if f.code == code and fix_allowed(f, mode):
                 seen.setdefault(f.key, f).repaired = True
                 f.repaired = True

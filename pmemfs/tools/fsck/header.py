@@ -20,14 +20,14 @@ from ...media.format import (
     Tables,
 )
 from ...media.journal import HEADER_SIZE, Journal, format_journal
-from .image import _Image, find_backup
+from .image import Image, find_backup
 from .repair import Repair
 from .report import Report
 
 Undone = list[tuple[int, bytes, bytes]]  # (offset, bytes before, after) of a rollback
 
 
-def read_journal(img: _Image) -> tuple[list[Finding], list[tuple[int, int, bytes]], bool, bool]:
+def read_journal(img: Image) -> tuple[list[Finding], list[tuple[int, int, bytes]], bool, bool]:
     """The journal sits at a fixed offset, readable before the superblock is believed:
     (its findings, its pending undo records, whether it is sound, whether a transaction
     was interrupted)."""
@@ -55,7 +55,7 @@ def read_superblocks(buf: memoryview, size: int, backup: tuple[Superblock | None
     return sb, found, backup
 
 
-def roll_back(img: _Image, report: Report, pending: list[tuple[int, int, bytes]],
+def roll_back(img: Image, report: Report, pending: list[tuple[int, int, bytes]],
               jfind: list[Finding]) -> Undone:
     """Undo the interrupted transaction as mount does (Journal.recover); for -n in the
     private copy, so the region is not touched. Returns what the rollback changed."""

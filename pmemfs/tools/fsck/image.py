@@ -25,7 +25,7 @@ from ...media.region import Region, RegionError, lock_holder, probe
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux x86_64/aarch64; Python 3.11 lacks it
 
 
-class _Image:
+class Image:
     """The region mapped for fsck: private copy-on-write for -n, shared and locked to repair."""
 
     def __init__(self, path: str, writable: bool):

@@ -16,8 +16,8 @@ from ...media.format import (
     Tables,
 )
 from . import header
-from .fixers import _allowed, run_pass
-from .image import _Image, save_metadata
+from .fixers import fix_allowed, run_pass
+from .image import Image, save_metadata
 from .repair import Repair
 from .report import Report
 
@@ -36,7 +36,7 @@ def fsck(path: str, mode: str = "n", backup: str | None = None,
         raise ValueError(f"mode {mode!r} is not one of n, p, y")
     started = time.monotonic()
     report = Report(path, mode)
-    img = _Image(path, writable=mode != "n")
+    img = Image(path, writable=mode != "n")
     try:
         if mode == "n":
             report.holder = img.holder()
@@ -57,7 +57,7 @@ def _note(report: Report, name: str, found: list[Finding], on_check, progress) -
         progress(1)
 
 
-def _run(img: _Image, report: Report, backup: str | None, progress, on_check) -> None:
+def _run(img: Image, report: Report, backup: str | None, progress, on_check) -> None:
     note = functools.partial(_note, report, on_check=on_check, progress=progress)
     buf, size, mode = img.buf, img.size, report.mode
     repair = mode != "n"
@@ -116,7 +116,7 @@ def _tables(buf: memoryview, sb: Superblock, hwm: dict[str, int], undone: header
     for ino in _rolled_back(buf, sb, undone):
         r.note(ino, "rolled-back", "an interrupted transaction was rolled back (as mount does): "
                                    "a change it was making to this file was undone")
-    if r.notes or any(_allowed(f, mode) for fs in first.values() for f in fs):
+    if r.notes or any(fix_allowed(f, mode) for fs in first.values() for f in fs):
         r.snapshot()
     seen, final = _passes(r, t, sb, first, report)
     by_check = _merged(seen, final)
@@ -142,7 +142,7 @@ def _passes(r: Repair, t: Tables, sb: Superblock, first: dict[str, list[Finding]
     stop = mode == "p" and any(f.fix == "y" for fs in first.values() for f in fs)
     for _ in range(0 if stop else MAX_PASSES):
         flat = [f for fs in current.values() for f in fs]
-        todo = {f.code for f in flat if _allowed(f, mode)}
+        todo = {f.code for f in flat if fix_allowed(f, mode)}
         if not todo:
             break
         report.passes += 1

@@ -24,7 +24,7 @@ from ...media.format import (
     Tables,
 )
 from ...media.journal import JOURNAL_RECORD_HEADER, Journal, JournalFull
-from .report import FileChange, FsckError, _decode, display
+from .report import FileChange, FsckError, decode_name, display
 
 
 class Paths:
@@ -68,7 +68,7 @@ class Paths:
             chain.append((x, ents[0]))
             x = int(self.parent[ents[0]])
         for x, k in reversed(chain):
-            result = None if result is None else f"{result}/{_decode(self.names[k])}"
+            result = None if result is None else f"{result}/{decode_name(self.names[k])}"
             self.memo[x] = result
         return result
 
@@ -80,7 +80,7 @@ class Paths:
         for k in self._entries(ino):
             p = self._dir(int(self.parent[k]))
             if p is not None:
-                out.add(f"{p}/{_decode(self.names[k])}")
+                out.add(f"{p}/{decode_name(self.names[k])}")
         return sorted(out)
 
     def of_slot(self, slot: int) -> str | None:
@@ -89,7 +89,7 @@ class Paths:
         if k >= len(self.slots) or self.slots[k] != slot:
             return None
         p = self._dir(int(self.parent[k]))
-        return None if p is None else f"{p}/{_decode(self.names[k])}"
+        return None if p is None else f"{p}/{decode_name(self.names[k])}"
 
 
 class Repair:
@@ -145,7 +145,7 @@ class Repair:
         if p is not None:
             return display(p)
         d = self.t.dirents
-        return f"{_decode(bytes(d['name'][slot])[:NAME_MAX])!r} in directory {int(d['parent'][slot])}"
+        return f"{decode_name(bytes(d['name'][slot])[:NAME_MAX])!r} in directory {int(d['parent'][slot])}"
 
     def changes(self) -> list[FileChange]:
         if not self.notes:
@@ -306,14 +306,14 @@ class Repair:
         self.note(ino, "quarantined", why)
 
 
-def _items(findings: list[Finding], key: str) -> list[int]:
+def finding_items(findings: list[Finding], key: str) -> list[int]:
     out: list[int] = []
     for f in findings:
         out.extend(f.data.get(key, []))
     return sorted(set(out))
 
 
-def _namespace_ino(r: Repair) -> int:
+def namespace_ino(r: Repair) -> int:
     """The /.kernel directory (root's pinned entry named .kernel), or 0."""
     v = r.view()
     slots = v.dir_used[v.d_linked & (v.d_parent == ROOT_INO)]

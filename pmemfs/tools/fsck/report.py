@@ -52,7 +52,7 @@ class Report:
                 "files": [c.as_dict() for c in self.files]}
 
 
-def _decode(name: bytes) -> str:
+def decode_name(name: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 

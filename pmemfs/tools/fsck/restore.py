@@ -32,7 +32,7 @@ from ...media.format import (
     S_IFMT_OF_KIND,
     SMALL_CHUNKS,
 )
-from .evidence import _Evidence
+from .evidence import Evidence
 from .repair import Repair
 
 # A record whose checksum fails is not trusted as it is. But CRC-32 is affine over GF(2):
@@ -114,13 +114,13 @@ def _byte_errors(length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return flat[keep], keep // 255, keep % 255 + 1
 
 
-def _plausible(ev: _Evidence, table: str, idx: int, f: str, c, raw: bytes) -> bool:
+def _plausible(ev: Evidence, table: str, idx: int, f: str, c, raw: bytes) -> bool:
     """Does the record c (field f solved for) agree with the rest of the metadata?"""
     judge = _PLAUSIBLE.get(table)
     return judge is not None and judge(ev, idx, f, c, raw)
 
 
-def _plausible_inode(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+def _plausible_inode(ev: Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     """An inode: kind and mode agree, flags are known, a count is what the tables count."""
     k, mode = int(c["kind"]), int(c["mode"])
     if f == "kind":
@@ -144,7 +144,7 @@ def _plausible_inode(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     return k != KIND_KOBJ and int(c[f]) == 0  # kernel-object fields
 
 
-def _plausible_extent(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+def _plausible_extent(ev: Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     """An extent: its file holds data; its blocks (or chunks) are marked and no one else's."""
     o, n, fb, s, fl = (int(c[x]) for x in ("owner", "count", "file_block", "start_block", "flags"))
     if not ev.data_inode(o) or fl & 0xFFFE:
@@ -161,7 +161,7 @@ def _plausible_extent(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
             and int(ev.sums[o]) - ev.own(o, idx) + n == int(ev.nblocks[o]))
 
 
-def _plausible_dirent(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+def _plausible_dirent(ev: Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     """A directory entry: a live directory names a live inode of the kind it records."""
     parent, ino, kind = int(c["parent"]), int(c["ino"]), int(c["kind"])
     if not (0 < parent < ev.n and ev.v.is_dir[parent] and 0 < ino < ev.n and ev.live[ino]
@@ -177,7 +177,7 @@ def _plausible_dirent(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     return True
 
 
-def _plausible_blob(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+def _plausible_blob(ev: Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     """An xattr or symlink record: a live owner, a sound chain and a well-formed value."""
     owner, kind, nxt = int(c["owner"]), int(c["kind"]), int(c["next"])
     nl, vl = int(c["name_len"]), int(c["value_len"])
@@ -210,7 +210,7 @@ def _plausible_blob(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     return not any(data[used:])
 
 
-def _plausible_pack(ev: _Evidence, idx: int, f: str, c, raw: bytes) -> bool:
+def _plausible_pack(ev: Evidence, idx: int, f: str, c, raw: bytes) -> bool:
     """A pack record: a data block that packed extents point at, with a true chunk count."""
     blk = int(c["block"])
     if not ev.g.data_start_block <= blk < ev.g.block_count:
@@ -225,7 +225,7 @@ _PLAUSIBLE = {"inode": _plausible_inode, "extent": _plausible_extent, "dirent": 
               "blob": _plausible_blob, "pack": _plausible_pack}
 
 
-def _zero_known(ev: _Evidence, table: str, raw: bytes) -> bytes | None:
+def _zero_known(ev: Evidence, table: str, raw: bytes) -> bytes | None:
     """The record with every byte that must be zero set to zero (None: nothing known)."""
     b = bytearray(raw)
     size = len(raw)
@@ -262,7 +262,7 @@ def _zero_known(ev: _Evidence, table: str, raw: bytes) -> bytes | None:
     return bytes(b)
 
 
-def _explanations(ev: _Evidence, table: str, idx: int, raw: bytes) -> dict[bytes, str]:
+def _explanations(ev: Evidence, table: str, idx: int, raw: bytes) -> dict[bytes, str]:
     """Each original record some explanation of the damage predicts -> the explanation."""
     n = len(raw) - 4
     body, stored = raw[:n], int.from_bytes(raw[n:], "little")
@@ -318,7 +318,7 @@ def _with(raw: bytes, dt: np.dtype, **values: int) -> bytes:
     return bytes(b)
 
 
-def _derived(ev: _Evidence, table: str, idx: int, raw: bytes) -> list[tuple[bytes, str]]:
+def _derived(ev: Evidence, table: str, idx: int, raw: bytes) -> list[tuple[bytes, str]]:
     """Records that damage to several fields at once would have come from, built from
     what other records say is missing: a continuation nobody links (for an xattr head),
     a file short of blocks with a hole that size and blocks nobody owns (for an extent),
@@ -386,7 +386,7 @@ def restore_records(r: Repair, targets: set[tuple[str, int]]) -> set[tuple[str, 
     for _ in range(2):  # a second round: restored records are evidence for the rest
         if not left:
             break
-        ev = _Evidence(r)
+        ev = Evidence(r)
         done = set()
         for table, idx in sorted(left):
             found = _explanations(ev, table, idx, r.raw(table, idx))

@@ -30,9 +30,9 @@ from ...media.format import (
     TABLE_NAMES,
     max_file_size,
 )
-from .evidence import _Evidence
-from .repair import Repair, _namespace_ino
-from .report import _decode
+from .evidence import Evidence
+from .repair import Repair, namespace_ino
+from .report import decode_name
 from .restore import restore_records
 
 
@@ -45,20 +45,20 @@ def _suspects(r: Repair) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
     return bad, free
 
 
-def _kind_from_names(ev: _Evidence, i: int) -> set[int]:
+def _kind_from_names(ev: Evidence, i: int) -> set[int]:
     v = ev.v
     m = (v.d_ino == i) & v.idx_ok(v.d_parent)
     m[m] &= v.is_dir[v.d_parent[m]]
     return set(v.dirents["kind"][v.dir_used[m]].tolist())
 
 
-def _revive(r: Repair, ev: _Evidence, table: str, i: int) -> bool:
+def _revive(r: Repair, ev: Evidence, table: str, i: int) -> bool:
     """A record that looks free but is not empty: rebuild its key from what refers to it."""
     revive = _REVIVE.get(table)
     return revive is not None and revive(r, ev, i)
 
 
-def _revive_inode(r: Repair, ev: _Evidence, i: int) -> bool:
+def _revive_inode(r: Repair, ev: Evidence, i: int) -> bool:
     """An inode: its kind, when its directory entries agree on one its mode fits."""
     t = r.t
     kinds = _kind_from_names(ev, i)
@@ -73,7 +73,7 @@ def _revive_inode(r: Repair, ev: _Evidence, i: int) -> bool:
     return False
 
 
-def _revive_extent(r: Repair, ev: _Evidence, i: int) -> bool:
+def _revive_extent(r: Repair, ev: Evidence, i: int) -> bool:
     """An extent: its owner, when exactly one file fits its size and block count."""
     t, v = r.t, ev.v
     e = t.extents
@@ -101,11 +101,11 @@ def _revive_extent(r: Repair, ev: _Evidence, i: int) -> bool:
     return False
 
 
-def _revive_dirent(r: Repair, ev: _Evidence, i: int) -> bool:
+def _revive_dirent(r: Repair, ev: Evidence, i: int) -> bool:
     """An entry: its directory, for a kernel object (/.kernel) or a directory ('..')."""
     t, v = r.t, ev.v
     ino, kind = int(t.dirents["ino"][i]), int(t.dirents["kind"][i])
-    space = _namespace_ino(r)
+    space = namespace_ino(r)
     if 0 < ino < ev.n and ev.live[ino] and int(ev.kind[ino]) == KIND_KOBJ == kind and space:
         r.set("dirent", i, parent=space)  # a kernel object is named in /.kernel and nowhere else
         r.note(ino, "unverified", "its directory entry failed its checksum and looked free: put back "
@@ -121,7 +121,7 @@ def _revive_dirent(r: Repair, ev: _Evidence, i: int) -> bool:
     return False
 
 
-def _revive_blob(r: Repair, ev: _Evidence, i: int) -> bool:
+def _revive_blob(r: Repair, ev: Evidence, i: int) -> bool:
     """An xattr or symlink record: its owner, from the rest of its value."""
     t = r.t
     b = t.blobs
@@ -139,7 +139,7 @@ def _revive_blob(r: Repair, ev: _Evidence, i: int) -> bool:
     return False
 
 
-def _revive_pack(r: Repair, ev: _Evidence, i: int) -> bool:
+def _revive_pack(r: Repair, ev: Evidence, i: int) -> bool:
     """A pack record: its block, when packed extents point at one block no record lists."""
     orphans = sorted(set(ev.p_block.tolist()) - set(ev.pack_of))
     if len(orphans) == 1:
@@ -158,10 +158,10 @@ def _lost_free(r: Repair, table: str, i: int) -> str:
     if table == "blob" and int(t.blobs["kind"][i]) == BLOB_XATTR:
         nl = min(int(t.blobs["name_len"][i]), NAME_MAX)
         name = t.blobs["data"][i].tobytes()[:nl]
-        return f"cleared: it held an xattr {_decode(name)!r} whose file cannot be told (its owner was damaged)"
+        return f"cleared: it held an xattr {decode_name(name)!r} whose file cannot be told (its owner was damaged)"
     if table == "dirent":
         ino = int(t.dirents["ino"][i])
-        name = _decode(bytes(t.dirents["name"][i])[:NAME_MAX])
+        name = decode_name(bytes(t.dirents["name"][i])[:NAME_MAX])
         if 0 < ino < len(t.inodes) and int(t.inodes["kind"][ino]):
             r.note(ino, "name-removed", f"its directory entry {name!r} failed its checksum and lost the "
                                         "directory it is in: removed")
@@ -177,7 +177,7 @@ def _triage(r: Repair, free_left: set[tuple[str, int]], bad_left: set[tuple[str,
     only as far as everything that refers to them agrees (docs/FSCK.md); every file
     such a record belongs to is named in the report."""
     for table, i in sorted(free_left):
-        ev = _Evidence(r)
+        ev = Evidence(r)
         if _revive(r, ev, table, i):
             r.suspect[table].add(i)
             r.outcome[(table, i)] = "its key field was lost: rebuilt from the records that refer to it"
@@ -186,21 +186,21 @@ def _triage(r: Repair, free_left: set[tuple[str, int]], bad_left: set[tuple[str,
             r.zero(table, i, keep_generation=table == "inode")
     for table, i in bad_left:
         r.suspect[table].add(i)
-    ev = _Evidence(r)
+    ev = Evidence(r)
     for j in sorted(r.suspect["extent"]):  # (the evidence is rebuilt only after a change)
         if _triage_extent(r, ev, j):
-            ev = _Evidence(r)
-    ev = _Evidence(r)
+            ev = Evidence(r)
+    ev = Evidence(r)
     for i in sorted(r.suspect["inode"]):
         _triage_inode(r, ev, i)
-    ev = _Evidence(r)
+    ev = Evidence(r)
     for k in sorted(r.suspect["dirent"]):
         if _triage_dirent(r, ev, k):
-            ev = _Evidence(r)
+            ev = Evidence(r)
     for b in sorted(r.suspect["blob"]):
         _triage_blob(r, ev, b)
     for p in sorted(r.suspect["pack"]):
-        _triage_pack(r, _Evidence(r), p)
+        _triage_pack(r, Evidence(r), p)
     for table in TABLE_NAMES:  # what stays is resealed: its contents were judged
         key = check.KEY_FIELD[table]
         for i in sorted(r.suspect[table]):
@@ -209,7 +209,7 @@ def _triage(r: Repair, free_left: set[tuple[str, int]], bad_left: set[tuple[str,
                 r.outcome.setdefault((table, i), "kept: it agrees with everything that refers to it")
 
 
-def _triage_extent(r: Repair, ev: _Evidence, j: int) -> bool:
+def _triage_extent(r: Repair, ev: Evidence, j: int) -> bool:
     """Returns whether it dropped the extent."""
     e = r.t.extents
     o, n, fb, s, fl = (int(e[x][j]) for x in ("owner", "count", "file_block", "start_block", "flags"))
@@ -262,14 +262,14 @@ def _triage_extent(r: Repair, ev: _Evidence, j: int) -> bool:
     return False
 
 
-def _is_namespace(ev: _Evidence, i: int) -> bool:
+def _is_namespace(ev: Evidence, i: int) -> bool:
     """Is inode i the /.kernel directory (root's entry named .kernel)?"""
     v = ev.v
     m = (v.d_ino == i) & (v.d_parent == ROOT_INO)
     return bool((v.dirents["name"][v.dir_used[m]] == b".kernel").any())
 
 
-def _triage_inode(r: Repair, ev: _Evidence, i: int) -> None:
+def _triage_inode(r: Repair, ev: Evidence, i: int) -> None:
     ino = r.t.inodes
     k, mode = int(ino["kind"][i]), int(ino["mode"][i])
     fmt = mode & 0o170000
@@ -323,7 +323,7 @@ def _triage_inode(r: Repair, ev: _Evidence, i: int) -> None:
                             "times cannot be checked against anything else")
 
 
-def _triage_dirent(r: Repair, ev: _Evidence, k: int) -> bool:
+def _triage_dirent(r: Repair, ev: Evidence, k: int) -> bool:
     """Returns whether it changed the tables."""
     d, v = r.t.dirents, ev.v
     parent, ino = int(d["parent"][k]), int(d["ino"][k])
@@ -357,7 +357,7 @@ def _triage_dirent(r: Repair, ev: _Evidence, k: int) -> bool:
     return False
 
 
-def _triage_blob(r: Repair, ev: _Evidence, b: int) -> None:
+def _triage_blob(r: Repair, ev: Evidence, b: int) -> None:
     bl = r.t.blobs
     head, steps = b, 0
     while int(bl["kind"][head]) == BLOB_CONT and ev.linked_by[head] > 0 and steps < 300:
@@ -384,12 +384,12 @@ def _triage_blob(r: Repair, ev: _Evidence, b: int) -> None:
         what = "symlink target"
     else:
         nl = min(int(bl["name_len"][head]), NAME_MAX)
-        what = f"xattr {_decode(bl['data'][head].tobytes()[:nl])!r}"
+        what = f"xattr {decode_name(bl['data'][head].tobytes()[:nl])!r}"
     r.note(owner, "unverified", f"its {what} (record {b}) failed its checksum; kept as found: nothing "
                                 "else records it")
 
 
-def _triage_pack(r: Repair, ev: _Evidence, p: int) -> None:
+def _triage_pack(r: Repair, ev: Evidence, p: int) -> None:
     blk = int(r.t.packs["block"][p])
     if blk and (ev.p_block == blk).any():
         return  # its files agree with its block; its bitmap is rebuilt from them
