@@ -2,7 +2,8 @@
 
 Every handler is wrapped so that an unexpected exception is logged with its
 traceback and answered with EIO: in pyfuse3 any other exception would abort the
-whole session.
+whole session (fuse_common.handler). Here: the namespace, data, directory and low-level
+handlers; the xattr and chattr handlers are the AttrHandlers mixin (fuse_attrs).
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ daemon and hands over. SIGTERM/SIGINT unmount. See docs/DESIGN.md, "Live update"
 Where the kernel or pyfuse3 cannot hand a connection over, the supervisor falls back to
 remounting: a new daemon mounts afresh after the dead mount is cleared (clients see
 ENOTCONN meanwhile). It says so once in the log, and `pmemfs info` shows the mode.
+
+Here: the Supervisor and its loop. Beside it: fuseconn (mounting, the connection's
+number, abort, FUSE_INIT), children (a daemon as the supervisor sees it), fdstore
+(systemd's fd store), remount_loop (the fallback) and process (what the supervisor and
+every daemon set up for themselves).
 """
 
 from __future__ import annotations
