@@ -126,6 +126,12 @@ class BlockAllocator:
             hit = self._fragment_near_cursor(need)
             if hit is not None:
                 return [(hit, need)]
+        return self._find_in_bitmap(runs, need, aligned, phase, avoid)
+
+    def _find_in_bitmap(self, runs: list[tuple[int, int]], need: int, aligned: bool, phase: int,
+                        avoid: tuple[int, int] | None) -> list[tuple[int, int]]:
+        """find's steps 2 to 4, over the whole bitmap: runs (the goal's, if any) extended
+        by `need` more blocks. Off the small-allocation fast path: no cost to it."""
         free = ~self._unavailable()
         free[: self.data_start] = False
         if avoid:
@@ -135,15 +141,9 @@ class BlockAllocator:
         chunk = self.chunk_blocks
         chunk_free = self._free_chunks(free)
         if chunk > 1 and (aligned or need >= chunk):
-            phase %= chunk
-            for c in np.flatnonzero(chunk_free).tolist():
-                n = min(chunk - phase, need)
-                runs.append((c * chunk + phase, n))
-                free[c * chunk + phase:c * chunk + phase + n] = False
-                need -= n
-                phase = 0
-                if not need:
-                    return runs
+            need = self._take_chunks(runs, free, chunk_free, need, phase)
+            if not need:
+                return runs
         fragments = free.copy()
         if chunk > 1:
             fragments[: len(chunk_free) * chunk].reshape(-1, chunk)[chunk_free] = False
@@ -162,6 +162,22 @@ class BlockAllocator:
                     return runs
             # What the fragments could not give comes from the aligned chunks.
         raise NoSpace
+
+    def _take_chunks(self, runs: list[tuple[int, int]], free: np.ndarray, chunk_free: np.ndarray,
+                     need: int, phase: int) -> int:
+        """Step 2: whole free aligned chunks onto runs (the first at `phase`), taken out
+        of `free`; the blocks still needed."""
+        chunk = self.chunk_blocks
+        phase %= chunk
+        for c in np.flatnonzero(chunk_free).tolist():
+            n = min(chunk - phase, need)
+            runs.append((c * chunk + phase, n))
+            free[c * chunk + phase:c * chunk + phase + n] = False
+            need -= n
+            phase = 0
+            if not need:
+                break
+        return need
 
     WINDOW = 1 << 16  # blocks looked at per step of the small-allocation scan (8 KiB of bitmap)
 

@@ -106,6 +106,42 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
     tables: extents=, dirents=, blobs=, packs= record counts (Geometry.plan).
     Raises RegionError or FormatError with a one-line reason.
     """
+    existed = _check_request(path, size, block_size, inodes, label, prefault, sparse, tables)
+    _check_backing(path, size, block_size, sparse, existed)
+    region = _open_region(path, size, sparse, existed)
+    try:
+        geometry = Geometry.plan(region.size, block_size, inodes, **tables)
+        if existed and not force:
+            found = detect_existing(region.buf, region.size, region.fd)
+            if found:
+                raise FormatError(f"{path} already holds {found}; use --force to overwrite it")
+        sb = Superblock.new(geometry, label)
+        zero = existed
+        if sparse:
+            sb.feature_compat |= FEATURE_COMPAT_SPARSE
+        if region.memory and not _reserve(region, sb, path, block_size, sparse, existed, progress):
+            zero = False
+        _write_metadata(region, sb, zero=zero)
+        if prefault:
+            length = region.size - geometry.data_start_block * geometry.block_size
+            tick = progress("prefaulting", length) if progress else None
+            region.prefault(geometry.data_start_block * geometry.block_size, length, tick)
+        return MkfsResult(sb, not existed, sparse, region.allocated() if region.memory else 0)
+    except BaseException:
+        region.close()
+        if not existed:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        region.close()
+
+
+def _check_request(path: str, size: int, block_size: int, inodes: int | None, label: str,
+                   prefault: bool, sparse: bool, tables: dict[str, int | None]) -> bool:
+    """Refuse what cannot be made before touching anything; whether path exists."""
     unknown = set(tables) - {"extents", "dirents", "blobs", "packs"}
     if unknown:
         raise TypeError(f"unknown table(s): {', '.join(sorted(unknown))}")
@@ -124,6 +160,11 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
                           "give one of them")
     if size:
         Geometry.plan(size, block_size, inodes, **tables)  # refuse before creating anything
+    return existed
+
+
+def _check_backing(path: str, size: int, block_size: int, sparse: bool, existed: bool) -> None:
+    """Refuse a region its backing cannot be or cannot hold (unless overcommitted)."""
     info = probe(path)
     if sparse and info.kind == "devdax":
         raise RegionError(f"{path}: a /dev/dax device is its memory; --sparse is for a region file "
@@ -136,8 +177,11 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
         if (size or info.size) - allocated > free:
             raise _does_not_fit(path, size or info.size, block_size, info.page_size, info.kind,
                                 allocated, free)
+
+
+def _open_region(path: str, size: int, sparse: bool, existed: bool) -> Region:
     try:
-        region = Region(path, create_size=size, noreserve=sparse)
+        return Region(path, create_size=size, noreserve=sparse)
     except BaseException:
         # Region may have created the file before failing (to size or map it).
         if not existed and os.path.exists(path):
@@ -146,51 +190,32 @@ def make_filesystem(path: str, *, size: int = 0, block_size: int = BLOCK_2M,
             except OSError:
                 pass
         raise
+
+
+def _reserve(region: Region, sb: Superblock, path: str, block_size: int, sparse: bool,
+             existed: bool, progress: Callable[[str, int], Callable[[int], None]] | None) -> bool:
+    """Reserve the backing of a memory region: all of it, or (sparse) the metadata in
+    use. False when the region must not be zeroed (a sparse reformat is one hole now)."""
+    zero = True
     try:
-        geometry = Geometry.plan(region.size, block_size, inodes, **tables)
-        if existed and not force:
-            found = detect_existing(region.buf, region.size, region.fd)
-            if found:
-                raise FormatError(f"{path} already holds {found}; use --force to overwrite it")
-        sb = Superblock.new(geometry, label)
-        zero = existed
         if sparse:
-            sb.feature_compat |= FEATURE_COMPAT_SPARSE
-        if region.memory:
-            try:
-                if sparse:
-                    if existed:
-                        region.release(0, region.size)  # every block is free: a hole
-                        zero = False
-                    for off, n in geometry.metadata_in_use(sb.hwm):
-                        region.reserve(off, n)
-                else:
-                    tick = progress("reserving", region.size) if progress else None
-                    region.reserve(0, region.size, tick)
-            except BackingFull:
-                free = backing_free(path) or 0
-                if sparse:
-                    raise RegionError(f"{path}: {backing_name(path)} cannot hold even the metadata in "
-                                      f"use ({_human(free)} free)") from None
-                # Someone else took the memory since it was counted.
-                raise _does_not_fit(path, region.size, block_size, region.page_size, region.kind,
-                                    0, free) from None
-        _write_metadata(region, sb, zero=zero)
-        if prefault:
-            length = region.size - geometry.data_start_block * geometry.block_size
-            tick = progress("prefaulting", length) if progress else None
-            region.prefault(geometry.data_start_block * geometry.block_size, length, tick)
-        return MkfsResult(sb, not existed, sparse, region.allocated() if region.memory else 0)
-    except BaseException:
-        region.close()
-        if not existed:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        raise
-    finally:
-        region.close()
+            if existed:
+                region.release(0, region.size)  # every block is free: a hole
+                zero = False
+            for off, n in sb.geometry.metadata_in_use(sb.hwm):
+                region.reserve(off, n)
+        else:
+            tick = progress("reserving", region.size) if progress else None
+            region.reserve(0, region.size, tick)
+    except BackingFull:
+        free = backing_free(path) or 0
+        if sparse:
+            raise RegionError(f"{path}: {backing_name(path)} cannot hold even the metadata in "
+                              f"use ({_human(free)} free)") from None
+        # Someone else took the memory since it was counted.
+        raise _does_not_fit(path, region.size, block_size, region.page_size, region.kind,
+                            0, free) from None
+    return zero
 
 
 def _write_metadata(region: Region, sb: Superblock, zero: bool) -> None:

@@ -24,6 +24,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import pyfuse3
 import trio
@@ -287,38 +288,105 @@ def check_can_serve(region: str) -> None:
                 time.sleep(0.002)
 
 
-def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_fd: int) -> int:
-    """Wait, imported and checked, until the supervisor says "go"; then serve its
-    connection. Exit status: 0 unmounted or stopped, EXIT_HANDED_OVER drained."""
-    ctl = socket.socket(fileno=ctl_fd)
-    reader = ctl.makefile("rb")
+class SupervisorLink:
+    """A standby's socket to the supervisor: the lines it says ("ready", "ok ...",
+    "drained", "remounted ..."), the "go" it waits for, and, while serving, the watch
+    for "drain" and "remount"."""
 
-    def say(line: str) -> None:
+    def __init__(self, ctl_fd: int):
+        self.ctl = socket.socket(fileno=ctl_fd)
+        self.reader = self.ctl.makefile("rb")
+        self.drained = False  # told to drain (or the supervisor died under systemd)
+
+    def say(self, line: str) -> None:
         try:
-            ctl.sendall(line.encode() + b"\n")
+            self.ctl.sendall(line.encode() + b"\n")
         except OSError:
             pass  # the supervisor is gone (its successor is told by systemd, not by us)
 
+    def await_go(self) -> tuple[bool, bytes, set[str] | None] | None:
+        """(first, the saved INIT, the mount's options now or None) once told "go";
+        None when the supervisor let us go, or is gone."""
+        words = (self.reader.readline() or b"").decode().split()
+        if not words or words[0] not in ("go", "go-first"):
+            return None
+        options = None
+        if len(words) > 2:  # the mount's options now (a remount since we started changes them)
+            options = {o for o in words[2].split(",") if o and o != "-"}
+        return words[0] == "go-first", bytes.fromhex(words[1]), options
+
+    async def watch(self, remounter: Remounter) -> None:
+        """Serve the supervisor's requests until it says "drain" (or goes away)."""
+        pending = b""
+        while True:
+            await trio.lowlevel.wait_readable(self.ctl)
+            data = self.ctl.recv(65536)
+            if not data:
+                if systemd.under_systemd():
+                    # The unit restarts the supervisor, which takes the connection
+                    # from systemd's fd store: hand over to the daemon it starts.
+                    log.info("the supervisor is gone: draining for its successor")
+                    self.drained = True
+                    pyfuse3.terminate()
+                return  # else serve on while the mount lives
+            pending += data
+            while b"\n" in pending:
+                line, _, pending = pending.partition(b"\n")
+                if line.strip() == b"drain":
+                    self.drained = True
+                    pyfuse3.terminate()
+                    return
+                if line.startswith(b"remount "):
+                    try:
+                        request = json.loads(line[len(b"remount "):])
+                    except ValueError:
+                        request = {}
+                    self.say("remounted " + json.dumps(remounter.handle(request)))
+
+
+def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_fd: int) -> int:
+    """Wait, imported and checked, until the supervisor says "go"; then serve its
+    connection. Exit status: 0 unmounted or stopped, EXIT_HANDED_OVER drained."""
+    link = SupervisorLink(ctl_fd)
     try:
         check_can_serve(region)
         session.locate()  # the symbol lookup and the library load, off the takeover's path
         session._libfuse()
     except Exception as e:
-        say(f"error {one_line(e)}")
+        link.say(f"error {one_line(e)}")
         return 1
-    say("ready")
-    words = (reader.readline() or b"").decode().split()
-    if not words or words[0] not in ("go", "go-first"):
+    link.say("ready")
+    go = link.await_go()
+    if go is None:
         return 0  # the supervisor let us go, or is gone
-    first, init = words[0] == "go-first", bytes.fromhex(words[1])
-    if len(words) > 2:  # the mount's options now (a remount since we started changes them)
-        options = {o for o in words[2].split(",") if o and o != "-"}
+    first, init, now = go
+    if now is not None:
+        options = now
     started = time.monotonic()
+    remounter = _take_connection(region, mountpoint, options, fuse_fd, first, init, link)
+    if remounter is None:
+        return 1
+    engine = remounter.ops.engine
+    log.info("serving %s on %s (generation %d, %s) after %.1f ms", region, mountpoint,
+             engine.generation, "mounted" if first else "took over the connection",
+             (time.monotonic() - started) * 1000)
+    link.say(f"ok generation={engine.generation} clean={int(engine.was_clean)} "
+             f"recovered={engine.recovered_records} orphans={engine.reclaimed} "
+             f"mode={'mounted' if first else 'takeover'}")
+    status = _serve_connection(remounter, link)
+    _exit_standby(mountpoint, status, link)
+
+
+def _take_connection(region: str, mountpoint: str, options: set[str], fuse_fd: int,
+                     first: bool, init: bytes, link: SupervisorLink) -> Remounter | None:
+    """Open the region and start serving the supervisor's connection: the first daemon
+    answers the saved INIT, a successor asks for what its predecessor had taken. None,
+    with the error said to the supervisor, when it cannot."""
     try:
         engine = open_engine(region, options, takeover=not first)
     except Exception as e:
-        say(f"error {one_line(e)}")
-        return 1
+        link.say(f"error {one_line(e)}")
+        return None
     try:
         if first and "prefault" in options and not engine.readonly:
             engine.prefault()
@@ -334,62 +402,34 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
             session.notify_resend(fuse_fd)
     except Exception as e:
         log.error("cannot serve the connection of %s: %s", mountpoint, e)
-        say(f"error {one_line(e)}")
+        link.say(f"error {one_line(e)}")
         engine.close(handover=True)
-        return 1
-    log.info("serving %s on %s (generation %d, %s) after %.1f ms", region, mountpoint,
-             engine.generation, "mounted" if first else "took over the connection",
-             (time.monotonic() - started) * 1000)
-    say(f"ok generation={engine.generation} clean={int(engine.was_clean)} "
-        f"recovered={engine.recovered_records} orphans={engine.reclaimed} "
-        f"mode={'mounted' if first else 'takeover'}")
-    drained = False
+        return None
+    return remounter
+
+
+async def _watch_signals_standby() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            log.info("signal %d: unmounting", sig)  # the supervisor unmounts
+            pyfuse3.terminate()
+            return
+
+
+async def _resend_window(ops: Operations) -> None:
+    await trio.sleep(RESEND_WINDOW)
+    expire_resends(ops.engine)  # the engine now: a remount may have replaced it
+
+
+def _serve_connection(remounter: Remounter, link: SupervisorLink) -> int:
+    """Serve until drained, signalled or unmounted; the session closed (the mount stays:
+    the supervisor owns it), the region closed. Returns the exit status."""
 
     async def run() -> None:
-        nonlocal drained
         async with trio.open_nursery() as nursery:
-            async def watch_supervisor() -> None:
-                nonlocal drained
-                pending = b""
-                while True:
-                    await trio.lowlevel.wait_readable(ctl)
-                    data = ctl.recv(65536)
-                    if not data:
-                        if systemd.under_systemd():
-                            # The unit restarts the supervisor, which takes the connection
-                            # from systemd's fd store: hand over to the daemon it starts.
-                            log.info("the supervisor is gone: draining for its successor")
-                            drained = True
-                            pyfuse3.terminate()
-                        return  # else serve on while the mount lives
-                    pending += data
-                    while b"\n" in pending:
-                        line, _, pending = pending.partition(b"\n")
-                        if line.strip() == b"drain":
-                            drained = True
-                            pyfuse3.terminate()
-                            return
-                        if line.startswith(b"remount "):
-                            try:
-                                request = json.loads(line[len(b"remount "):])
-                            except ValueError:
-                                request = {}
-                            say("remounted " + json.dumps(remounter.handle(request)))
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for sig in signals:
-                        log.info("signal %d: unmounting", sig)  # the supervisor unmounts
-                        pyfuse3.terminate()
-                        return
-
-            async def resend_window() -> None:
-                await trio.sleep(RESEND_WINDOW)
-                expire_resends(ops.engine)
-
-            nursery.start_soon(watch_supervisor)
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(resend_window)
+            nursery.start_soon(link.watch, remounter)
+            nursery.start_soon(_watch_signals_standby)
+            nursery.start_soon(_resend_window, remounter.ops)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
@@ -404,10 +444,14 @@ def standby(region: str, mountpoint: str, options: set[str], fuse_fd: int, ctl_f
             pyfuse3.close(unmount=False)
         except Exception:
             log.exception("closing the FUSE session failed")
-        remounter.close(handover=drained or status != 0)
-    if drained:
+        remounter.close(handover=link.drained or status != 0)
+    return status
+
+
+def _exit_standby(mountpoint: str, status: int, link: SupervisorLink) -> NoReturn:
+    if link.drained:
         log.info("drained: handing %s over", mountpoint)
-        say("drained")  # the region is closed and unlocked: the successor may start now
+        link.say("drained")  # the region is closed and unlocked: the successor may start now
         logging.shutdown()
         os._exit(supervisor.EXIT_HANDED_OVER)  # no interpreter teardown in the gap
     log.info("unmounted %s; region marked clean", mountpoint)

@@ -2,19 +2,16 @@
 
 Every handler is wrapped so that an unexpected exception is logged with its
 traceback and answered with EIO: in pyfuse3 any other exception would abort the
-whole session.
+whole session (fuse_common.handler). Here: the namespace, data, directory and low-level
+handlers; the xattr and chattr handlers are the AttrHandlers mixin (fuse_attrs).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import logging
 import os
 import stat
-import struct
-import threading
 import time
 from collections.abc import Callable
 
@@ -22,9 +19,17 @@ import pyfuse3
 import trio
 
 from ..fs import creds, holes
-from ..fs.engine import Ctx, Engine, FsError, Stat
-from ..media.format import ATTR_APPEND, ATTR_IMMUTABLE, ATTR_NOATIME, ATTR_NODUMP
-from . import control, session
+from ..fs.engine import Engine, FsError, Stat
+from . import session
+from .fuse_attrs import AttrHandlers
+from .fuse_common import (
+    _ctx,
+    _drop_cached_attrs,
+    _privs_to_drop,
+    _sync_call,
+    handler,
+    replying,
+)
 from .pagecache import DirectWriters
 
 log = logging.getLogger("pmemfs.fuse")
@@ -40,119 +45,18 @@ ST_BLKSIZE = 1 << 20  # invites 1 MiB I/O (the largest FUSE request)
 # write, and it also writes dirty pages of a shared mapping back under an O_APPEND
 # handle, which must land at their own offsets.
 FH_DIRECT = 1 << 63
-SELINUX = b"security.selinux"
-SELINUX_HOST = os.path.isdir("/sys/fs/selinux/booleans")  # selinuxfs mounted: SELinux is on
 # An O_DIRECT handle opened by a caller without CAP_FSETID: its writes clear set-uid and
 # set-gid. The kernel's direct write path never calls file_remove_privs; with
 # KILLPRIV_V2 it flags such writes for the daemon, a flag libfuse 3.14 drops.
 FH_KILL = 1 << 62
 FH_OUTSIDE = 1 << 61  # ... and who was not in the file's group: set-gid goes even without g+x
 FH_FLAGS = FH_DIRECT | FH_KILL | FH_OUTSIDE
-# The ioctls that carry chattr flags (the kernel's fuse_fileattr_get/set send them).
-FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
-FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS = 0x80046601, 0x40046602
-FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
-FSXATTR = struct.Struct("<IIIII8x")  # xflags, extsize, nextents, projid, cowextsize
-FUSE_IOCTL_UNRESTRICTED = 2
-# FS_XFLAG_* of the flags we keep, and the FS_*_FL they stand for.
-XFLAGS = {0x8: ATTR_IMMUTABLE, 0x10: ATTR_APPEND, 0x40: ATTR_NOATIME, 0x80: ATTR_NODUMP}
 # pyfuse3 turns FATTR_ATIME_NOW/MTIME_NOW (touch) into the current time; a time this
 # close to it is taken as "now" (an append-only inode allows those, not others).
 NOW_SLACK_NS = 1_000_000_000
 
 
-def handler(fn: Callable) -> Callable:
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self, *args):
-        if log.isEnabledFor(logging.DEBUG):  # pmemfs mount --debug: every request and its answer
-            return await _logged(fn, name, self, args)
-        try:
-            return await fn(self, *args)
-        except FsError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("%s%r failed", name, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-def _brief(args: tuple) -> str:
-    """The plain arguments of a request (numbers, names, short values), for the debug log."""
-    out = []
-    for a in args:
-        if isinstance(a, bool | int):
-            out.append(str(a))
-        elif isinstance(a, bytes | memoryview):
-            b = bytes(a[:48])
-            out.append(repr(b) + ("..." if len(a) > 48 else ""))
-    return "(" + ", ".join(out) + ")"
-
-
-async def _logged(fn: Callable, name: str, self, args: tuple):
-    try:
-        result = await fn(self, *args)
-    except FsError as e:
-        log.debug("%s%s -> %s", name, _brief(args), errno.errorcode.get(e.errno, e.errno))
-        raise pyfuse3.FUSEError(e.errno) from None
-    except pyfuse3.FUSEError as e:
-        log.debug("%s%s -> %s", name, _brief(args), errno.errorcode.get(e.errno, e.errno))
-        raise
-    except Exception:
-        log.exception("%s%r failed", name, args[:2])
-        raise pyfuse3.FUSEError(errno.EIO) from None
-    log.debug("%s%s -> ok", name, _brief(args))
-    return result
-
-
-def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
-    return Ctx(ctx.uid, ctx.gid, ctx.pid, umask=ctx.umask)
-
-
-def _settle_after_reply(engine: Engine) -> None:
-    """pyfuse3 sends a handler's answer as soon as it returns, before the trio loop
-    runs anything else: settle the operation's reply record then (see replies.py)."""
-    if engine.unsettled is not None:
-        trio.lowlevel.current_trio_token().run_sync_soon(engine.settle)
-
-
-def replying(fn: Callable) -> Callable:
-    """For handlers whose operation is recorded for exactly-once answers."""
-    @functools.wraps(fn)
-    async def wrapper(self, *args):
-        try:
-            return await fn(self, *args)
-        finally:
-            _settle_after_reply(self.engine)
-
-    return wrapper
-
-
-def _privs_to_drop(mode: int, *, chown: bool, fsetid: bool, in_group: bool) -> int:
-    """The set-uid/set-gid bits the kernel's setattr_should_drop_suidgid (or, for a
-    chown, chown_common) would clear: regular files only; set-uid always on chown, else
-    without CAP_FSETID; set-gid likewise, where it means something (group exec) or the
-    caller is outside the file's group."""
-    if not stat.S_ISREG(mode):
-        return 0
-    kill = 0
-    if mode & stat.S_ISUID and (chown or not fsetid):
-        kill |= stat.S_ISUID
-    drop_sgid = mode & stat.S_IXGRP or not (fsetid or in_group)
-    if mode & stat.S_ISGID and drop_sgid and (chown or not fsetid):
-        kill |= stat.S_ISGID
-    return kill
-
-
-def _admin(ctx: pyfuse3.RequestContext) -> bool:
-    return creds.of_process(ctx.uid, ctx.gid, ctx.pid).capable(creds.CAP_SYS_ADMIN)
-
-
-class Operations(pyfuse3.Operations):
+class Operations(AttrHandlers, pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
@@ -452,54 +356,6 @@ class Operations(pyfuse3.Operations):
         st.f_namemax = s["namemax"]
         return st
 
-    @replying
-    @handler
-    async def setxattr(self, inode, name, value, ctx):
-        if control.is_control(name):
-            if self.writeback and name != control.ALIGN:
-                # The kernel's dirty pages are the newest bytes and it trusts only its
-                # own file sizes: blocks moved or grown behind it would be overwritten.
-                raise FsError(errno.EOPNOTSUPP, "control commands need a mount without -o writeback")
-            moved = control.command(self.engine, inode, name, value, _ctx(ctx))
-            # A command may set a size behind the kernel's back (prealloc grows the file,
-            # carve sizes its destination): the cached attributes go before the answer,
-            # or the caller's next read stops at the old size.
-            for ino in {inode, *moved}:
-                _drop_cached_attrs(ino)
-            for ino in moved:
-                _drop_cached_pages(ino)
-            return
-        self.engine.setxattr(inode, name, value, 0, _ctx(ctx))
-
-    @handler
-    async def getxattr(self, inode, name, ctx):
-        if control.is_control(name):
-            return control.query(self.engine, inode, name, _ctx(ctx))
-        if name.startswith(b"trusted.") and not _admin(ctx):
-            raise FsError(errno.ENODATA)  # as the kernel answers (it asked already)
-        try:
-            return self.engine.getxattr(inode, name)
-        except FsError as e:
-            if e.errno == errno.ENODATA and name == SELINUX and not SELINUX_HOST:
-                # No label, on a host without SELinux: "not supported", so that ls -l and
-                # cp stop asking for this filesystem (coreutils remembers it per device).
-                raise FsError(errno.EOPNOTSUPP) from None
-            raise
-
-    @handler
-    async def listxattr(self, inode, ctx):
-        names = self.engine.listxattr(inode)
-        if any(n.startswith(b"trusted.") for n in names) and not _admin(ctx):
-            # as tmpfs: trusted.* is listed only to CAP_SYS_ADMIN
-            names = [n for n in names if not n.startswith(b"trusted.")]
-        return names
-
-    @replying
-    @handler
-    async def removexattr(self, inode, name, ctx):
-        self.engine.removexattr(inode, name, _ctx(ctx))
-
-
     # ------------------------------------------- handlers pyfuse3 does not have
     def low_level_handlers(self) -> dict[str, Callable]:
         """fallocate, lseek and ioctl, installed into libfuse's session by session.py."""
@@ -522,55 +378,6 @@ class Operations(pyfuse3.Operations):
         except Exception:
             log.exception("negotiating POSIX ACLs and the writeback cache failed")
 
-    def _ioctl(self, req: int, ino: int, cmd: int, _arg, _fi, flags: int, in_buf: int | None,
-               in_size: int, out_size: int) -> None:
-        """chattr flags (FS_IOC_GETFLAGS/SETFLAGS, and FS_IOC_FSGETXATTR/FSSETXATTR, as
-        the kernel's fileattr calls send them); any other ioctl is ENOTTY, as on tmpfs."""
-        out: list[bytes] = []
-        engine = self.engine
-
-        def run() -> None:
-            data = _in_bytes(in_buf, in_size)
-            if flags & FUSE_IOCTL_UNRESTRICTED:
-                raise FsError(errno.ENOTTY)
-            if cmd in (FS_IOC_GETFLAGS, FS_IOC32_GETFLAGS):
-                out.append(struct.pack("<I", engine.attr_flags(ino))[:out_size])
-            elif cmd in (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS):
-                if len(data) < 4:
-                    raise FsError(errno.EINVAL)
-                self._set_flags(req, ino, struct.unpack_from("<I", data)[0])
-            elif cmd == FS_IOC_FSGETXATTR:
-                attr = engine.attr_flags(ino)
-                xflags = sum(x for x, a in XFLAGS.items() if attr & a)
-                out.append(FSXATTR.pack(xflags, 0, 0, 0, 0)[:out_size])
-            elif cmd == FS_IOC_FSSETXATTR:
-                if len(data) < FSXATTR.size:
-                    raise FsError(errno.EINVAL)
-                xflags, extsize, _nextents, projid, cowextsize = FSXATTR.unpack_from(data)
-                if xflags & ~sum(XFLAGS) or extsize or projid or cowextsize:
-                    raise FsError(errno.EOPNOTSUPP)  # as tmpfs: none of XFS's extras
-                self._set_flags(req, ino, sum(a for x, a in XFLAGS.items() if xflags & x))
-            else:
-                raise FsError(errno.ENOTTY)
-
-        err = _sync_call("ioctl", (ino, cmd), run)
-        if err:
-            session.reply_err(req, err)
-        else:
-            session.reply_ioctl(req, out[0] if out else b"")
-
-    def _set_flags(self, req: int, ino: int, flags: int) -> None:
-        c = session.request_context(req)
-        self.engine.set_attr_flags(ino, flags, Ctx(c.uid, c.gid, c.pid))
-        # The ctime changed, and the kernel keeps attributes for 300 s: drop them before
-        # answering. Attributes only: the kernel waits for nothing of ours to do that.
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
-        except FileNotFoundError:
-            pass  # not cached
-        except OSError:  # the flags are set: a stale ctime is no reason to fail
-            log.exception("invalidating the attributes of inode %d failed", ino)
-
     def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, _fi) -> None:
         session.reply_err(req, _sync_call("fallocate", (ino, mode, offset, length),
                                           lambda: holes.fallocate(self.engine, ino, mode, offset, length)))
@@ -583,55 +390,6 @@ class Operations(pyfuse3.Operations):
             session.reply_err(req, err)
         else:
             session.reply_lseek(req, found[0])
-
-
-def _sync_call(name: str, args: tuple, fn: Callable[[], object]) -> int:
-    """Run a synchronous handler; its errno (0 when it succeeded). Called from C: an
-    exception must not escape (ctypes would print it and answer nothing)."""
-    try:
-        fn()
-        err = 0
-    except FsError as e:
-        err = e.errno
-    except Exception:
-        log.exception("%s%r failed", name, args)
-        err = errno.EIO
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s%s -> %s", name, _brief(args), os.strerror(err) if err else "ok")
-    return err
-
-
-def _in_bytes(address: int | None, size: int) -> bytes:
-    """The input buffer of a low-level request (a C pointer and a size)."""
-    return ctypes.string_at(address, size) if address and size else b""
-
-
-def _drop_cached_attrs(ino: int) -> None:
-    """Make the kernel ask for ino's attributes again. Safe from the handler itself: an
-    attribute-only invalidation waits on no page and no lock the pending request holds."""
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=True)
-    except FileNotFoundError:
-        pass  # the kernel has forgotten the inode: nothing cached
-    except OSError:
-        log.exception("invalidating the attributes of inode %d failed", ino)
-
-
-def _drop_cached_pages(ino: int) -> None:
-    """Ask the kernel to forget ino's cached pages (their bytes moved away).
-
-    Done from a thread, after the request that moved them has been answered, so the
-    kernel never waits on the daemon's one trio thread.
-    """
-    def run() -> None:
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=False)
-        except FileNotFoundError:
-            pass  # the kernel has forgotten the inode: nothing cached to drop
-        except Exception:
-            log.exception("invalidating the cache of inode %d failed", ino)
-
-    threading.Thread(target=run, daemon=True).start()
 
 
 def _after(snapshot: list[tuple[int, bytes, int]], cookie: int) -> int:

@@ -18,13 +18,15 @@ daemon and hands over. SIGTERM/SIGINT unmount. See docs/DESIGN.md, "Live update"
 Where the kernel or pyfuse3 cannot hand a connection over, the supervisor falls back to
 remounting: a new daemon mounts afresh after the dead mount is cleared (clients see
 ENOTCONN meanwhile). It says so once in the log, and `pmemfs info` shows the mode.
+
+Here: the Supervisor and its loop. Beside it: fuseconn (mounting, the connection's
+number, abort, FUSE_INIT), children (a daemon as the supervisor sees it), fdstore
+(systemd's fd store), remount_loop (the fallback) and process (what the supervisor and
+every daemon set up for themselves).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import json
 import logging
 import os
@@ -32,211 +34,52 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 from . import session, systemd
-from .mountctl import (
-    REMOUNTABLE,
-    SupervisorError,
-    control_address,
-    libc,
-    mount_flags,
+from .children import EXIT_HANDED_OVER, Child, DiedEarly
+from .fdstore import FdStore
+from .fuseconn import (
+    MNT_DETACH,
+    abort_connection,
+    connection_id,
+    fuse_mount,
+    fuse_unmount,
+    kernel_mount_options,
+    read_init,
 )
+from .mountctl import REMOUNTABLE, SupervisorError, control_address
+from .process import (
+    OOM_SCORE_ADJ_DAEMON,
+    OOM_SCORE_ADJ_SUPERVISOR,
+    arguments,
+    one_line,
+    ready_pipe,
+    set_oom_score_adj,
+    setup_logging,
+)
+from .remount_loop import remount_on_death
+
+# What moved to the modules above stays importable from here, where daemon, the CLI and
+# the tests have always found it.
+__all__ = [
+    "EXIT_HANDED_OVER", "MNT_DETACH", "OOM_SCORE_ADJ_DAEMON", "OOM_SCORE_ADJ_SUPERVISOR",
+    "Child", "DiedEarly", "Supervisor", "SupervisorError", "abort_connection", "arguments",
+    "connection_id", "fuse_mount", "fuse_unmount", "kernel_mount_options", "main", "one_line",
+    "read_init", "ready_pipe", "remount_on_death", "set_oom_score_adj", "setup_logging",
+    "supervise",
+]
 
 log = logging.getLogger("pmemfs.supervisor")
 
-EXIT_HANDED_OVER = 75  # a daemon that drained for a successor exits with this
-# Memory pressure the mount did not cause must not end it (docs/DESIGN.md, "The
-# backing"): killing the daemon frees none of the region, whose pages count in its
-# RSS. The supervisor, which holds the connection, is never chosen; the daemon and its
-# standby only when nothing else is left. Only root (CAP_SYS_RESOURCE) may lower these.
-OOM_SCORE_ADJ_SUPERVISOR = -1000
-OOM_SCORE_ADJ_DAEMON = -900
-
-
-def set_oom_score_adj(value: int, who: str = "this process") -> bool:
-    """Set this process's oom_score_adj; False, and a line in the log, when it may not
-    (lowering it needs CAP_SYS_RESOURCE): it then keeps the value it inherited."""
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(value))
-        return True
-    except OSError as e:
-        log.warning("cannot set oom_score_adj to %d (%s; lowering it needs CAP_SYS_RESOURCE): "
-                    "the OOM killer may choose %s", value, e.strerror, who)
-        return False
-
-
-MNT_DETACH = 2
 START_TIMEOUT = 120.0  # a standby that is not ready by then has failed
 FAILURES_BEFORE_ABORT = 5  # replacements in a row that die young: a crash loop
 YOUNG = 0.25  # a daemon dying this soon after it began serving: a request that kills every daemon
 
 
-class DiedEarly(SupervisorError):
-    """A standby closed its socket without a word: it died (a signal, a crash)."""
-
-
-# ------------------------------------------------------------------ mounting
-def kernel_mount_options(options: set[str], fuse_fd: int, rootmode: int) -> tuple[int, str]:
-    flags = mount_flags(options)
-    data = [f"fd={fuse_fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
-            f"group_id={os.getgid()}", "default_permissions"]
-    if "allow_other" in options:
-        data.append("allow_other")
-    return flags, ",".join(data)
-
-
-def fuse_mount(source: str, mountpoint: str, options: set[str]) -> int:
-    """Mount a FUSE filesystem of type fuse.pmemfs; returns the /dev/fuse descriptor."""
-    st = os.stat(mountpoint)
-    if os.geteuid() != 0:
-        return _fusermount(source, mountpoint, options)
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    flags, data = kernel_mount_options(options, fd, st.st_mode & 0o170000)
-    if libc.mount(source.encode(), mountpoint.encode(), b"fuse.pmemfs", flags, data.encode()) != 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise SupervisorError(f"{mountpoint}: mount failed: {os.strerror(err)}")
-    return fd
-
-
-def _fusermount(source: str, mountpoint: str, options: set[str]) -> int:
-    """Unprivileged mount through fusermount3, which passes back the /dev/fuse fd."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    # fusermount3 mounts nodev,nosuid for anyone but root (pmemfs mount refuses dev and
-    # suid before), and knows no strictatime or nodiratime: the daemon honours those.
-    opts = ["nosuid", "nodev", "default_permissions", f"fsname={source}", "subtype=pmemfs"]
-    opts += sorted(options & {"allow_other", "ro", "noatime", "noexec"})
-    with ours, theirs:
-        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        r = subprocess.run(["fusermount3", "-o", ",".join(opts), "--", mountpoint], env=env,
-                           pass_fds=(theirs.fileno(),), capture_output=True, text=True)
-        if r.returncode != 0:
-            msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-            raise SupervisorError(f"{mountpoint}: mount failed: {msg}")
-        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-    if not fds:
-        raise SupervisorError(f"{mountpoint}: fusermount3 passed back no descriptor")
-    os.set_inheritable(fds[0], False)
-    return fds[0]
-
-
-def fuse_unmount(mountpoint: str) -> None:
-    """Unmount; lazily when busy (the connection then ends as the last user leaves)."""
-    if os.geteuid() == 0:
-        if libc.umount2(mountpoint.encode(), 0) == 0:
-            return
-        if ctypes.get_errno() == errno.EBUSY:
-            libc.umount2(mountpoint.encode(), MNT_DETACH)
-        return
-    r = subprocess.run(["fusermount3", "-u", "-q", mountpoint], capture_output=True)
-    if r.returncode != 0:
-        subprocess.run(["fusermount3", "-u", "-q", "-z", mountpoint], capture_output=True)
-
-
-def connection_id(real: str) -> str | None:
-    """The connection's number in /sys/fs/fuse/connections (the mount's device minor),
-    from mountinfo. `real` is the resolved mountpoint: resolving it again would stat
-    the mount, which blocks while nobody serves it."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 8 and parts[4] == real:
-                found = parts[2].split(":")[1] if parts[parts.index("-") + 1] == "fuse.pmemfs" else None
-    return found
-
-
-def abort_connection(conn: str | None) -> None:
-    """Fail every waiting and future request of the connection at once. (Closing the
-    last descriptor aborts it too; this does not wait for the other holders.)"""
-    if conn is None:
-        return
-    if not os.path.exists(f"/sys/fs/fuse/connections/{conn}") and os.geteuid() == 0:
-        # fusectl is usually mounted at boot; where it is not, mount it.
-        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
-                       capture_output=True)
-    try:
-        with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
-            f.write("1")
-    except OSError as e:
-        log.error("cannot abort FUSE connection %s: %s", conn, e)
-
-
-def read_init(fd: int, timeout: float = 30.0) -> bytes:
-    """The kernel's first request on a new connection: FUSE_INIT."""
-    ready, _, _ = select.select([fd], [], [], timeout)
-    if not ready:
-        raise SupervisorError(f"the kernel sent no FUSE_INIT within {timeout:.0f} s")
-    data = os.read(fd, (1 << 20) + 4096)
-    session.check_init_request(data)
-    return data
-
-
-# ---------------------------------------------------------------- children
-class Child:
-    """A daemon process (standby or serving) and the socket we talk to it over."""
-
-    def __init__(self, cmd: list[str], fuse_fd: int, env: dict | None = None):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        os.set_inheritable(theirs.fileno(), True)
-        self.proc = subprocess.Popen(
-            [*cmd, "--fuse-fd", str(fuse_fd), "--ctl-fd", str(theirs.fileno())],
-            pass_fds=(fuse_fd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/", env=env,
-            start_new_session=False)
-        theirs.close()
-        self.sock = ours
-        self.buf = b""
-        self.started = time.monotonic()
-        self.ready = False  # a standby that said "ready"
-        self.serving_since: float | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, line: str) -> None:
-        try:
-            self.sock.sendall(line.encode() + b"\n")
-        except OSError:
-            pass  # it died; its exit is noticed by the caller
-
-    def read_line(self, timeout: float) -> str | None:
-        """Next line from the child; "" when it closed the socket, None on timeout."""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = max(0.0, deadline - time.monotonic())
-            r, _, _ = select.select([self.sock], [], [], left)
-            if not r:
-                return None
-            try:
-                chunk = self.sock.recv(4096)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                return ""
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode(errors="replace").strip()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.sock.close()
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-
-class Supervisor:
+class Supervisor(FdStore):
     def __init__(self, region: str, mountpoint: str, options: set[str], daemon_cmd: list[str],
                  ready: Callable[[str], None], inherited: dict[str, int] | None = None):
         self.inherited = inherited or {}  # from systemd's fd store: a predecessor's connection
@@ -478,99 +321,6 @@ class Supervisor:
         p.register(self.fuse_fd, select.POLLIN)
         return not any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
 
-    # ------------------------------------------------------ systemd's fd store
-    @property
-    def unit(self) -> str:
-        return os.environ.get("PMEMFS_UNIT", "")
-
-    def _store(self) -> None:
-        """Under a unit that keeps descriptors, put the connection and the FUSE_INIT in
-        systemd's fd store: a restarted supervisor (or one after our death) takes them."""
-        if not systemd.under_systemd():
-            return
-        state = systemd.state_memfd({"format": 1, "region": os.path.abspath(self.region),
-                                     "mountpoint": self.real, "init": self.init.hex()})
-        try:
-            self.stored = systemd.store_fd(systemd.FUSE_FD_NAME, self.fuse_fd) and \
-                systemd.store_fd(systemd.STATE_FD_NAME, state)
-        except OSError as e:
-            log.warning("cannot keep the connection in systemd's fd store (%s): a restart will unmount", e)
-        finally:
-            os.close(state)
-
-    def _forget(self, always: bool = False) -> None:
-        """The mount ends (or what the store holds is not ours to serve): systemd must
-        not hand those descriptors to a next supervisor."""
-        if self.stored or always:
-            self.stored = False
-            for name in (systemd.FUSE_FD_NAME, systemd.STATE_FD_NAME):
-                try:
-                    systemd.forget_fd(name)
-                except OSError:
-                    pass
-
-    def _adopt(self, fds: dict[str, int]) -> bool:
-        """Serve the connection a predecessor left in systemd's fd store, if it is ours
-        and alive; otherwise let it go (aborted, unmounted) and return False."""
-        fuse, state_fd = fds.pop(systemd.FUSE_FD_NAME, None), fds.pop(systemd.STATE_FD_NAME, None)
-        for fd in fds.values():
-            os.close(fd)  # not ours
-        state = systemd.read_state(state_fd) if state_fd is not None else {}
-        if state_fd is not None:
-            os.close(state_fd)
-        why = None
-        if fuse is None or not state:
-            why = "the store holds no connection and state of pmemfs"
-        elif (state.get("region"), state.get("mountpoint")) != (os.path.abspath(self.region), self.real):
-            why = f"it is the mount of {state.get('region')} on {state.get('mountpoint')}"
-        elif os.fstat(fuse).st_rdev != os.makedev(10, 229):
-            why = "the stored descriptor is not /dev/fuse"
-        else:
-            self.fuse_fd = fuse
-            if not self._connected():
-                why = "its connection has ended"
-        if why is None:
-            self.init = bytes.fromhex(state["init"])
-            self.conn = connection_id(self.real)
-            self.stored = True
-            log.info("took the FUSE connection of %s from systemd's fd store", self.mountpoint)
-            from .mounting import kernel_options_at
-
-            now = kernel_options_at(self.real)  # a remount since the unit's options were read
-            if now is not None and now != self.options & REMOUNTABLE:
-                self.set_options(now)
-            return True
-        log.warning("not serving the connection in systemd's fd store (%s): mounting afresh", why)
-        self._forget(always=True)
-        if fuse is not None:
-            old = state.get("mountpoint") if isinstance(state.get("mountpoint"), str) else None
-            if old:  # nobody serves it: fail its waiters now, and take it away
-                abort_connection(connection_id(old))
-                fuse_unmount(old)
-            os.close(fuse)
-        self.fuse_fd = -1
-        from .mounting import prepare_mountpoint
-
-        prepare_mountpoint(self.region, self.mountpoint, force=False)
-        return False
-
-    def _hand_to_successor(self) -> int:
-        """systemd restarts us: the daemon drains, the connection stays in the store,
-        and the mount stays for the next supervisor. Clients wait meanwhile."""
-        log.info("SIGTERM during a restart of %s: handing the mount to the next supervisor", self.unit)
-        self.stopping = True
-        if self.standby:
-            self.standby.kill()
-            self.standby = None
-        if self.daemon:
-            self.daemon.send("drain")
-            if self.daemon.read_line(60.0) != "drained":
-                log.warning("daemon %d did not drain: killed; its requests are resent", self.daemon.pid)
-                self.daemon.kill()
-            elif self.daemon.wait(10.0) is None:
-                self.daemon.kill()
-        return 0
-
     # -------------------------------------------------------------- upgrade
     def upgrade(self) -> dict:
         """Replace the daemon with one running the code installed now."""
@@ -661,69 +411,6 @@ class Supervisor:
                 pass
 
 
-def setup_logging(log_file: str | None, debug: bool) -> None:
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def one_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def ready_pipe(fd: int | None) -> Callable[[str], None]:
-    """Report "ok ..." or "error ..." once on the pipe `pmemfs mount` waits on."""
-    def ready(msg: str) -> None:
-        if fd is not None:
-            try:
-                os.write(fd, (msg + "\n").encode())
-                os.close(fd)
-            except OSError:
-                pass
-
-    return ready
-
-
-def remount_on_death(region: str, mountpoint: str, options: set[str], single_cmd: list[str],
-                     ready: Callable[[str], None]) -> int:
-    """The fallback supervisor: when the daemon dies, clear the dead mount and mount
-    again with a new one. Clients see ENOTCONN in between."""
-    from .mounting import kernel_options_at, prepare_mountpoint
-
-    first = True
-    real = os.path.realpath(mountpoint)
-    while True:
-        r, w = os.pipe()
-        cmd = [*single_cmd]
-        cmd[cmd.index("--options") + 1] = ",".join(sorted(options))
-        proc = subprocess.Popen([*cmd, "--ready-fd", str(w)], pass_fds=(w,), cwd="/",
-                                stdin=subprocess.DEVNULL)
-        os.close(w)
-        with os.fdopen(r) as f:
-            line = f.readline().strip()
-        if first:
-            ready(line or "error the daemon exited without a word")
-            first = False
-        if not line.startswith("ok"):
-            proc.wait()
-            return 1
-        code = proc.wait()
-        if code >= 0:
-            log.info("daemon %d exited with %d: supervisor done", proc.pid, code)
-            return code
-        log.warning("daemon %d died (signal %d): remounting", proc.pid, -code)
-        now = kernel_options_at(real)  # the dead mount's flags: a remount may have changed them
-        if now is not None:
-            options = (options - REMOUNTABLE) | now
-        try:
-            prepare_mountpoint(region, mountpoint, force=True)
-        except Exception as e:
-            log.error("cannot clear %s for a new daemon: %s", mountpoint, e)
-            return 1
-
-
 def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[str], None],
               log_file: str | None = None, debug: bool = False,
               inherited: dict[str, int] | None = None) -> int:
@@ -746,20 +433,6 @@ def supervise(region: str, mountpoint: str, options: set[str], ready: Callable[[
         log.error("cannot serve %s: %s", region, e)
         ready(f"error {one_line(e)}")
         return 1
-
-
-def arguments(prog: str):
-    """The arguments `pmemfs mount` passes to the supervisor and to a daemon alike."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("region")
-    p.add_argument("mountpoint")
-    p.add_argument("--options", default="")
-    p.add_argument("--ready-fd", type=int)
-    p.add_argument("--log")
-    p.add_argument("--debug", action="store_true")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

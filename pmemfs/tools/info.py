@@ -16,6 +16,8 @@ from ..media.format import (
     TIME_MAX_S,
     TIME_MIN_S,
     FormatError,
+    Geometry,
+    Superblock,
     Tables,
     read_superblock,
 )
@@ -44,37 +46,48 @@ def _read_live_superblock(region: Region):
     return read_superblock(region.buf, region.size, allow_backup=True, fd=region.fd)
 
 
+def _block_counts(t: Tables, g: Geometry) -> tuple[int, int, int]:
+    """(used, free, bad) data blocks."""
+    bits = np.unpackbits(t.bitmap, bitorder="little")[g.data_start_block: g.block_count]
+    badbits = np.unpackbits(t.badmap, bitorder="little")[g.data_start_block: g.block_count]
+    # A block can be both used and bad (a block that went bad under a file): count
+    # it once, as the allocator does (free = neither used nor bad).
+    return int(bits.sum()), int(np.count_nonzero((bits | badbits) == 0)), int(badbits.sum())
+
+
+def _journal_state(region: Region, g: Geometry) -> str:
+    try:
+        return "idle" if Journal(region.buf, g.data_start_block * g.block_size).state == 0 \
+            else "interrupted transaction"
+    except Exception as e:  # a damaged journal is worth reporting, not fatal here
+        return f"damaged ({e})"
+
+
+def _reservation(region: Region, sb: Superblock, held: int) -> str:
+    """How the backing holds the region's memory."""
+    if region.kind == "devdax":
+        return "the device (its memory is the region)"
+    if not region.memory:
+        return "none (a file on a disk filesystem)"
+    if sb.feature_compat & FEATURE_COMPAT_SPARSE:
+        return "sparse (overcommitted: blocks are reserved as they are used)"
+    if held < region.size:
+        return "sparse (not wholly reserved: served as overcommitted)"
+    return "reserved"
+
+
 def describe(path: str) -> dict:
     with Region(path, writable=False, lock=False) as region:
         sb, which = _read_live_superblock(region)
         g = sb.geometry
         t = Tables(region.buf, sb)
         hwm = {n: min(sb.hwm[n], getattr(g, f"{n}_count")) for n in TABLE_NAMES}
-        bits = np.unpackbits(t.bitmap, bitorder="little")[g.data_start_block: g.block_count]
-        badbits = np.unpackbits(t.badmap, bitorder="little")[g.data_start_block: g.block_count]
-        used_data = int(bits.sum())
-        bad = int(badbits.sum())
-        # A block can be both used and bad (a block that went bad under a file): count
-        # it once, as the allocator does (free = neither used nor bad).
-        free = int(np.count_nonzero((bits | badbits) == 0))
+        used_data, free, bad = _block_counts(t, g)
         kinds = t.inodes["kind"][1: hwm["inode"]]
-        try:
-            journal_state = "idle" if Journal(region.buf, g.data_start_block * g.block_size).state == 0 \
-                else "interrupted transaction"
-        except Exception as e:  # a damaged journal is worth reporting, not fatal here
-            journal_state = f"damaged ({e})"
+        journal_state = _journal_state(region, g)
         holder = region_holder(path)
         held = region.allocated()
-        if region.kind == "devdax":
-            reservation = "the device (its memory is the region)"
-        elif not region.memory:
-            reservation = "none (a file on a disk filesystem)"
-        elif sb.feature_compat & FEATURE_COMPAT_SPARSE:
-            reservation = "sparse (overcommitted: blocks are reserved as they are used)"
-        elif held < region.size:
-            reservation = "sparse (not wholly reserved: served as overcommitted)"
-        else:
-            reservation = "reserved"
+        reservation = _reservation(region, sb, held)
         data = {
             "region": path,
             "backing": region.kind,
@@ -113,5 +126,5 @@ def describe(path: str) -> dict:
             "last_unmount": _when(sb.last_umount_ns),
             "mounted_by_pid": holder or 0,
         }
-        del t, bits, badbits, kinds
+        del t, kinds  # views of the mapping: gone before it closes
         return data

@@ -55,82 +55,19 @@ def worker(mountpoint: str, log_path: str, wid: int, seed: int, deadline: float,
     rng = random.Random(seed)
     log = Log(log_path)
     root = os.path.join(mountpoint, f"w{wid}")
-    # Only files made in this run are changed: one cut short by an earlier crash may be
-    # in either of two states, and the log must stay the whole truth about each file.
-    owned: dict[str, int] = {}  # name -> acknowledged size
-    # Files of earlier runs whose last word in the log is an acknowledgement: their state
-    # is known, so they may be removed (never changed) to make room.
-    old = _settled(log_path)
+    w = _Worker(root, log, rng, wid, seed, max_file, old=_settled(log_path))
     n = 0
     acked = 0
     try:
         os.makedirs(root, exist_ok=True)
         while time.monotonic() < deadline:
             n += 1
-            op = rng.random()
-            name = None
             try:
-                if op < 0.35 or not owned:
-                    name = f"f{seed}_{n}"
-                    data = payload(f"{wid}:{name}:0", rng.randrange(0, max_file))
-                    path = os.path.join(root, name)
-                    with open(path, "wb") as f:
-                        for pos in range(0, len(data), MiB):
-                            f.write(data[pos:pos + MiB])
-                        f.flush()
-                        os.fsync(f.fileno())
-                    log.write(op="create", name=name, size=len(data), seed=f"{wid}:{name}:0")
-                    owned[name] = len(data)
-                elif op < 0.5:
-                    name = f"r{seed}_{n}"
-                    tmp = os.path.join(root, f"tmp{n}")
-                    data = payload(f"{wid}:{name}:0", rng.randrange(0, max_file // 4))
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        os.fsync(f.fileno())
-                    os.rename(tmp, os.path.join(root, name))
-                    log.write(op="create", name=name, size=len(data), seed=f"{wid}:{name}:0")
-                    owned[name] = len(data)
-                elif op < 0.7:
-                    name = rng.choice(sorted(owned))
-                    size = owned[name]
-                    extra = rng.randrange(1, MiB)
-                    log.write(op="intent-append", name=name, old=size, new=size + extra)
-                    with open(os.path.join(root, name), "ab") as f:
-                        f.write(payload(f"{wid}:{name}:append:{size}", extra))
-                        os.fsync(f.fileno())
-                    log.write(op="append", name=name, old=size, new=size + extra)
-                    owned[name] = size + extra
-                elif op < 0.85:
-                    name = rng.choice(sorted(owned))
-                    new = rng.randrange(0, owned[name] + 1)
-                    log.write(op="intent-truncate", name=name, old=owned[name], new=new)
-                    os.truncate(os.path.join(root, name), new)
-                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-                    log.write(op="truncate", name=name, old=owned[name], new=new)
-                    owned[name] = new
-                else:
-                    name = rng.choice(sorted(owned))
-                    log.write(op="intent-unlink", name=name)
-                    os.unlink(os.path.join(root, name))
-                    log.write(op="unlink", name=name)
-                    del owned[name]
+                w.step(n)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-                # Full. The file this call was changing is in an unknown state now: leave
-                # it alone from here on, and make room by removing one of the others.
-                owned.pop(name, None)
-                if not owned and not old:
-                    time.sleep(0.01)
-                    continue
-                victim = old.pop() if old else rng.choice(sorted(owned))
-                log.write(op="intent-unlink", name=victim)
-                os.unlink(os.path.join(root, victim))
-                log.write(op="unlink", name=victim)
-                owned.pop(victim, None)
+                w.make_room()
                 continue
             acked += 1
     except OSError as e:
@@ -140,6 +77,100 @@ def worker(mountpoint: str, log_path: str, wid: int, seed: int, deadline: float,
         if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED) or not _mount_is_dead(mountpoint):
             raise
     return acked
+
+
+class _Worker:
+    """One worker's files and its random operations, each logged once acknowledged."""
+
+    def __init__(self, root: str, log: Log, rng: random.Random, wid: int, seed: int,
+                 max_file: int, old: list[str]):
+        self.root, self.log, self.rng = root, log, rng
+        self.wid, self.seed, self.max_file = wid, seed, max_file
+        # Only files made in this run are changed: one cut short by an earlier crash may be
+        # in either of two states, and the log must stay the whole truth about each file.
+        self.owned: dict[str, int] = {}  # name -> acknowledged size
+        # Files of earlier runs whose last word in the log is an acknowledgement: their state
+        # is known, so they may be removed (never changed) to make room.
+        self.old = old
+        self.name: str | None = None  # the file the current call changes
+
+    def step(self, n: int) -> None:
+        op = self.rng.random()
+        self.name = None
+        if op < 0.35 or not self.owned:
+            self._create(n)
+        elif op < 0.5:
+            self._create_by_rename(n)
+        elif op < 0.7:
+            self._append()
+        elif op < 0.85:
+            self._truncate()
+        else:
+            self._unlink()
+
+    def _create(self, n: int) -> None:
+        name = self.name = f"f{self.seed}_{n}"
+        data = payload(f"{self.wid}:{name}:0", self.rng.randrange(0, self.max_file))
+        with open(os.path.join(self.root, name), "wb") as f:
+            for pos in range(0, len(data), MiB):
+                f.write(data[pos:pos + MiB])
+            f.flush()
+            os.fsync(f.fileno())
+        self.log.write(op="create", name=name, size=len(data), seed=f"{self.wid}:{name}:0")
+        self.owned[name] = len(data)
+
+    def _create_by_rename(self, n: int) -> None:
+        name = self.name = f"r{self.seed}_{n}"
+        tmp = os.path.join(self.root, f"tmp{n}")
+        data = payload(f"{self.wid}:{name}:0", self.rng.randrange(0, self.max_file // 4))
+        with open(tmp, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(self.root, name))
+        self.log.write(op="create", name=name, size=len(data), seed=f"{self.wid}:{name}:0")
+        self.owned[name] = len(data)
+
+    def _append(self) -> None:
+        name = self.name = self.rng.choice(sorted(self.owned))
+        size = self.owned[name]
+        extra = self.rng.randrange(1, MiB)
+        self.log.write(op="intent-append", name=name, old=size, new=size + extra)
+        with open(os.path.join(self.root, name), "ab") as f:
+            f.write(payload(f"{self.wid}:{name}:append:{size}", extra))
+            os.fsync(f.fileno())
+        self.log.write(op="append", name=name, old=size, new=size + extra)
+        self.owned[name] = size + extra
+
+    def _truncate(self) -> None:
+        name = self.name = self.rng.choice(sorted(self.owned))
+        new = self.rng.randrange(0, self.owned[name] + 1)
+        self.log.write(op="intent-truncate", name=name, old=self.owned[name], new=new)
+        os.truncate(os.path.join(self.root, name), new)
+        fd = os.open(os.path.join(self.root, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        self.log.write(op="truncate", name=name, old=self.owned[name], new=new)
+        self.owned[name] = new
+
+    def _unlink(self) -> None:
+        name = self.name = self.rng.choice(sorted(self.owned))
+        self.log.write(op="intent-unlink", name=name)
+        os.unlink(os.path.join(self.root, name))
+        self.log.write(op="unlink", name=name)
+        del self.owned[name]
+
+    def make_room(self) -> None:
+        """Full. The file the call was changing is in an unknown state now: leave it
+        alone from here on, and make room by removing one of the others."""
+        self.owned.pop(self.name, None)
+        if not self.owned and not self.old:
+            time.sleep(0.01)
+            return
+        victim = self.old.pop() if self.old else self.rng.choice(sorted(self.owned))
+        self.log.write(op="intent-unlink", name=victim)
+        os.unlink(os.path.join(self.root, victim))
+        self.log.write(op="unlink", name=victim)
+        self.owned.pop(victim, None)
 
 
 def _mount_is_dead(mountpoint: str) -> bool:
