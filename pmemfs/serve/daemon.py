@@ -37,7 +37,7 @@ from . import mountctl, session, supervisor, systemd
 from .fuse_ops import Operations
 from .mountctl import REMOUNTABLE
 from .mounting import MOUNT_OPTIONS_ALLOWED  # noqa: F401  (re-exported)
-from .supervisor import one_line, ready_pipe, setup_logging
+from .process import one_line, ready_pipe, setup_logging
 
 log = logging.getLogger("pmemfs.daemon")
 RESEND_WINDOW = 10.0  # seconds after a takeover in which a resent request can arrive

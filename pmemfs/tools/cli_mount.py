@@ -58,7 +58,7 @@ def mount_command(foreground, single, options, force, log, debug, respawn, regio
         # Only the single daemon needs the heavy imports (numpy, pyfuse3, trio): the
         # supervisor's start is part of the gap of a `systemctl restart`.
         from ..serve.mounting import make_mountpoint, prepare_mountpoint
-        from ..serve.supervisor import setup_logging
+        from ..serve.process import setup_logging
         from ..serve.systemd import inherited_fds, notify, under_systemd
 
         setup_logging(log, debug)

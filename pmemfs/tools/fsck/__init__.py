@@ -23,48 +23,17 @@ image (mapping the region, finding the backup superblock, --backup), header (the
 journal and both superblocks, checked and repaired first), repair (journaled writes and
 the per-file notes), evidence, restore and triage (records that fail their checksum),
 fix_* (the repairs, by what they mend), fixers (which repair answers which finding, one
-pass), pipeline (the run) and command (the CLI). Every name callers used from the
-single module it once was is still importable from here.
+pass), pipeline (the run) and command (the CLI). What callers outside the package use
+is importable from here.
 """
 
 from __future__ import annotations
 
 from ...media import check
 from .command import main
-from .fix_blobs import fix_free_blobs, fix_free_chains
-from .fix_blocks import DROP_WHY, fix_bitmap, fix_drop_extents, fix_overlap
-from .fix_inodes import (
-    CLEAR_WHY,
-    fix_attr,
-    fix_clear_inode,
-    fix_flags,
-    fix_mode,
-    fix_named_orphan,
-    fix_nblocks,
-    fix_nlink,
-    fix_root,
-    fix_size_limit,
-    fix_size_zero,
-    fix_symlink_size,
-    fix_trim,
-)
-from .fix_lost import fix_lost_extents
-from .fix_names import (
-    fix_cookies,
-    fix_dir_names,
-    fix_dirent_kind,
-    fix_dotdot,
-    fix_drop_dirents,
-    fix_next_cookie,
-    fix_reconnect,
-    fix_rename,
-    fix_root_named,
-)
-from .fix_packs import fix_chunk_twice, fix_drop_packs, fix_pack_bitmaps, fix_packed_nowhere
-from .fixers import FIXERS, ONCE_PER_PASS
-from .image import MAP_NORESERVE, find_backup, save_metadata
-from .pipeline import MAX_PASSES, MODES, check_region, fsck
-from .repair import Paths, Repair
+from .fix_inodes import fix_nlink
+from .pipeline import check_region, fsck
+from .repair import Repair
 from .report import (
     EXIT_CLEAN,
     EXIT_CORRECTED,
@@ -77,17 +46,9 @@ from .report import (
     display,
     format_text,
 )
-from .restore import EXTENT_HEAD, SIZELESS, SOLVE_FIELDS, XATTR_NAMESPACES, restore_records
-from .triage import fix_checksums
 
-__all__ = ["CLEAR_WHY", "DROP_WHY", "EXIT_CLEAN", "EXIT_CORRECTED", "EXIT_OPERATIONAL", "EXIT_UNCORRECTED",
-           "EXIT_USAGE", "EXTENT_HEAD", "FIXERS", "MAP_NORESERVE", "MAX_PASSES", "MODES", "ONCE_PER_PASS",
-           "SIZELESS", "SOLVE_FIELDS", "XATTR_NAMESPACES", "FileChange", "FsckError", "Paths", "Repair",
-           "Report", "check", "check_region", "display", "find_backup", "fix_attr", "fix_bitmap",
-           "fix_checksums", "fix_chunk_twice", "fix_clear_inode", "fix_cookies", "fix_dir_names",
-           "fix_dirent_kind", "fix_dotdot", "fix_drop_dirents", "fix_drop_extents", "fix_drop_packs",
-           "fix_flags", "fix_free_blobs", "fix_free_chains", "fix_lost_extents", "fix_mode",
-           "fix_named_orphan", "fix_nblocks", "fix_next_cookie", "fix_nlink", "fix_overlap",
-           "fix_pack_bitmaps", "fix_packed_nowhere", "fix_reconnect", "fix_rename", "fix_root",
-           "fix_root_named", "fix_size_limit", "fix_size_zero", "fix_symlink_size", "fix_trim",
-           "format_text", "fsck", "main", "restore_records", "save_metadata"]
+# What callers outside the package use (the command, the suite, tools/); the rest is
+# reached in its own module.
+__all__ = ["EXIT_CLEAN", "EXIT_CORRECTED", "EXIT_OPERATIONAL", "EXIT_UNCORRECTED", "EXIT_USAGE",
+           "FileChange", "FsckError", "Repair", "Report", "check", "check_region", "display",
+           "fix_nlink", "format_text", "fsck", "main"]
