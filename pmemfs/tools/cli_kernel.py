@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..media.region import RegionError
-from .cli_types import Size
+from .cli_types import Size, call_or_say
 from .common import human
 
 
@@ -27,15 +27,14 @@ def _objects(mountpoint: str):
     return KernelObjects(mountpoint)
 
 
-def _kernel_call(what: str, fn, *args):
-    try:
-        return fn(*args)
-    except OSError as e:
-        hint = {16: " (frozen, preserved or pinned)", 5: " (payload checksum mismatch: the object is damaged)",
+KERNEL_HINTS = {16: " (frozen, preserved or pinned)", 5: " (payload checksum mismatch: the object is damaged)",
                 1: " (kernel objects are root's)", 61: " (kernel objects are root's)",
                 28: " (no free contiguous run that large)",
-                95: " (not a pmemfs mount?)"}.get(e.errno, "")
-        raise click.ClickException(f"{what}: {e.strerror}{hint}") from None
+                95: " (not a pmemfs mount?)"}
+
+
+def _kernel_call(what: str, fn, *args):
+    return call_or_say(what, KERNEL_HINTS, fn, *args)
 
 
 def _print_objects(objs: list[dict], as_json: bool) -> None:

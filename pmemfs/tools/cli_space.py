@@ -9,7 +9,7 @@ import os
 import click
 
 from ..media.region import RegionError
-from .cli_types import Size
+from .cli_types import Size, call_or_say
 from .common import human
 
 
@@ -27,15 +27,14 @@ def _on_pmemfs(path: str) -> str:
     return best
 
 
+SPACE_HINTS = {1: " (needs CAP_SYS_ADMIN)", 28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
+               16: " (the file is pinned or mapped directly)", 39: " (the destination must be empty)",
+               22: " (offset and length must be multiples of the block size, inside the file)",
+               27: " (past the largest file size: see max file size in pmemfs info)"}
+
+
 def _xattr_call(what: str, fn, *args):
-    try:
-        return fn(*args)
-    except OSError as e:
-        hint = {1: " (needs CAP_SYS_ADMIN)", 28: " (no free run that large, or free space too fragmented: try pmemfs defrag)",
-                16: " (the file is pinned or mapped directly)", 39: " (the destination must be empty)",
-                22: " (offset and length must be multiples of the block size, inside the file)",
-                27: " (past the largest file size: see max file size in pmemfs info)"}
-        raise click.ClickException(f"{what}: {e.strerror}{hint.get(e.errno, '')}") from None
+    return call_or_say(what, SPACE_HINTS, fn, *args)
 
 
 @click.command("prealloc")

@@ -1,4 +1,5 @@
-"""The click parameter types the commands share: a size as a person writes it (64G, 2M)."""
+"""What the commands share: the click parameter types (a size as a person writes it:
+64G, 2M), and turning a failed call into one line with a hint."""
 
 from __future__ import annotations
 
@@ -17,3 +18,11 @@ class Size(click.ParamType):
             return parse_size(value)
         except click.BadParameter as e:
             self.fail(str(e.message), param, ctx)
+
+
+def call_or_say(what: str, hints: dict[int, str], fn, *args):
+    """fn(*args); an OSError becomes one line, "what: strerror (hint for its errno)"."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise click.ClickException(f"{what}: {e.strerror}{hints.get(e.errno, '')}") from None
